@@ -1,0 +1,94 @@
+"""Cost model shared by the simulator and the policies: how long things take and what fits.
+
+Compute is a roofline per part of a layer — the GEMMs and the attention each take the longer of their
+FLOPs at `peak · flops_efficiency` and their HBM bytes at `bandwidth · hbm_efficiency` — plus a fixed
+per-layer overhead. Summing the parts (rather than one roofline over the layer) keeps decode's
+memory-bound attention from hiding under compute-bound GEMMs at large batches. A copy costs a fixed
+latency per call plus its bytes at the direction's bandwidth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .batch import BatchShape
+from .hardware import HardwareSpec
+from .models import ModelSpec
+
+DIRECTIONS = ("h2d", "d2h")
+
+
+class CapacityError(ValueError):
+    """The model (or a request) does not fit in the memory the configuration allows."""
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """How one GPU's HBM is spent, in bytes. The KV pool gets what the rest leaves."""
+    usable_bytes: int
+    weight_bytes: int
+    activation_bytes: int
+    staging_bytes: int
+    kv_pool_bytes: int
+
+    def kv_blocks(self, block_bytes: int) -> int:
+        """Whole KV blocks (all layers of `block_tokens` tokens) that fit in the pool."""
+        return self.kv_pool_bytes // block_bytes
+
+
+class CostModel:
+    def __init__(self, hw: HardwareSpec, model: ModelSpec):
+        self.hw, self.model = hw, model
+        gpu = hw.gpu
+        self._flops_rate = gpu.peak_flops * gpu.flops_efficiency
+        self._hbm_rate = gpu.hbm_bandwidth * gpu.hbm_efficiency
+        self._bandwidth = {"h2d": hw.link.h2d_bandwidth, "d2h": hw.link.d2h_bandwidth}
+
+    def _roofline(self, flops: float, nbytes: float, hbm_rate: float) -> float:
+        return max(flops / self._flops_rate, nbytes / hbm_rate)
+
+    def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
+        """Seconds for one transformer layer. `copy_bandwidth` (bytes/s) of concurrent host↔GPU copies
+        takes `compute_contention` of itself out of the HBM bandwidth left to compute."""
+        m = self.model
+        hbm_rate = self._hbm_rate - self.hw.link.compute_contention * copy_bandwidth
+        if hbm_rate <= 0:
+            raise ValueError(f"copies at {copy_bandwidth:.3g} B/s leave no HBM bandwidth to compute")
+        return (self._roofline(m.linear_flops(batch), m.linear_bytes(batch), hbm_rate)
+                + self._roofline(m.attention_flops(batch), m.attention_bytes(batch), hbm_rate)
+                + self.hw.gpu.layer_overhead)
+
+    def head_time(self, batch: BatchShape) -> float:
+        """Seconds for the LM head over the batch's sampled tokens (embedding lookup is negligible)."""
+        return self._roofline(self.model.head_flops(batch), self.model.head_bytes(batch), self._hbm_rate)
+
+    def iteration_time(self, batch: BatchShape) -> float:
+        """Seconds for a whole forward pass with no copy in flight and no stall."""
+        return self.model.num_layers * self.layer_time(batch) + self.head_time(batch)
+
+    def transfer_time(self, nbytes: int, calls: int = 1, direction: str = "h2d") -> float:
+        """Seconds to move `nbytes` in `calls` copies in one direction, alone on the link."""
+        if direction not in self._bandwidth:
+            raise ValueError(f"unknown direction '{direction}' (known: {', '.join(DIRECTIONS)})")
+        if nbytes < 0 or calls < 0 or (nbytes > 0 and calls == 0):
+            raise ValueError(f"a transfer needs nbytes >= 0 in calls >= 1, got {nbytes} in {calls}")
+        return calls * self.hw.link.transfer_latency + nbytes / self._bandwidth[direction]
+
+    def memory_budget(self, gpu_mem_util: float = 0.9, max_batched_tokens: int | None = None,
+                      max_seqs: int = 256, staging_bytes: int = 0) -> MemoryBudget:
+        """Split `gpu_mem_util` of HBM into weights, activations, a staging area and the KV pool
+        (vLLM's semantics: the fraction bounds everything the engine allocates). Defaults follow vLLM:
+        up to 256 sequences and max(2048, context) batched tokens. Refuses a budget with no KV pool."""
+        if not 0 < gpu_mem_util <= 1:
+            raise ValueError(f"gpu_mem_util must be in (0, 1], got {gpu_mem_util}")
+        m = self.model
+        tokens = max_batched_tokens if max_batched_tokens is not None else max(2048, m.max_context)
+        usable = int(self.hw.gpu.hbm_bytes * gpu_mem_util)
+        activations = m.activation_bytes(tokens, max_seqs)
+        kv_pool = usable - m.weight_bytes - activations - staging_bytes
+        if kv_pool <= 0:
+            gib = 1024**3
+            raise CapacityError(
+                f"{m.name} on {self.hw.name} leaves no KV pool: weights {m.weight_bytes / gib:.1f} GiB + "
+                f"activations {activations / gib:.1f} GiB + staging {staging_bytes / gib:.1f} GiB exceed "
+                f"{gpu_mem_util:g} x {self.hw.gpu.hbm_bytes / gib:.0f} GiB HBM")
+        return MemoryBudget(usable, m.weight_bytes, activations, staging_bytes, kv_pool)

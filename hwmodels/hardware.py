@@ -1,0 +1,65 @@
+"""Hardware catalog: one TOML file per system in `catalog/hardware/`, sources cited in its comments."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .spec import names, parse, quantity, read_toml, resolve, section, text
+
+HARDWARE_DIR = Path(__file__).parent / "catalog" / "hardware"
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One accelerator. For `cpu-host` it is the CPU itself computing out of DRAM."""
+    hbm_bytes: int = quantity("hbm_gib", "GiB")
+    hbm_bandwidth: float = quantity("hbm_bandwidth_gb_s", "GB/s")
+    peak_flops: float = quantity("peak_dense_tflops", "TFLOP/s")
+    flops_efficiency: float = quantity("flops_efficiency", at_most=1)
+    hbm_efficiency: float = quantity("hbm_efficiency", at_most=1)
+    layer_overhead: float = quantity("layer_overhead_us", "us", positive=False)
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    memory_bytes: int = quantity("memory_gib", "GiB")
+    bandwidth: float = quantity("bandwidth_gb_s", "GB/s")
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """The host↔GPU link of one GPU. Each direction has its own copy engine(s) and bandwidth."""
+    kind: str = text("kind")
+    h2d_bandwidth: float = quantity("h2d_gb_s", "GB/s")
+    d2h_bandwidth: float = quantity("d2h_gb_s", "GB/s")
+    bidirectional_bandwidth: float = quantity("bidirectional_gb_s", "GB/s")
+    transfer_latency: float = quantity("transfer_latency_us", "us", positive=False)
+    copy_engines: int = quantity("copy_engines", whole=True)
+    # Fraction of copy traffic charged against the HBM bandwidth left to compute (0 = none).
+    compute_contention: float = quantity("compute_contention", positive=False, at_most=1)
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    num_gpus: int = quantity("num_gpus", whole=True)
+    gpus_per_switch: int = quantity("gpus_per_switch", whole=True)
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    name: str
+    description: str = text("description")
+    gpu: GpuSpec = section("gpu", GpuSpec)
+    host: HostSpec = section("host", HostSpec)
+    link: LinkSpec = section("link", LinkSpec)
+    server: ServerSpec = section("server", ServerSpec)
+
+
+def load_hardware(name_or_path: str | Path) -> HardwareSpec:
+    """A built-in system by name (see `hardware_names()`) or a user's TOML file of the same shape."""
+    path = resolve(name_or_path, HARDWARE_DIR, "hardware")
+    return parse(HardwareSpec, read_toml(path), path, name=path.stem)
+
+
+def hardware_names() -> list[str]:
+    return names(HARDWARE_DIR)

@@ -1,0 +1,1 @@
+"""Pie's discrete-event simulator: executes pie_policy's plans in simulated time over hwmodels."""
