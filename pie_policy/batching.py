@@ -1,0 +1,167 @@
+"""Continuous batching with vLLM's (V0) semantics, over any block placement.
+
+Each iteration:
+1. Running sequences, first come first served, get their next step (a decode, or a prefill chunk with
+   chunked prefill) and a block for it; when none is left the latest-arrived running sequence is
+   preempted — by recompute (its blocks freed, back to the front of the waiting queue, generated tokens
+   kept) or, with `swap_preemption`, by moving its blocks to CPU swap space.
+2. If nobody was preempted, swapped sequences come back, oldest first, while the GPU has room.
+3. Waiting sequences are admitted first come first served while the token budget, the sequence limit
+   and the blocks (keeping `watermark` of the GPU free) allow; the first that does not fit stops
+   admission. Without chunked prefill, admitted prefills run alone (a prefill-only iteration, as vLLM
+   does), ahead of the running decodes; with it, prefills fill what the decodes left of the budget.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .blocks import CPU, GPU, BlockTables
+from .config import EngineConfig
+from .placement import GpuOnly
+from .request import Request, State
+
+
+@dataclass
+class Schedule:
+    work: list[tuple[Request, int]] = field(default_factory=list)   # (request, tokens to compute)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)   # (GPU slot, CPU slot)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)    # (CPU slot, GPU slot)
+    preempted: list[Request] = field(default_factory=list)
+    limited: bool = False  # a block the controller's share refused would have fitted the CPU
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, tables: BlockTables, placement: GpuOnly, swap_preemption: bool):
+        self.config, self.tables, self.placement = config, tables, placement
+        self.swap_preemption = swap_preemption
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()
+
+    def add(self, request: Request) -> bool:
+        """Queue a request, or mark it REJECTED with the reason when it can never run."""
+        c = self.config
+        if request.max_context > c.max_model_len:
+            request.reason = f"needs {request.max_context} tokens of context; the limit is {c.max_model_len}"
+        elif c.blocks_for(request.max_context) > self.placement.guaranteed - c.watermark_blocks:
+            request.reason = (f"needs {c.blocks_for(request.max_context)} KV blocks; at most "
+                              f"{self.placement.guaranteed - c.watermark_blocks} can ever be free for it")
+        else:
+            self.waiting.append(request)
+            return True
+        request.state = State.REJECTED
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    # ---- one iteration
+    def schedule(self) -> Schedule:
+        out, c = Schedule(), self.config
+        budget = c.max_num_batched_tokens
+        if not c.chunked_prefill and not self.swapped:
+            budget = self._admit(out, budget)
+            if out.work:
+                return out
+        budget = self._run(out, budget)
+        if not out.preempted:
+            budget = self._swap_in(out, budget)
+        if c.chunked_prefill and not out.preempted and not self.swapped:
+            self._admit(out, budget)
+        return out
+
+    def _blocks_needed(self, request: Request, new_tokens: int) -> int:
+        return self.config.blocks_for(request.computed + new_tokens) - len(self.tables.table(request.request_id))
+
+    def _grow(self, request: Request, blocks: int) -> bool:
+        """Append `blocks` blocks to the request's table, or none if they do not all fit."""
+        if self.placement.available() < blocks:
+            return False
+        for _ in range(blocks):
+            self.tables.append(request.request_id, self.placement.choose())
+        return True
+
+    def _note_refusal(self, out: Schedule, blocks: int) -> None:
+        if self.placement.available(unlimited=True) >= blocks > self.placement.available():
+            out.limited = True
+
+    def _run(self, out: Schedule, budget: int) -> int:
+        queue = deque(sorted(self.running, key=lambda r: (r.arrival_s, r.request_id)))  # FCFS priority
+        self.running = []
+        while queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = queue.popleft()
+            new = min(request.uncomputed, budget)
+            needed = self._blocks_needed(request, new)
+            while not self._grow(request, needed):
+                self._note_refusal(out, needed)
+                victim = queue.pop() if queue else request
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            else:
+                self.running.append(request)
+                out.work.append((request, new))
+                budget -= new
+        self.running.extend(queue)  # over the budget: they wait for the next iteration
+        return budget
+
+    def _preempt(self, request: Request, out: Schedule) -> None:
+        request.preemptions += 1
+        out.preempted.append(request)
+        seq = request.request_id
+        gpu_blocks = self.tables.count(seq, GPU)
+        if self.swap_preemption and self.tables.pools[CPU].num_free >= gpu_blocks:
+            out.swap_out += self.tables.move(seq, GPU, CPU)
+            request.state = State.SWAPPED
+            self.swapped.append(request)
+        else:
+            self.tables.free(seq)
+            request.computed, request.state = 0, State.WAITING
+            self.waiting.appendleft(request)
+
+    def _swap_in(self, out: Schedule, budget: int) -> int:
+        c = self.config
+        while self.swapped and budget > 0 and len(self.running) < c.max_num_seqs:
+            request = self.swapped[0]
+            blocks = self.tables.count(request.request_id, CPU) + self._blocks_needed(request, 1)
+            if self.tables.pools[GPU].num_free - blocks < c.watermark_blocks:
+                break
+            self.swapped.popleft()
+            out.swap_in += self.tables.move(request.request_id, CPU, GPU)
+            self._grow(request, self._blocks_needed(request, 1))
+            request.state = State.RUNNING
+            self.running.append(request)
+            out.work.append((request, 1))
+            budget -= 1
+        return budget
+
+    def _admit(self, out: Schedule, budget: int) -> int:
+        c = self.config
+        while self.waiting and len(self.running) < c.max_num_seqs:
+            request = self.waiting[0]
+            new = request.uncomputed if not c.chunked_prefill else min(request.uncomputed, budget)
+            if new == 0 or new > budget:
+                break
+            needed = self._blocks_needed(request, new)
+            if self.placement.available() - needed < c.watermark_blocks:
+                self._note_refusal(out, needed + c.watermark_blocks)
+                break
+            self.waiting.popleft()
+            self._grow(request, needed)
+            request.state = State.RUNNING
+            self.running.append(request)
+            out.work.append((request, new))
+            budget -= new
+        return budget
+
+    def complete(self, schedule: Schedule, now: float) -> list[Request]:
+        """Advance every scheduled request by its step; free and return the ones that finished."""
+        finished = []
+        for request, new in schedule.work:
+            if request.advance(new, now):
+                self.tables.free(request.request_id)
+                self.running.remove(request)
+                finished.append(request)
+        return finished

@@ -1,0 +1,85 @@
+"""The contract between the policy and the backends: plans go down, stats come back; both plain data.
+
+A plan is one iteration: the sequences and how many tokens each computes, and for every layer the
+copies to issue when the layer is reached, the copies that must be complete before it computes, and the
+copies to issue once it has computed. Copy ids are unique over a run, so a copy may wait on one issued
+in an earlier iteration (a staging slot's previous occupant). Times are seconds, sizes bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hwmodels import BatchShape
+
+H2D, D2H = "h2d", "d2h"
+# What a copy moves. A layer-KV copy moves one layer of some blocks between the CPU pool and the GPU
+# staging area (pairs: CPU slot ↔ staging position); a block-KV copy moves whole blocks (all layers)
+# between the GPU and CPU pools (pairs: source slot → destination slot); weights and activations
+# (FlexGen) carry bytes only.
+LAYER_KV, BLOCK_KV, WEIGHTS, ACTIVATIONS = "layer-kv", "block-kv", "weights", "activations"
+
+
+@dataclass(frozen=True)
+class Copy:
+    op_id: int
+    direction: str                       # H2D or D2H
+    kind: str                            # LAYER_KV, BLOCK_KV, WEIGHTS or ACTIVATIONS
+    layer: int | None                    # the layer whose data moves; None for all layers
+    pairs: tuple[tuple[int, int], ...]   # (source, destination) slots, see `kind`
+    nbytes: int
+    calls: int                           # transfer calls, each paying the link's fixed latency
+    after: tuple[int, ...] = ()          # copies that must complete before this one starts
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    issue: tuple[Copy, ...] = ()         # issued when the layer is reached, before waiting
+    wait: tuple[int, ...] = ()           # copy ids that must be complete before the layer computes
+    evict: tuple[Copy, ...] = ()         # issued once the layer has computed
+
+
+NO_OPS = LayerStep()
+
+
+@dataclass(frozen=True)
+class SeqWork:
+    request_id: int
+    new_tokens: int                      # tokens whose KV this iteration computes
+    cached_tokens: int                   # tokens already in the cache
+    samples: bool                        # whether the sequence emits a token this iteration
+    blocks: tuple                        # its block table (BlockRef) after this iteration's allocation
+
+
+@dataclass(frozen=True)
+class Plan:
+    iteration: int
+    seqs: tuple[SeqWork, ...]
+    shape: BatchShape
+    prologue: tuple[Copy, ...] = ()      # issued before layer 0 (whole-block swaps, first prefetches)
+    layers: tuple[LayerStep, ...] = ()   # one per layer, or empty when no layer has copies
+    staging: tuple[tuple[int, int], ...] = ()  # (CPU slot, staging position) of this iteration's CPU blocks
+    ring: int = 1                        # staging slots; layer l stages into slot l % ring
+
+    def step(self, layer: int) -> LayerStep:
+        return self.layers[layer] if self.layers else NO_OPS
+
+    def copies(self):
+        """Every copy of the plan, in issue order."""
+        yield from self.prologue
+        for step in self.layers:
+            yield from step.issue
+            yield from step.evict
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    """What a backend measured for one plan; the same fields from the simulator and the executor."""
+    iteration: int
+    start_s: float
+    end_s: float
+    compute_s: float       # GPU busy computing
+    stall_s: float         # GPU waiting for copies it needed
+    bytes_h2d: int
+    bytes_d2h: int
+    h2d_busy_s: float      # time the host→device direction was transferring
+    d2h_busy_s: float

@@ -1,0 +1,117 @@
+"""The policies behind one interface. A backend runs:
+
+    policy.add_request(...)                 # as requests arrive (arrival time supplied by the backend)
+    plan = policy.next_iteration()          # None when nothing can run until more requests arrive
+    stats = backend.execute(plan)           # simulated or real
+    finished = policy.observe(plan, stats)  # requests that completed in it
+
+| name      | live KV            | when out of blocks               | CPU traffic                          |
+|-----------|--------------------|----------------------------------|--------------------------------------|
+| vllm      | GPU                | preempt, recompute               | none                                 |
+| vllm-swap | GPU                | preempt, swap blocks to CPU      | whole blocks before the iteration    |
+| static    | GPU + fixed share  | preempt, recompute               | FIFO layer swapping                  |
+| pie       | GPU + adaptive     | preempt, recompute               | FIFO layer swapping                  |
+
+FlexGen (`flexgen.py`) has the same interface without continuous batching; `sizing.build_policy` makes
+any of the five from a cost model.
+"""
+from __future__ import annotations
+
+from itertools import count
+
+from hwmodels import BatchShape
+
+from .batching import Schedule, Scheduler
+from .blocks import CPU, GPU, BlockTables
+from .config import ConfigError, EngineConfig, check_share
+from .expansion import ExpansionController
+from .layerswap import FifoLayerSwap
+from .placement import Expanding, GpuOnly, StaticShare
+from .plan import BLOCK_KV, D2H, H2D, Copy, IterationStats, LayerStep, Plan, SeqWork
+from .request import Request
+
+POLICIES = ("vllm", "vllm-swap", "static", "pie")
+
+
+class Policy:
+    def __init__(self, name: str, config: EngineConfig, cpu_share: float = 0.0,
+                 controller: ExpansionController | None = None):
+        if name not in POLICIES:
+            raise ConfigError(f"unknown policy '{name}' (known: {', '.join(POLICIES)})")
+        self.name, self.config = name, config
+        self.tables = BlockTables(config.num_gpu_blocks, config.num_cpu_blocks)
+        self._ids = count()
+        self.controller = None
+        if name in ("vllm", "vllm-swap"):
+            placement = GpuOnly(self.tables)
+        elif name == "static":
+            placement = StaticShare(self.tables, check_share("cpu_share", cpu_share), config.num_cpu_blocks)
+        else:
+            self.controller = controller or ExpansionController()
+            placement = Expanding(self.tables, self.controller, config.num_cpu_blocks)
+        if name == "vllm-swap" and config.num_cpu_blocks == 0:
+            raise ConfigError("vllm-swap needs CPU swap space: num_cpu_blocks must be at least 1")
+        self.swapper = FifoLayerSwap(config.num_layers, config.prefetch_depth, config.num_cpu_blocks,
+                                     config.block_bytes_layer, config.block_size, config.dirty_only_writeback,
+                                     self._ids) if placement.live_cpu else None
+        self.scheduler = Scheduler(config, self.tables, placement, swap_preemption=name == "vllm-swap")
+        self._iteration = count()
+        self._pending: dict[int, Schedule] = {}
+
+    # ---- requests
+    def add_request(self, request_id: int, arrival_s: float, prompt_tokens: int, output_tokens: int) -> Request:
+        """Queue a request; it comes back with state REJECTED and a reason if it can never run."""
+        request = Request(request_id, arrival_s, prompt_tokens, output_tokens)
+        self.scheduler.add(request)
+        return request
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def cpu_share(self) -> float:
+        """Share of the live KV blocks currently in CPU memory."""
+        gpu, cpu = self.tables.pools[GPU].num_used, self.tables.pools[CPU].num_used
+        return cpu / (gpu + cpu) if self.swapper and gpu + cpu else 0.0
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.swapper.staging_bytes if self.swapper else 0
+
+    # ---- iterations
+    def next_iteration(self) -> Plan | None:
+        schedule = self.scheduler.schedule()
+        if not schedule.work:
+            return None
+        seqs = tuple(SeqWork(r.request_id, new, r.computed, r.computed + new == r.context,
+                             tuple(self.tables.table(r.request_id))) for r, new in schedule.work)
+        shape = BatchShape.of(prefills=[(s.new_tokens, s.cached_tokens) for s in seqs
+                                        if s.new_tokens > 1 or s.cached_tokens == 0],
+                              decodes=[s.cached_tokens for s in seqs if s.new_tokens == 1 and s.cached_tokens > 0])
+        swaps = self._block_swaps(schedule)
+        prologue, layers, staging = self.swapper.plan(seqs) if self.swapper else ((), (), ())
+        if swaps:  # vLLM swaps before the model runs: layer 0 waits for them
+            layers = layers or tuple(LayerStep() for _ in range(self.config.num_layers))
+            first = layers[0]
+            layers = (LayerStep(first.issue, first.wait + tuple(c.op_id for c in swaps), first.evict),) + layers[1:]
+        plan = Plan(next(self._iteration), seqs, shape, swaps + prologue, layers, staging,
+                    self.swapper.ring if self.swapper else 1)
+        self._pending[plan.iteration] = schedule
+        return plan
+
+    def _block_swaps(self, schedule: Schedule) -> tuple[Copy, ...]:
+        """Whole-block copies, one call per block per layer as vLLM's swap issues them."""
+        c, copies = self.config, []
+        for direction, pairs in ((D2H, schedule.swap_out), (H2D, schedule.swap_in)):
+            if pairs:
+                copies.append(Copy(next(self._ids), direction, BLOCK_KV, None, tuple(pairs),
+                                   len(pairs) * c.block_bytes, len(pairs) * c.num_layers))
+        return tuple(copies)
+
+    def observe(self, plan: Plan, stats: IterationStats) -> list[Request]:
+        """Account for an executed plan; returns the requests that finished in it."""
+        schedule = self._pending.pop(plan.iteration)
+        if self.controller is not None:
+            self.controller.observe(stats, schedule.limited)
+        return self.scheduler.complete(schedule, stats.end_s)

@@ -1,0 +1,116 @@
+"""FlexGen's placement LP: capacities respected, sensible extremes, and a time worked out by hand."""
+import pytest
+
+from hwmodels import BatchShape, CostModel, load_hardware, load_model
+from hwmodels.hardware import HARDWARE_DIR
+from pie_policy.flexgen_lp import search, solve
+
+from .conftest import DATA
+
+MiB = 2**20
+
+
+def cost_model(hw, model):
+    return CostModel(load_hardware(hw), load_model(model))
+
+
+@pytest.mark.parametrize("hw", ["gh200-96g", "a100-80g-pcie4", "h100-pcie5"])
+@pytest.mark.parametrize("model", ["opt-13b", "opt-30b", "opt-66b"])
+@pytest.mark.parametrize("util", [0.9, 0.6])
+def test_placement_never_exceeds_a_tier(hw, model, util):
+    cm = cost_model(hw, model)
+    plan = search(cm, prompt_len=512, gen_len=32, gpu_mem_util=util)
+    assert plan.gpu_bytes <= int(cm.hw.gpu.hbm_bytes * util)
+    assert plan.cpu_bytes <= cm.hw.host.memory_bytes
+    assert all(0 <= share <= 1 for share in (plan.wg, plan.cg, plan.hg))
+    # Every weight and every KV byte of the block lives somewhere.
+    kv = cm.model.kv_bytes_per_token * plan.block_size * (512 + 32)
+    assert plan.gpu_bytes + plan.cpu_bytes >= cm.model.weight_bytes + kv
+    assert plan.block_size == plan.gpu_batch_size * plan.num_gpu_batches
+    assert plan.throughput == pytest.approx(plan.block_size * 32 / plan.total_time)
+
+
+def test_a_model_that_fits_stays_in_hbm():
+    plan = search(cost_model("gh200-96g", "opt-1.3b"), prompt_len=512, gen_len=32)
+    assert (plan.wg, plan.cg, plan.hg, plan.cpu_bytes) == (1, 1, 1, 0)
+    assert plan.decode_bound == "compute"
+
+
+def test_a_model_bigger_than_hbm_streams_weights():
+    plan = search(cost_model("a100-80g-pcie4", "opt-66b"), prompt_len=512, gen_len=32)
+    assert plan.wg < 1
+    assert plan.cpu_bytes > 0 and plan.decode_bound == "h2d"
+
+
+@pytest.fixture
+def hand(write):
+    """tiny-opt with 4 layers on a 1 MiB GPU with a slow link (1 GB/s in, 0.5 GB/s out, 1.2 GB/s both).
+    Layer weights W = 99,968 B; embeddings and head 144,896 B; KV 256 B per token and layer."""
+    hw = (DATA / "tiny-hw.toml").read_text()
+    for old, new in [("hbm_gib = 1", "hbm_gib = 0.0009765625"), ("h2d_gb_s = 10", "h2d_gb_s = 1"),
+                     ("d2h_gb_s = 5", "d2h_gb_s = 0.5"),
+                     ("bidirectional_gb_s = 12", "bidirectional_gb_s = 1.2")]:
+        hw = hw.replace(old, new)
+    model = (DATA / "tiny-opt.toml").read_text().replace("num_layers = 2", "num_layers = 4")
+    cm = CostModel(load_hardware(write("slow-hw.toml", hw)), load_model(write("tiny4.toml", model)))
+    assert cm.hw.gpu.hbm_bytes == MiB and cm.model.layer_weight_bytes == 99968
+    return cm
+
+
+# Prompt 32, 8 generated tokens, 2 GPU batches of 2: block B = 4, decode context c = 32 + 8 // 2 = 36.
+# HBM floor with everything offloaded: embeddings 144,896 + working activations of one GPU batch
+# (64 tokens x 448 x 2 B + 2 x 1000 x 4 B = 65,344) + double buffers 2 x (W + 2 x 40 x 256) = 240,896.
+FLOOR = 144896 + 65344 + 240896
+
+
+def test_lp_time_equals_the_closed_form_when_only_buffers_fit(hand):
+    plan = solve(hand, prompt_len=32, gen_len=8, gpu_batch_size=2, num_gpu_batches=2,
+                 gpu_mem_util=FLOOR / MiB)
+    assert (plan.wg, plan.cg, plan.hg) == pytest.approx((0, 0, 0), abs=1e-9)
+    # Decode in: W + B·c·256 + B·64·2 = 99,968 + 36,864 + 512 = 137,344 B at 1 GB/s = 137.344 µs;
+    # out: 4 x 256 + 512 = 1,536 B at 0.5 GB/s = 3.072 µs; both: 138,880 B at 1.2 GB/s = 115.73 µs;
+    # compute: 2 x 12.48064 µs (see test_costmodel's decode, here at context 36) = 24.96 µs.
+    assert plan.decode_layer_time == pytest.approx(137.344e-6, rel=1e-9)
+    assert plan.decode_bound == "h2d"
+    # Prefill in: W + 4·32·128 = 116,352 B = 116.352 µs; out: 4·32·256 + 16,384 = 49,152 B = 98.304 µs;
+    # both: 165,504 B at 1.2 GB/s = 137.92 µs; compute 2 x 23.565952 = 47.13 µs.
+    assert plan.prefill_layer_time == pytest.approx(137.92e-6, rel=1e-9)
+    head = hand.head_time(BatchShape(sampled_tokens=2))
+    assert plan.total_time == pytest.approx(4 * (137.92e-6 + 7 * 137.344e-6) + 8 * 2 * head, rel=1e-9)
+    # HBM holds only the floor; CPU all 4 layers' weights, the KV (4·4·40·256) and activations (4·32·128).
+    assert plan.gpu_bytes == FLOOR
+    assert plan.cpu_bytes == 4 * 99968 + 163840 + 16384
+
+
+def test_everything_in_hbm_is_compute_bound_by_hand(hand):
+    plan = solve(hand, prompt_len=32, gen_len=8, gpu_batch_size=2, num_gpu_batches=2, gpu_mem_util=1)
+    assert (plan.wg, plan.cg, plan.hg, plan.cpu_bytes) == (1, 1, 1, 0)
+    # Decode GEMMs: 104,064 B at 50 GB/s; attention: 19,968 B at 50 GB/s; 10 µs overhead; two GPU batches.
+    assert plan.decode_layer_time == pytest.approx(2 * (2.08128e-6 + 0.39936e-6 + 10e-6), rel=1e-9)
+    # Prefill GEMMs compute bound: 6,291,456 FLOP at 0.5 TFLOP/s; attention 49,152 B at 50 GB/s.
+    assert plan.prefill_layer_time == pytest.approx(2 * (12.582912e-6 + 0.98304e-6 + 10e-6), rel=1e-9)
+    assert plan.decode_bound == "compute"
+
+
+def test_hbm_below_its_floor_is_refused(hand):
+    refused = (r"tiny4 on slow-hw cannot hold a block of 2 x 2 sequences of 32 \+ 8 tokens: "
+               r"HBM is the binding constraint")
+    with pytest.raises(ValueError, match=refused):
+        solve(hand, prompt_len=32, gen_len=8, gpu_batch_size=2, num_gpu_batches=2,
+              gpu_mem_util=(FLOOR - 1) / MiB)
+
+
+def test_a_model_bigger_than_gpu_and_cpu_memory_is_refused(write):
+    hw = (HARDWARE_DIR / "a100-80g-pcie4.toml").read_text()
+    small_host = write("a100-16g-host.toml", hw.replace("memory_gib = 1024", "memory_gib = 16"))
+    cm = CostModel(load_hardware(small_host), load_model("opt-66b"))
+    refused = (r"opt-66b on a100-16g-host cannot hold a block of 1 x 1 sequences of 512 \+ 32 tokens: "
+               r"GPU \+ CPU memory is the binding constraint, weights 122.4 GiB \+ KV cache 1.195 GiB .* "
+               r"\+ 16 GiB host memory")
+    with pytest.raises(ValueError, match=refused):
+        search(cm, prompt_len=512, gen_len=32)
+
+
+def test_lengths_beyond_the_context_are_refused():
+    with pytest.raises(ValueError, match="context 2048"):
+        search(cost_model("gh200-96g", "opt-13b"), prompt_len=2000, gen_len=100)

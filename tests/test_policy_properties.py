@@ -1,0 +1,145 @@
+"""Property tests over random workloads, driven by a backend that executes every plan in 1 s."""
+import random
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from pie_policy import EngineConfig, ExpansionController, Policy, State
+from pie_policy.blocks import CPU, GPU
+from pie_policy.plan import IterationStats
+
+MAX_ITERATIONS = 20_000
+
+
+def check_accounting(policy: Policy, plan) -> None:
+    c, tables = policy.config, policy.tables
+    owned = [block for table in tables.tables.values() for block in table]
+    assert len(owned) == len(set(owned)), "a block is owned twice"
+    for tier, pool in tables.pools.items():
+        mine = {b.slot for b in owned if b.tier == tier}
+        assert mine == pool._used, f"{tier}: tables and allocator disagree"
+        assert pool.num_free + pool.num_used == pool.capacity
+    if plan is not None:
+        assert len(plan.seqs) <= c.max_num_seqs
+        assert sum(s.new_tokens for s in plan.seqs) <= c.max_num_batched_tokens
+        assert len({s.request_id for s in plan.seqs}) == len(plan.seqs)
+        for s in plan.seqs:
+            assert len(s.blocks) == c.blocks_for(s.cached_tokens + s.new_tokens)
+        cpu_in_batch = sorted(b.slot for s in plan.seqs for b in s.blocks if b.tier == CPU)
+        if policy.swapper:  # live CPU blocks: all staged, within the staging area
+            assert cpu_in_batch == sorted(slot for slot, _ in plan.staging)
+            assert len(cpu_in_batch) <= policy.swapper.capacity
+        else:
+            assert cpu_in_batch == [], "a GPU-only policy computes on a CPU block"
+
+
+def drive(policy: Policy, workload: list[tuple[float, int, int]]):
+    """Feed arrivals, run plans to completion; returns the requests and whether the CPU held blocks."""
+    requests, pending, now, iterations, cpu_used = [], list(enumerate(workload)), 0.0, 0, False
+    history: dict[int, int] = {}
+    while pending or policy.has_work:
+        while pending and pending[0][1][0] <= now:
+            i, (arrival, prompt, output) = pending.pop(0)
+            requests.append(policy.add_request(i, arrival, prompt, output))
+        plan = policy.next_iteration()
+        check_accounting(policy, plan)
+        if plan is None:
+            if not pending:
+                assert not policy.has_work, "work is left but nothing can run and nothing will arrive"
+                break
+            now = pending[0][1][0]
+            continue
+        stats = IterationStats(plan.iteration, now, now + 1.0, 1.0, 0.0, 0, 0, 0, 0)
+        finished = policy.observe(plan, stats)
+        now += 1.0
+        iterations += 1
+        assert iterations < MAX_ITERATIONS, "no progress"
+        check_accounting(policy, None)
+        cpu_used = cpu_used or policy.tables.pools[CPU].num_used > 0
+        for r in finished:
+            assert r.state is State.FINISHED and r.finish_s == now
+        for r in requests:  # generated tokens are never lost, not even by a preemption
+            assert r.generated >= history.get(r.request_id, 0)
+            history[r.request_id] = r.generated
+    return requests, cpu_used
+
+
+workloads = st.lists(st.tuples(st.floats(0, 10), st.integers(1, 120), st.integers(1, 100)), min_size=1, max_size=25)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=workloads, name=st.sampled_from(["vllm", "vllm-swap", "static", "pie"]),
+       block_size=st.sampled_from([4, 8, 16]), gpu_blocks=st.integers(8, 60), cpu_blocks=st.integers(1, 80),
+       chunked=st.booleans(), share=st.floats(0.0, 0.8), max_seqs=st.integers(1, 12))
+def test_every_admitted_request_finishes_with_exactly_its_tokens(workload, name, block_size, gpu_blocks,
+                                                                 cpu_blocks, chunked, share, max_seqs):
+    workload = sorted(workload)
+    config = EngineConfig(num_layers=3, block_bytes_layer=64, num_gpu_blocks=gpu_blocks, num_cpu_blocks=cpu_blocks,
+                          block_size=block_size, max_num_seqs=max_seqs, max_model_len=256,
+                          max_num_batched_tokens=64 if chunked else 256, chunked_prefill=chunked)
+    policy = Policy(name, config, cpu_share=share if name == "static" else 0.0,
+                    controller=ExpansionController(share=min(share, 0.5)) if name == "pie" else None)
+    requests, cpu_used = drive(policy, workload)
+    event(f"{name}: {'preempted' if any(r.preemptions for r in requests) else 'no preemption'}")
+    event(f"{name}: CPU {'used' if cpu_used else 'unused'}")
+    assert len(requests) == len(workload)
+    for r in requests:
+        if r.state is State.REJECTED:
+            assert r.reason and r.generated == 0
+        else:
+            assert r.state is State.FINISHED and r.generated == r.output_tokens
+            assert r.arrival_s <= r.first_token_s <= r.finish_s
+    assert all(pool.num_used == 0 for pool in policy.tables.pools.values())
+
+
+@pytest.mark.parametrize("name", ["vllm", "vllm-swap", "static", "pie"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_under_memory_pressure_every_policy_preempts_and_still_finishes_everything(name, chunked):
+    rng = random.Random(7)
+    workload = sorted((rng.uniform(0, 20), rng.randint(1, 200), rng.randint(1, 120)) for _ in range(60))
+    config = EngineConfig(num_layers=3, block_bytes_layer=64, num_gpu_blocks=48, num_cpu_blocks=64,
+                          max_num_seqs=16, max_model_len=512, chunked_prefill=chunked,
+                          max_num_batched_tokens=128 if chunked else 512)
+    policy = Policy(name, config, cpu_share=0.3 if name == "static" else 0.0)
+    requests, cpu_used = drive(policy, workload)
+    assert all(r.state is State.FINISHED and r.generated == r.output_tokens for r in requests)
+    assert any(r.preemptions for r in requests)
+    assert cpu_used == (name != "vllm")
+
+
+def test_preempted_requests_resume_with_their_generated_tokens():
+    """Two long requests on a pool that holds one of them at its longest: one is preempted by recompute
+    and re-prefills prompt + generated tokens, then finishes."""
+    config = EngineConfig(num_layers=2, block_bytes_layer=64, num_gpu_blocks=10, block_size=4,
+                          max_model_len=64, max_num_batched_tokens=64, watermark=0.0)
+    policy = Policy("vllm", config)
+    requests, _ = drive(policy, [(0.0, 8, 30), (0.0, 8, 30)])
+    victim = max(requests, key=lambda r: r.preemptions)
+    assert victim.preemptions >= 1 and all(r.generated == 30 for r in requests)
+    # the largest prefill planned for the victim re-computed its prompt plus what it had generated
+    assert victim.finish_s > min(r.finish_s for r in requests)
+
+
+def test_swap_preemption_moves_blocks_and_stalls_the_next_iteration():
+    config = EngineConfig(num_layers=2, block_bytes_layer=64, num_gpu_blocks=10, num_cpu_blocks=20, block_size=4,
+                          max_model_len=64, max_num_batched_tokens=64, watermark=0.0)
+    policy = Policy("vllm-swap", config)
+    swaps = []
+    original_next = policy.next_iteration
+
+    def recording_next():
+        plan = original_next()
+        if plan is not None and plan.prologue:
+            swaps.append(plan)
+        return plan
+    policy.next_iteration = recording_next
+    requests, _ = drive(policy, [(0.0, 8, 30), (0.0, 8, 30)])
+    assert all(r.generated == 30 for r in requests)
+    assert any(r.state is State.FINISHED and r.preemptions for r in requests)
+    directions = {c.direction for plan in swaps for c in plan.prologue}
+    assert directions == {"d2h", "h2d"}, "blocks went out and came back"
+    for plan in swaps:  # layer 0 waits for the whole-block copies
+        assert {c.op_id for c in plan.prologue} <= set(plan.step(0).wait)
+        for c in plan.prologue:
+            assert c.nbytes == len(c.pairs) * config.block_bytes and c.calls == len(c.pairs) * config.num_layers
