@@ -50,21 +50,26 @@ class BlockTables:
     def __init__(self, num_gpu_blocks: int, num_cpu_blocks: int):
         self.pools = {GPU: BlockAllocator(GPU, num_gpu_blocks), CPU: BlockAllocator(CPU, num_cpu_blocks)}
         self.tables: dict[int, list[BlockRef]] = {}
+        self._on_cpu: dict[int, int] = {}  # seq → how many of its blocks are on the CPU, when any
 
     def table(self, seq: int) -> list[BlockRef]:
         return self.tables.get(seq, [])
 
     def count(self, seq: int, tier: str) -> int:
-        return sum(1 for block in self.table(seq) if block.tier == tier)
+        on_cpu = self._on_cpu.get(seq, 0)
+        return on_cpu if tier == CPU else len(self.table(seq)) - on_cpu
 
     def append(self, seq: int, tier: str) -> BlockRef:
         block = BlockRef(tier, self.pools[tier].allocate())
         self.tables.setdefault(seq, []).append(block)
+        if tier == CPU:
+            self._on_cpu[seq] = self._on_cpu.get(seq, 0) + 1
         return block
 
     def free(self, seq: int) -> None:
         for block in self.tables.pop(seq, []):
             self.pools[block.tier].free(block.slot)
+        self._on_cpu.pop(seq, None)
 
     def move(self, seq: int, src: str, dst: str) -> list[tuple[int, int]]:
         """Move all of `seq`'s `src` blocks to `dst` (whole-sequence swap); returns (src, dst) slot pairs."""
@@ -74,4 +79,13 @@ class BlockTables:
                 table[i] = BlockRef(dst, self.pools[dst].allocate())
                 self.pools[src].free(block.slot)
                 pairs.append((block.slot, table[i].slot))
+        if dst == CPU:
+            self._on_cpu[seq] = len(table)
+        else:
+            self._on_cpu.pop(seq, None)
         return pairs
+
+    @property
+    def cpu_holders(self):
+        """The sequences that have at least one block on the CPU (a live view)."""
+        return self._on_cpu.keys()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from itertools import count
 
+from typing import Container
+
 from .blocks import CPU
 from .plan import D2H, H2D, LAYER_KV, Copy, LayerStep, SeqWork
 
@@ -40,10 +42,13 @@ class FifoLayerSwap:
         """GPU memory the staging area needs: `depth + 1` slots of `capacity` blocks of one layer."""
         return self.ring * self.capacity * self.block_bytes_layer
 
-    def plan(self, seqs: tuple[SeqWork, ...]):
-        """(prologue, per-layer steps, staging positions) for a batch; all empty when nothing is on the CPU."""
+    def plan(self, seqs: tuple[SeqWork, ...], cpu_holders: Container[int]):
+        """(prologue, per-layer steps, staging positions) for a batch; all empty when nothing is on the CPU.
+        Only sequences in `cpu_holders` (those with CPU blocks) are scanned."""
         cpu_slots, dirty = [], set()
         for seq in seqs:
+            if seq.request_id not in cpu_holders:
+                continue
             first_dirty = seq.cached_tokens // self.block_size
             last_dirty = (seq.cached_tokens + seq.new_tokens - 1) // self.block_size
             for index, block in enumerate(seq.blocks):

@@ -90,7 +90,7 @@ class Policy:
                                         if s.new_tokens > 1 or s.cached_tokens == 0],
                               decodes=[s.cached_tokens for s in seqs if s.new_tokens == 1 and s.cached_tokens > 0])
         swaps = self._block_swaps(schedule)
-        prologue, layers, staging = self.swapper.plan(seqs) if self.swapper else ((), (), ())
+        prologue, layers, staging = self.swapper.plan(seqs, self.tables.cpu_holders) if self.swapper else ((), (), ())
         if swaps:  # vLLM swaps before the model runs: layer 0 waits for them
             layers = layers or tuple(LayerStep() for _ in range(self.config.num_layers))
             first = layers[0]

@@ -10,6 +10,9 @@ from pie_policy.layerswap import FifoLayerSwap, runs
 from pie_policy.plan import D2H, H2D, LAYER_KV, Copy, SeqWork
 
 
+ALL = range(100)  # every sequence of these tests may hold CPU blocks
+
+
 def seq(request_id, new, cached, blocks):
     return SeqWork(request_id, new, cached, True, tuple(BlockRef(tier, slot) for tier, slot in blocks))
 
@@ -22,7 +25,7 @@ def test_hand_worked_plan_depth_1_dirty_only():
     swap = FifoLayerSwap(num_layers=4, depth=1, capacity=8, block_bytes_layer=100, block_size=16,
                          dirty_only=True, op_ids=count())
     batch = (seq(0, 1, 40, [(GPU, 0), (CPU, 7), (CPU, 8)]), seq(1, 1, 10, [(CPU, 3)]))
-    prologue, steps, staging = swap.plan(batch)
+    prologue, steps, staging = swap.plan(batch, ALL)
     fetch = ((7, 0), (8, 1), (3, 2))
     back = ((1, 8), (2, 3))
     # Ids in issue order: prefetch L0 = 0; at L0 prefetch L1 = 1, evict L0 = 2; at L1 prefetch L2 = 3
@@ -42,24 +45,24 @@ def test_hand_worked_plan_depth_1_dirty_only():
     assert swap.staging_bytes == 2 * 8 * 100
 
     # The next iteration's first prefetch (slot 0) waits for the last write-back out of slot 0 (layer 2).
-    prologue, _, _ = swap.plan(batch)
+    prologue, _, _ = swap.plan(batch, ALL)
     assert prologue[0].after == (6,)
 
 
 def test_whole_blocks_are_written_back_without_dirty_only():
     swap = FifoLayerSwap(2, 1, 8, 100, 16, dirty_only=False, op_ids=count())
-    _, steps, _ = swap.plan((seq(0, 1, 40, [(CPU, 4), (CPU, 5), (GPU, 0)]),))  # token 40 is in block 2, on GPU
+    _, steps, _ = swap.plan((seq(0, 1, 40, [(CPU, 4), (CPU, 5), (GPU, 0)]),), ALL)  # token 40 is in block 2, on GPU
     assert steps[0].evict[0].pairs == ((0, 4), (1, 5)) and steps[0].evict[0].calls == 1
     swap = FifoLayerSwap(2, 1, 8, 100, 16, dirty_only=True, op_ids=count())
-    _, steps, _ = swap.plan((seq(0, 1, 40, [(CPU, 4), (CPU, 5), (GPU, 0)]),))
+    _, steps, _ = swap.plan((seq(0, 1, 40, [(CPU, 4), (CPU, 5), (GPU, 0)]),), ALL)
     assert steps[0].evict == ()  # nothing on the CPU was written
 
 
 def test_no_cpu_blocks_no_ops_and_capacity_is_enforced():
     swap = FifoLayerSwap(2, 1, 1, 100, 16, True, count())
-    assert swap.plan((seq(0, 5, 0, [(GPU, 0)]),)) == ((), (), ())
+    assert swap.plan((seq(0, 5, 0, [(GPU, 0)]),), ALL) == ((), (), ())
     with pytest.raises(RuntimeError, match="exceed the staging capacity 1"):
-        swap.plan((seq(0, 1, 20, [(CPU, 0), (CPU, 1)]),))
+        swap.plan((seq(0, 1, 20, [(CPU, 0), (CPU, 1)]),), ALL)
 
 
 def test_runs_counts_consecutive_slots():
@@ -91,7 +94,7 @@ def test_staging_never_exceeds_its_bound(num_layers, depth, iterations, cpu_bloc
         most = max(most, len(holder))
 
     for _ in range(iterations):
-        prologue, steps, _ = swap.plan(batch)
+        prologue, steps, _ = swap.plan(batch, ALL)
         for copy in prologue:
             take(copy)
         for layer, step in enumerate(steps):

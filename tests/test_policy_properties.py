@@ -16,6 +16,9 @@ def check_accounting(policy: Policy, plan) -> None:
     c, tables = policy.config, policy.tables
     owned = [block for table in tables.tables.values() for block in table]
     assert len(owned) == len(set(owned)), "a block is owned twice"
+    for seq, table in tables.tables.items():
+        on_cpu = sum(b.tier == CPU for b in table)
+        assert tables.count(seq, CPU) == on_cpu and (seq in tables.cpu_holders) == (on_cpu > 0)
     for tier, pool in tables.pools.items():
         mine = {b.slot for b in owned if b.tier == tier}
         assert mine == pool._used, f"{tier}: tables and allocator disagree"
