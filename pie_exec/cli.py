@@ -2,34 +2,115 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
-from hwmodels import hardware_names, load_hardware
+import torch
+from rich.console import Console
+
+from hwmodels import CatalogError, hardware_names, load_hardware, load_model
+from pie_policy import POLICIES, ConfigError
+from pie_policy.sizing import DEFAULT_SHARE, engine_config, make_policy
+from traces import TraceError, load_workload
+
+from .engine import Executor
+from .run import InputError, read_prompts, run, trace_prompts, write_outputs
+from .weights import ModelFolderError, load_hf_folder, random_transformer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GiB = 1024**3
 
 
-def cmd_env(args: argparse.Namespace) -> None:
+def cmd_env(args: argparse.Namespace, console: Console) -> None:
     """What this machine offers the executor, and the catalog entry to simulate it with."""
-    import torch
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        print(f"cuda {torch.version.cuda}: {torch.cuda.device_count()} x {props.name}, "
-              f"{props.total_memory / 1024**3:.1f} GiB, pinned host memory available")
-        print("simulate with: one of " + ", ".join(n for n in hardware_names() if n != "cpu-host")
-              + " (or a profile from `pie-exec calibrate`)")
+        console.print(f"cuda {torch.version.cuda}: {torch.cuda.device_count()} x {props.name}, "
+                      f"{props.total_memory / GiB:.1f} GiB, pinned host memory available")
+        console.print("simulate with: one of " + ", ".join(n for n in hardware_names() if n != "cpu-host")
+                      + " (or a profile from `pie-exec calibrate`)")
     else:
         hw = load_hardware("cpu-host")
-        print("cuda: not available; the executor runs on the CPU (FP32, copy thread instead of copy engines)")
-        print(f"simulate with: cpu-host ({hw.description})")
+        console.print("cuda: not available; the executor runs on the CPU (copy thread instead of copy engines)")
+        console.print(f"simulate with: cpu-host ({hw.description})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_run(args: argparse.Namespace, console: Console) -> None:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device here (see `pie-exec env`)")
+    dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "float16")]
+    if args.model_path:
+        model, spec, _ = load_hf_folder(Path(args.model_path), dtype=dtype, device=device)
+    else:
+        spec = load_model(args.model)
+        spec = dataclasses.replace(spec, dtype_bytes=torch.finfo(dtype).bits // 8)
+        model = random_transformer(spec, args.seed, dtype=dtype, device=device)
+    model.eval()
+    if args.prompts:
+        prompts = read_prompts(Path(args.prompts), spec.vocab_size, spec.max_context)
+    else:
+        workload = load_workload(args.trace, args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed,
+                                 max_total_tokens=spec.max_context + 1)
+        prompts = trace_prompts(workload, spec.vocab_size, args.seed)
+    share = args.share if args.share is not None else DEFAULT_SHARE.get(args.policy, 0.0)
+    config = engine_config(spec, args.policy, int(args.gpu_kv_gb * GiB), cpu_mem_bytes=int(args.cpu_kv_gb * GiB),
+                           share=share, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                           chunked_prefill=args.chunked_prefill, prefetch_depth=args.prefetch_depth)
+    policy = make_policy(args.policy, config, share)
+    executor = Executor(model, config, device, policy.swapper.ring if policy.swapper else 1)
+    try:
+        requests, generated, recorder, wall = run(executor, policy, prompts, progress=console.is_terminal)
+    finally:
+        executor.close()
+    summary = recorder.summary(requests, wall, backend="exec", policy=args.policy, model=spec.name,
+                               device=str(device), dtype=args.dtype or str(dtype).removeprefix("torch."))
+    out = Path(args.out)
+    write_outputs(out, prompts, requests, generated, recorder, summary)
+    console.print(f"{len(requests)} requests, {summary['throughput_tok_s']:.1f} output tok/s, "
+                  f"mean e2e {summary['e2e_mean_s']:.3f} s, stall {summary['total_stall_s']:.3f} s; wrote {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pie-exec", description="Pie's PyTorch executor.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("env", help="show the devices the executor can use").set_defaults(run=cmd_env)
-    args = parser.parse_args(argv)
-    args.run(args)
+    p = commands.add_parser("run", help="serve a workload through a policy and measure it")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", default="opt-125m", help="catalog model, randomly initialised with --seed")
+    model.add_argument("--model-path", help="a local Hugging Face folder (config.json + *.safetensors)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
+    p.add_argument("--policy", default="pie", choices=POLICIES)
+    work = p.add_mutually_exclusive_group()
+    work.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
+    work.add_argument("--prompts", help="JSONL: {\"id\", \"prompt_token_ids\", \"max_new_tokens\"} per line")
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--rate", type=float, help="re-time arrivals at this rate (req/s; inf: all at once)")
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of re-timed gaps")
+    p.add_argument("--gpu-kv-gb", type=float, default=0.25, help="GPU KV pool (with the staging area), GiB")
+    p.add_argument("--cpu-kv-gb", type=float, default=1.0, help="CPU KV pool, GiB")
+    p.add_argument("--share", type=float, help="static: CPU share; pie: largest CPU share")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--chunked-prefill", action="store_true")
+    p.add_argument("--prefetch-depth", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for requests.csv, iterations.csv, summary.json, tokens.jsonl")
+    p.set_defaults(run=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        args.run(args, console)
+    except (CatalogError, TraceError, ConfigError, ModelFolderError, InputError) as e:
+        console.print(f"[red]pie-exec: error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
     return 0
 
 

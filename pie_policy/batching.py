@@ -39,19 +39,24 @@ class Scheduler:
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
 
+    def refusal(self, max_context: int) -> str:
+        """Why a request holding up to `max_context` tokens of KV could never run ("" if it can)."""
+        c = self.config
+        if max_context > c.max_model_len:
+            return f"needs {max_context} tokens of context; the limit is {c.max_model_len}"
+        if c.blocks_for(max_context) > self.placement.guaranteed - c.watermark_blocks:
+            return (f"needs {c.blocks_for(max_context)} KV blocks; at most "
+                    f"{self.placement.guaranteed - c.watermark_blocks} can ever be free for it")
+        return ""
+
     def add(self, request: Request) -> bool:
         """Queue a request, or mark it REJECTED with the reason when it can never run."""
-        c = self.config
-        if request.max_context > c.max_model_len:
-            request.reason = f"needs {request.max_context} tokens of context; the limit is {c.max_model_len}"
-        elif c.blocks_for(request.max_context) > self.placement.guaranteed - c.watermark_blocks:
-            request.reason = (f"needs {c.blocks_for(request.max_context)} KV blocks; at most "
-                              f"{self.placement.guaranteed - c.watermark_blocks} can ever be free for it")
-        else:
-            self.waiting.append(request)
-            return True
-        request.state = State.REJECTED
-        return False
+        request.reason = self.refusal(request.max_context)
+        if request.reason:
+            request.state = State.REJECTED
+            return False
+        self.waiting.append(request)
+        return True
 
     @property
     def has_work(self) -> bool:

@@ -11,7 +11,7 @@ blocks). Layer l stages into slot l % (depth + 1), and the copies go in this ord
 Slots are reused first-in first-out: the prefetch of layer l + depth lands in the slot layer l - 1 just
 left, so it is ordered after that slot's write-back (possibly one from the previous iteration). With
 `dirty_only`, only blocks this iteration wrote into (its new tokens) are written back — the CPU copy of
-every other block is still valid. Copies of blocks whose CPU slots are consecutive go in one call.
+every other block is still valid. Blocks consecutive in both CPU slot and staging position go in one call.
 """
 from __future__ import annotations
 
@@ -23,9 +23,16 @@ from .blocks import CPU
 from .plan import D2H, H2D, LAYER_KV, Copy, LayerStep, SeqWork
 
 
-def runs(slots: list[int]) -> int:
-    """Number of maximal runs of consecutive integers in `slots` (in the given order)."""
-    return sum(1 for i, s in enumerate(slots) if i == 0 or s != slots[i - 1] + 1)
+def runs(pairs) -> list[tuple[int, int, int]]:
+    """(source, destination, length) of the maximal runs of `pairs` whose source and destination both
+    step by one: each is one copy call. The executor copies exactly these runs."""
+    out: list[list[int]] = []
+    for src, dst in pairs:
+        if out and src == out[-1][0] + out[-1][2] and dst == out[-1][1] + out[-1][2]:
+            out[-1][2] += 1
+        else:
+            out.append([src, dst, 1])
+    return [tuple(run) for run in out]
 
 
 class FifoLayerSwap:
@@ -62,7 +69,7 @@ class FifoLayerSwap:
             raise RuntimeError(f"{len(cpu_slots)} CPU blocks in the batch exceed the staging capacity {self.capacity}")
         positions = {slot: p for p, slot in enumerate(cpu_slots)}
         fetch_pairs = tuple((s, positions[s]) for s in cpu_slots)
-        fetch_calls = runs(cpu_slots)
+        fetch_calls = len(runs(fetch_pairs))
         written = [s for s in cpu_slots if s in dirty] if self.dirty_only else cpu_slots
         evict_pairs = tuple((positions[s], s) for s in written)
 
@@ -81,7 +88,7 @@ class FifoLayerSwap:
             evict = ()
             if written:
                 evict = (Copy(next(self._ids), D2H, LAYER_KV, layer, evict_pairs,
-                              len(written) * self.block_bytes_layer, runs(written)),)
+                              len(written) * self.block_bytes_layer, len(runs(evict_pairs))),)
                 self._last_evict[layer % self.ring] = evict[0].op_id
             steps.append(LayerStep(issue=issue, wait=(fetched[layer].op_id,), evict=evict))
         prologue = tuple(fetched[layer] for layer in range(self.depth))

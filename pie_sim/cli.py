@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args, console)
     except (CatalogError, TraceError, ValueError) as e:
-        console.print(f"[red]pie-sim: error:[/] {e}", highlight=False)
+        console.print(f"[red]pie-sim: error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
     return 0
 

@@ -65,8 +65,10 @@ def test_no_cpu_blocks_no_ops_and_capacity_is_enforced():
         swap.plan((seq(0, 1, 20, [(CPU, 0), (CPU, 1)]),), ALL)
 
 
-def test_runs_counts_consecutive_slots():
-    assert runs([]) == 0 and runs([5]) == 1 and runs([1, 2, 3, 7, 8, 2]) == 3
+def test_runs_group_pairs_consecutive_on_both_sides():
+    assert runs([]) == [] and runs([(5, 0)]) == [(5, 0, 1)]
+    assert runs([(1, 0), (2, 1), (3, 2), (7, 3), (8, 4), (2, 5)]) == [(1, 0, 3), (7, 3, 2), (2, 5, 1)]
+    assert runs([(7, 0), (8, 2)]) == [(7, 0, 1), (8, 2, 1)]  # consecutive slots, positions apart
 
 
 @settings(max_examples=60, deadline=None)

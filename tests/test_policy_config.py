@@ -44,16 +44,16 @@ def test_pools_are_sized_from_the_budget():
     pool = cm.memory_budget(0.9).kv_pool_bytes
     layer_block = 16 * 2 * 5120 * 2            # 16 tokens of K and V, hidden 5120, FP16
     block = 40 * layer_block
-    vllm = engine_config(cm, "vllm")
+    vllm = build_policy("vllm", cm).config
     assert vllm.num_gpu_blocks == pool // block and vllm.num_cpu_blocks == 0
-    swap = engine_config(cm, "vllm-swap", cpu_mem_bytes=64 * 1024**3)
+    swap = build_policy("vllm-swap", cm, cpu_mem_bytes=64 * 1024**3).config
     assert swap.num_cpu_blocks == 64 * 1024**3 // block
-    pie = engine_config(cm, "pie", share=0.5, cpu_mem_bytes=400 * 1024**3)
+    pie = build_policy("pie", cm, share=0.5, cpu_mem_bytes=400 * 1024**3).config
     # share 0.5: as many live CPU blocks as GPU blocks; 2 staging slots of them, one layer each.
     assert pie.num_cpu_blocks == pie.num_gpu_blocks
     assert pie.num_gpu_blocks * block + 2 * pie.num_cpu_blocks * layer_block <= pool
     assert (pie.num_gpu_blocks + 1) * block + 2 * pie.num_cpu_blocks * layer_block > pool
-    small = engine_config(cm, "static", share=0.5, cpu_mem_bytes=10 * block)  # the CPU memory binds
+    small = engine_config(cm.model, "static", pool, share=0.5, cpu_mem_bytes=10 * block)  # the CPU memory binds
     assert small.num_cpu_blocks == 10 and small.num_gpu_blocks == (pool - 2 * 10 * layer_block) // block
 
 

@@ -1,0 +1,123 @@
+"""Executes pie_policy's plans for real: a transformer over the paged KV cache, layer by layer, with the
+plan's copies in flight on the copier while layers compute.
+
+Per layer: issue the copies the plan issues when the layer is reached, wait for the ones it awaits (the
+stall), compute the layer (attention over the sequences' blocks, new K and V stored where their blocks
+live), then issue its write-backs. Greedy sampling. Times are measured on the device: host clocks on
+the CPU, CUDA events on the compute stream on a GPU.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pie_policy import Copy, IterationStats, Plan
+from pie_policy.layerswap import runs
+from pie_policy.plan import BLOCK_KV, H2D, LAYER_KV
+
+from .copier import CpuCopier, CudaCopier
+from .kvcache import BatchLayout, PagedKV
+from .model import Transformer
+
+
+def paged_attend(layout: BatchLayout, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Store the new tokens' K, V and attend over each sequence's context: q [T, heads, head_dim]."""
+    layout.store(layer, k, v)
+    kv = layout.gather(layer)                          # [B, 2, keys, kv_heads, head_dim]
+    keys, values = kv[:, 0], kv[:, 1]
+    queries = q.new_zeros((layout.batch, layout.max_new, *q.shape[1:]))
+    queries[layout.seq_of, layout.index] = q
+    out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=layout.mask, enable_gqa=True)  # heads share KV heads
+    return out.transpose(1, 2)[layout.seq_of, layout.index]
+
+
+class _HostClock:
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        return end - start
+
+
+class _CudaClock:
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3
+
+
+class Executor:
+    def __init__(self, model: Transformer, config, device: torch.device, staging_slots: int):
+        self.model, self.config, self.device = model, config, device
+        spec = model.spec
+        self.kv = PagedKV(config, spec.num_kv_heads, spec.head_dim, next(model.parameters()).dtype, device,
+                          staging_slots)
+        cuda = device.type == "cuda"
+        self.copier = CudaCopier(device) if cuda else CpuCopier()
+        self.clock = _CudaClock() if cuda else _HostClock()
+
+    def _work(self, copy: Copy, ring: int):
+        """The tensor copies that carry out `copy`, one call per run (per block and layer for vLLM's swap)."""
+        kv, non_blocking = self.kv, self.device.type == "cuda"
+        if copy.kind == LAYER_KV:
+            staging, cpu = kv.staging[copy.layer % ring], kv.cpu[copy.layer]
+            src, dst = (cpu, staging) if copy.direction == H2D else (staging, cpu)
+            jobs = [(dst[d:d + n], src[s:s + n]) for s, d, n in runs(copy.pairs)]
+        elif copy.kind == BLOCK_KV:
+            src, dst = (kv.cpu, kv.gpu) if copy.direction == H2D else (kv.gpu, kv.cpu)
+            jobs = [(dst[layer, d], src[layer, s]) for layer in range(self.config.num_layers) for s, d in copy.pairs]
+        else:
+            raise ValueError(f"the executor cannot run {copy.kind} copies (FlexGen runs in the simulator only)")
+
+        def work() -> None:
+            for target, source in jobs:
+                target.copy_(source, non_blocking=non_blocking)
+        return work
+
+    def _issue(self, copies, ring: int) -> None:
+        for copy in copies:
+            self.copier.issue(copy, self._work(copy, ring))
+
+    @torch.inference_mode()
+    def execute(self, plan: Plan, token_ids: list[list[int]], run_start: float):
+        """Run one plan; `token_ids` are each sequence's new tokens. Returns (stats, sampled token ids of
+        the sequences that sample, in plan order, and their logits)."""
+        start_s = time.perf_counter() - run_start
+        layout = self.kv.bind(plan)
+        ids = torch.tensor([t for seq in token_ids for t in seq], device=self.device)
+        marks = []
+        begin = self.clock.mark()
+        self._issue(plan.prologue, plan.ring)
+        h = self.model.embed(ids, layout.positions)
+        for layer, block in enumerate(self.model.layers):
+            step = plan.step(layer)
+            self._issue(step.issue, plan.ring)
+            before = self.clock.mark()
+            self.copier.wait(step.wait)
+            after = self.clock.mark()
+            h = block(h, layout.positions, lambda q, k, v, layer=layer: paged_attend(layout, layer, q, k, v))
+            marks.append((before, after))
+            self._issue(step.evict, plan.ring)
+        logits = self.model.logits(h[layout.sample_tokens])
+        sampled = logits.argmax(dim=-1).tolist()  # synchronizes the compute stream
+        end = self.clock.mark()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        stall = sum(self.clock.seconds(b, a) for b, a in marks)
+        total = self.clock.seconds(begin, end)
+        busy = self.copier.take_busy()
+        copies = list(plan.copies())
+        stats = IterationStats(plan.iteration, start_s, time.perf_counter() - run_start, total - stall, stall,
+                               sum(c.nbytes for c in copies if c.direction == H2D),
+                               sum(c.nbytes for c in copies if c.direction != H2D),
+                               busy["h2d"], busy["d2h"])
+        return stats, sampled, logits
+
+    def close(self) -> None:
+        self.copier.close()

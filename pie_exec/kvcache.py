@@ -1,0 +1,96 @@
+"""The paged KV cache of the executor: a GPU pool, a CPU pool and the staging area, addressed through
+pie_policy's block tables and plans.
+
+Every pool holds blocks of shape [2, block_size, kv_heads, head_dim] (K then V), one tensor per tier with
+the layer first: GPU pool [L, G, ...], CPU pool [L, C, ...] (pinned on CUDA, so copies are asynchronous),
+staging [ring, C, ...] for one layer of the batch's CPU blocks per slot. A sequence's block on the GPU is
+read in place; a block on the CPU is read from the staging slot of the layer, where the plan's prefetch
+put it, and new tokens written there go back to the CPU by the plan's write-back.
+"""
+from __future__ import annotations
+
+import torch
+
+from pie_policy import EngineConfig, Plan
+from pie_policy.blocks import CPU
+
+
+class PagedKV:
+    def __init__(self, config: EngineConfig, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, staging_slots: int):
+        block = (2, config.block_size, kv_heads, head_dim)
+        self.config, self.device = config, device
+        self.gpu = torch.zeros((config.num_layers, config.num_gpu_blocks, *block), dtype=dtype, device=device)
+        pin = device.type == "cuda"
+        self.cpu = torch.zeros((config.num_layers, config.num_cpu_blocks, *block), dtype=dtype, pin_memory=pin)
+        self.staging = torch.zeros((staging_slots, config.num_cpu_blocks, *block), dtype=dtype, device=device)
+
+    def bind(self, plan: Plan) -> "BatchLayout":
+        return BatchLayout(self, plan)
+
+
+class BatchLayout:
+    """Index tensors for one iteration, built once and used by every layer: where each sequence's blocks
+    and new tokens live, and the padded shapes attention runs on."""
+
+    def __init__(self, kv: PagedKV, plan: Plan):
+        self.kv, self.ring = kv, plan.ring
+        bs, device = kv.config.block_size, kv.device
+        staged = dict(plan.staging)
+        num_blocks = max(len(s.blocks) for s in plan.seqs)
+        self.batch = len(plan.seqs)
+        self.max_new = max(s.new_tokens for s in plan.seqs)
+        # Per sequence and block: the row in the GPU pool or the staging slot, and which of the two.
+        rows = torch.zeros((self.batch, num_blocks), dtype=torch.long)
+        on_cpu = torch.zeros((self.batch, num_blocks), dtype=torch.bool)
+        for i, seq in enumerate(plan.seqs):
+            for j, block in enumerate(seq.blocks):
+                on_cpu[i, j] = block.tier == CPU
+                rows[i, j] = staged[block.slot] if block.tier == CPU else block.slot
+        self.rows, self.on_cpu = rows.to(device), on_cpu.to(device)
+        self.gpu_rows = self.rows.masked_fill(self.on_cpu, 0)  # padding and CPU blocks read row 0, then
+        self.any_cpu = bool(on_cpu.any())                       # CPU blocks are replaced from staging
+        self.context = torch.tensor([s.cached_tokens + s.new_tokens for s in plan.seqs], device=device)
+        # Every new token: its sequence, its index among that sequence's new tokens, its position.
+        seq_of, index, position = [], [], []
+        for i, seq in enumerate(plan.seqs):
+            seq_of += [i] * seq.new_tokens
+            index += range(seq.new_tokens)
+            position += range(seq.cached_tokens, seq.cached_tokens + seq.new_tokens)
+        self.seq_of = torch.tensor(seq_of, device=device)
+        self.index = torch.tensor(index, device=device)
+        self.positions = torch.tensor(position, device=device)
+        block_of = self.positions // bs
+        self.token_rows = self.rows[self.seq_of, block_of]
+        self.token_on_cpu = self.on_cpu[self.seq_of, block_of]
+        self.token_offset = self.positions % bs
+        # The last new token of each sequence that samples: where its logits come from.
+        ends = torch.cumsum(torch.tensor([s.new_tokens for s in plan.seqs]), 0) - 1
+        self.sample_seqs = [i for i, s in enumerate(plan.seqs) if s.samples]
+        self.sample_tokens = ends[self.sample_seqs].to(device)
+        key_pos = torch.arange(num_blocks * bs, device=device)
+        query_pos = torch.full((self.batch, self.max_new), -1, dtype=torch.long, device=device)
+        query_pos[self.seq_of, self.index] = self.positions
+        # Causal and within the context; padded queries (position -1) see nothing and are dropped.
+        self.mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < self.context[:, None, None])
+        self.mask = self.mask[:, None, :, :]  # [B, 1, max_new, keys] broadcast over heads
+
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv.gpu[layer], self.kv.staging[layer % self.ring]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the new tokens' K and V ([T, kv_heads, head_dim]) where their blocks live this layer."""
+        gpu, staging = self.pools(layer)
+        kv = torch.stack((k, v), dim=1)  # [T, 2, kv_heads, head_dim]
+        for pool, where in ((gpu, ~self.token_on_cpu), (staging, self.token_on_cpu)):
+            if where.any():
+                pool[self.token_rows[where], :, self.token_offset[where]] = kv[where]
+
+    def gather(self, layer: int) -> torch.Tensor:
+        """Every sequence's cached K and V, padded: [B, 2, num_blocks · block_size, kv_heads, head_dim]."""
+        gpu, staging = self.pools(layer)
+        blocks = gpu[self.gpu_rows]  # [B, num_blocks, 2, block_size, kv_heads, head_dim]
+        if self.any_cpu:
+            blocks[self.on_cpu] = staging[self.rows[self.on_cpu]]
+        b, n, two, bs, h, d = blocks.shape
+        return blocks.permute(0, 2, 1, 3, 4, 5).reshape(b, two, n * bs, h, d)

@@ -1,0 +1,329 @@
+"""Weights for `pie_exec.model.Transformer`: seeded random ones, and Hugging Face folders in and out.
+
+A Hugging Face folder is `config.json` plus one or several `*.safetensors` files with HF's parameter names
+(what `AutoModelForCausalLM.from_pretrained` reads and `save_pretrained` writes). Only what the model
+implements is accepted: OPT with pre-LayerNorm and no embedding projection (OPT-125M, 1.3B … 66B; not 350M),
+and Llama with the plain ("default") RoPE (Llama-2, Llama-3 without rope scaling; not Llama-3.1's "llama3"
+scaling). Anything else is refused with a `ModelFolderError` that names the folder and the problem.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hwmodels import ModelSpec
+
+from .model import ArchDetails, Transformer
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing, malformed, or describes a model the executor does not implement."""
+
+
+# ---------------------------------------------------------------- random weights
+
+def random_transformer(spec: ModelSpec, seed: int, gain: float = 2.0, details: ArchDetails = ArchDetails(),
+                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Transformer:
+    """A model with seeded random weights, wide enough that greedy decoding produces varied text.
+
+    HF's init (N(0, 0.02²) everywhere, norms at 1, biases 0) leaves a small random model repeating one
+    token. Here every projection W: [out, in] is N(0, gain²/in), so each matmul's output has about `gain`
+    std for unit-scale input at any width (FP16/BF16 stay far from overflow at any size), and attention
+    scores have std about gain² (peaked but not one-hot). Token and position embeddings and an untied LM
+    head are N(0, 1/hidden): the layers, not the input token's own embedding, dominate the residual
+    stream, so a tied head does not just predict the input token again, and logits have std about 1.
+    Norm weights are 1 + N(0, 0.1²), norm and linear biases N(0, 0.1²) — random, so that a checkpoint
+    mapping that swaps two of them shows. With the default gain 2, greedy decoding of 20 tokens gives
+    7-20 distinct tokens for small OPT and Llama configs (tests/test_exec_model.py checks it).
+
+    Values are drawn on the CPU in FP32 from one `torch.Generator` in parameter order, so a seed gives
+    the same model on every device and dtype (a 13B model takes tens of seconds to draw).
+    """
+    model = Transformer(spec, details, dtype=dtype, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            value = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("embeddings.weight") or name == "output.weight":
+                value = value / math.sqrt(spec.hidden_size)
+            elif "norm" in name:
+                value = 1.0 + 0.1 * value if name.endswith("weight") else 0.1 * value
+            elif name.endswith("bias"):
+                value = 0.1 * value
+            else:  # a projection, [out, in]
+                value = value * (gain / math.sqrt(param.shape[1]))
+            param.copy_(value)
+    return model
+
+
+# ---------------------------------------------------------------- HF names <-> this model's parameters
+
+def _layout(spec: ModelSpec) -> list[tuple[str, str, slice | None]]:
+    """(HF tensor name, this model's parameter, rows of the parameter it fills (None: all))."""
+    q, kv, f = spec.num_heads * spec.head_dim, spec.kv_dim, spec.ffn_size
+    qkv = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
+    entries: list[tuple[str, str, slice | None]] = []
+    if spec.family == "opt":
+        entries += [("model.decoder.embed_tokens.weight", "tok_embeddings.weight", None),
+                    ("model.decoder.embed_positions.weight", "pos_embeddings.weight", None)]
+        for i in range(spec.num_layers):
+            hf, me = f"model.decoder.layers.{i}", f"layers.{i}"
+            for kind in ("weight", "bias"):
+                entries += [(f"{hf}.self_attn.{p}_proj.{kind}", f"{me}.wqkv.{kind}", rows) for p, rows in qkv.items()]
+                entries += [(f"{hf}.self_attn.out_proj.{kind}", f"{me}.wo.{kind}", None),
+                            (f"{hf}.self_attn_layer_norm.{kind}", f"{me}.attention_norm.{kind}", None),
+                            (f"{hf}.final_layer_norm.{kind}", f"{me}.ffn_norm.{kind}", None),
+                            (f"{hf}.fc1.{kind}", f"{me}.mlp.w1.{kind}", None),
+                            (f"{hf}.fc2.{kind}", f"{me}.mlp.w2.{kind}", None)]
+        entries += [(f"model.decoder.final_layer_norm.{kind}", f"norm.{kind}", None) for kind in ("weight", "bias")]
+    else:
+        entries.append(("model.embed_tokens.weight", "tok_embeddings.weight", None))
+        for i in range(spec.num_layers):
+            hf, me = f"model.layers.{i}", f"layers.{i}"
+            entries += [(f"{hf}.self_attn.{p}_proj.weight", f"{me}.wqkv.weight", rows) for p, rows in qkv.items()]
+            entries += [(f"{hf}.self_attn.o_proj.weight", f"{me}.wo.weight", None),
+                        (f"{hf}.input_layernorm.weight", f"{me}.attention_norm.weight", None),
+                        (f"{hf}.post_attention_layernorm.weight", f"{me}.ffn_norm.weight", None),
+                        (f"{hf}.mlp.gate_proj.weight", f"{me}.mlp.w13.weight", slice(0, f)),
+                        (f"{hf}.mlp.up_proj.weight", f"{me}.mlp.w13.weight", slice(f, 2 * f)),
+                        (f"{hf}.mlp.down_proj.weight", f"{me}.mlp.w2.weight", None)]
+        entries.append(("model.norm.weight", "norm.weight", None))
+    if not spec.tied_embeddings:
+        entries.append(("lm_head.weight", "output.weight", None))
+    return entries
+
+
+def _architecture(spec: ModelSpec) -> tuple:
+    return (spec.family, spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.ffn_size,
+            spec.vocab_size, spec.max_context, spec.tied_embeddings)
+
+
+def _expected_shape(param: Tensor, rows: slice | None) -> tuple[int, ...]:
+    shape = tuple(param.shape)
+    return shape if rows is None else (rows.stop - rows.start,) + shape[1:]
+
+
+# ---------------------------------------------------------------- save
+
+def save_hf_folder(model: Transformer, spec: ModelSpec, details: ArchDetails, path: str | Path) -> Path:
+    """Write `model` as a Hugging Face folder (`config.json`, `model.safetensors`) that
+    `AutoModelForCausalLM.from_pretrained(path)` loads. The config sets no bos/eos/pad token: a random
+    model has no tokenizer, and generation must not stop at a token that merely happens to be 2."""
+    from safetensors.torch import save_file  # imported here: random weights need no safetensors
+
+    if _architecture(spec) != _architecture(model.spec) or (spec.family == "llama" and details != model.details):
+        raise ValueError(f"save_hf_folder: spec {spec.name!r} / details {details} differ from the ones the "
+                         f"model was built with ({model.spec.name!r} / {model.details})")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    common = dict(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+                  num_attention_heads=spec.num_heads, max_position_embeddings=spec.max_context,
+                  tie_word_embeddings=spec.tied_embeddings, torch_dtype=DTYPE_NAMES[model.dtype],
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=True)
+    if spec.family == "opt":
+        config = dict(architectures=["OPTForCausalLM"], model_type="opt", **common, ffn_dim=spec.ffn_size,
+                      word_embed_proj_dim=spec.hidden_size, do_layer_norm_before=True,
+                      activation_function="relu", enable_bias=True, layer_norm_elementwise_affine=True,
+                      dropout=0.0, attention_dropout=0.0)
+    else:
+        config = dict(architectures=["LlamaForCausalLM"], model_type="llama", **common,
+                      intermediate_size=spec.ffn_size, num_key_value_heads=spec.num_kv_heads,
+                      head_dim=spec.head_dim, hidden_act="silu", rms_norm_eps=details.rms_norm_eps,
+                      rope_theta=details.rope_theta, rope_scaling=None,
+                      attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+    params = dict(model.named_parameters())
+    tensors = {}
+    for hf_name, name, rows in _layout(spec):
+        value = params[name].detach()
+        tensors[hf_name] = (value if rows is None else value[rows]).contiguous().cpu()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- load
+
+def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> tuple[Transformer, ModelSpec, ArchDetails]:
+    """Read a Hugging Face OPT or Llama folder into a `Transformer` (weights cast to `dtype`, on `device`).
+
+    Returns (model, spec, details); spec.name is the folder's name. Shards are read one tensor at a time
+    straight into the model's parameters, so peak memory is about one model plus one tensor.
+    """
+    from safetensors import safe_open  # imported here: random weights need no safetensors
+
+    folder = Path(path)
+
+    def fail(problem: str) -> ModelFolderError:
+        return ModelFolderError(f"model folder {folder}: {problem}")
+
+    if not folder.exists():
+        raise fail("does not exist")
+    if not folder.is_dir():
+        raise fail("is not a folder")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"load_hf_folder: dtype {dtype} is not one of {', '.join(DTYPE_NAMES.values())}")
+    spec, details = _read_config(folder, fail, dtype)
+    files = _weight_files(folder, fail)
+
+    model = Transformer(spec, details, dtype=dtype, device=device)
+    params = dict(model.named_parameters())
+    wanted = {hf_name: (name, rows) for hf_name, name, rows in _layout(spec)}
+    seen: dict[str, Path] = {}
+    with torch.no_grad():
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as error:  # safetensors raises its own types for a corrupt header
+                raise fail(f"{file.name} is not a readable safetensors file ({error})") from error
+            with handle:
+                for key in handle.keys():
+                    hf_name = _canonical(key)
+                    if hf_name not in wanted:
+                        if hf_name.endswith("rotary_emb.inv_freq") or (hf_name == "lm_head.weight"
+                                                                        and spec.tied_embeddings):
+                            continue  # recomputed / tied to the token embedding
+                        raise fail(f"{file.name}: unexpected tensor {key!r} (a feature this model does not "
+                                   f"implement?)")
+                    if hf_name in seen:
+                        raise fail(f"tensor {key!r} is in both {seen[hf_name].name} and {file.name}")
+                    seen[hf_name] = file
+                    name, rows = wanted[hf_name]
+                    target = params[name] if rows is None else params[name][rows]
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    if shape != tuple(target.shape):
+                        raise fail(f"{file.name}: tensor {key!r} has shape {list(shape)}, expected "
+                                   f"{list(target.shape)}")
+                    target.copy_(handle.get_tensor(key))
+    missing = [hf_name for hf_name in wanted if hf_name not in seen]
+    if missing:
+        name, rows = wanted[missing[0]]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise fail(f"missing tensor {missing[0]!r} of shape {list(_expected_shape(params[name], rows))}{more}")
+    return model, spec, details
+
+
+def _weight_files(folder: Path, fail) -> list[Path]:
+    """The shards an index (`model.safetensors.index.json`) names, else every `*.safetensors` file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise fail(f"{index.name} is not a valid index (no 'weight_map' object: {error!r})") from error
+        for name in names:
+            if not (folder / name).is_file():
+                raise fail(f"{index.name} names shard {name!r}, which is not in the folder")
+        return [folder / name for name in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise fail("no *.safetensors file (PyTorch .bin checkpoints are not read; convert them first)")
+    return files
+
+
+def _canonical(key: str) -> str:
+    """HF names as `*ForCausalLM` saves them: checkpoints of the bare model (e.g. facebook/opt-*, saved
+    from OPTModel as `decoder.…`) lack the `model.` prefix."""
+    if key.startswith("model.") or key.startswith("lm_head."):
+        return key
+    return "model." + key
+
+
+def _read_config(folder: Path, fail, dtype: torch.dtype) -> tuple[ModelSpec, ArchDetails]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise fail("no config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise fail(f"config.json is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise fail("config.json is not a JSON object")
+
+    missing = object()
+
+    def get(key: str, kind: type, default=missing):
+        if key not in config or config[key] is None:
+            if default is missing:
+                raise fail(f"config.json: missing field {key!r}")
+            return default
+        value = config[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise fail(f"config.json: field {key!r} is {value!r}, expected {kind.__name__}")
+        if kind in (int, float) and value <= 0:
+            raise fail(f"config.json: field {key!r} is {value!r}, expected a positive number")
+        return value
+
+    def require(key: str, value, default, why: str) -> None:
+        actual = config.get(key, default)
+        if actual is None:
+            actual = default
+        if actual != value:
+            raise fail(f"config.json: unsupported feature: {key} = {json.dumps(actual)} ({why})")
+
+    if config.get("quantization_config"):
+        raise fail("config.json: unsupported feature: quantization_config (quantized checkpoints)")
+    model_type = get("model_type", str)
+    hidden, layers = get("hidden_size", int), get("num_hidden_layers", int)
+    heads, vocab = get("num_attention_heads", int), get("vocab_size", int)
+    max_context = get("max_position_embeddings", int)
+    if model_type == "opt":
+        ffn = get("ffn_dim", int)
+        kv_heads = heads
+        proj = get("word_embed_proj_dim", int, hidden)
+        if proj != hidden:
+            raise fail(f"config.json: unsupported feature: word_embed_proj_dim = {proj} differs from "
+                       f"hidden_size = {hidden} (embedding projections, as in OPT-350M)")
+        require("do_layer_norm_before", True, True, "only pre-LayerNorm OPT is implemented")
+        require("_remove_final_layer_norm", False, False, "the final LayerNorm is always applied")
+        require("activation_function", "relu", "relu", "only ReLU is implemented")
+        require("enable_bias", True, True, "OPT layers always have biases here")
+        require("layer_norm_elementwise_affine", True, True, "LayerNorms always have weight and bias here")
+        tied = get("tie_word_embeddings", bool, True)
+        details = ArchDetails()
+    elif model_type == "llama":
+        ffn = get("intermediate_size", int)
+        kv_heads = get("num_key_value_heads", int, heads)
+        theta = get("rope_theta", float, 10000.0)
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = config.get(key)
+            if rope is None:
+                continue
+            if not isinstance(rope, dict):
+                raise fail(f"config.json: field {key!r} is {rope!r}, expected an object")
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind != "default":
+                raise fail(f"config.json: unsupported feature: {key} of type {kind!r} (only plain RoPE "
+                           f"is implemented)")
+            if "partial_rotary_factor" in rope and rope["partial_rotary_factor"] != 1.0:
+                raise fail(f"config.json: unsupported feature: {key}.partial_rotary_factor")
+            if "rope_theta" in rope:
+                theta = float(rope["rope_theta"])
+        require("hidden_act", "silu", "silu", "only SwiGLU with SiLU is implemented")
+        require("attention_bias", False, False, "Llama projections have no biases here")
+        require("mlp_bias", False, False, "Llama projections have no biases here")
+        if hidden % heads == 0:
+            require("head_dim", hidden // heads, hidden // heads, "head_dim must be hidden_size / num_heads")
+        tied = get("tie_word_embeddings", bool, False)
+        # HF's LlamaConfig defaults rms_norm_eps to 1e-6; a config without the field means that.
+        details = ArchDetails(rope_theta=theta, rms_norm_eps=get("rms_norm_eps", float, 1e-6))
+    else:
+        raise fail(f"config.json: unknown model_type {model_type!r} (supported: 'opt', 'llama')")
+    if hidden % heads:
+        raise fail(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    if heads % kv_heads:
+        raise fail(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    spec = ModelSpec(name=folder.resolve().name, description=f"{model_type} model read from {folder}", family=model_type,
+                     num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
+                     ffn_size=ffn, vocab_size=vocab, max_context=max_context,
+                     dtype_bytes=torch.empty((), dtype=dtype).element_size(), tied_embeddings=tied)
+    return spec, details
