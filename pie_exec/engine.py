@@ -25,8 +25,7 @@ from .model import Transformer
 def paged_attend(layout: BatchLayout, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Store the new tokens' K, V and attend over each sequence's context: q [T, heads, head_dim]."""
     layout.store(layer, k, v)
-    kv = layout.gather(layer)                          # [B, 2, keys, kv_heads, head_dim]
-    keys, values = kv[:, 0], kv[:, 1]
+    keys, values = layout.gather(layer)                # [B, keys, kv_heads, head_dim] each
     queries = q.new_zeros((layout.batch, layout.max_new, *q.shape[1:]))
     queries[layout.seq_of, layout.index] = q
     out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),

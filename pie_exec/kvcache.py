@@ -86,11 +86,14 @@ class BatchLayout:
             if where.any():
                 pool[self.token_rows[where], :, self.token_offset[where]] = kv[where]
 
-    def gather(self, layer: int) -> torch.Tensor:
-        """Every sequence's cached K and V, padded: [B, 2, num_blocks · block_size, kv_heads, head_dim]."""
+    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's cached K and V, padded: two [B, num_blocks · block_size, kv_heads, head_dim]."""
         gpu, staging = self.pools(layer)
-        blocks = gpu[self.gpu_rows]  # [B, num_blocks, 2, block_size, kv_heads, head_dim]
-        if self.any_cpu:
-            blocks[self.on_cpu] = staging[self.rows[self.on_cpu]]
-        b, n, two, bs, h, d = blocks.shape
-        return blocks.permute(0, 2, 1, 3, 4, 5).reshape(b, two, n * bs, h, d)
+        b, n = self.rows.shape
+        out = []
+        for part in (0, 1):  # K, then V: gathering each from its strided view leaves it contiguous
+            blocks = gpu[:, part].index_select(0, self.gpu_rows.flatten()).view(b, n, *gpu.shape[2:])
+            if self.any_cpu:
+                blocks[self.on_cpu] = staging[:, part][self.rows[self.on_cpu]]
+            out.append(blocks.view(b, n * gpu.shape[2], *gpu.shape[3:]))
+        return out[0], out[1]
