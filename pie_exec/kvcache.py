@@ -34,8 +34,9 @@ class BatchLayout:
     and new tokens live, and the padded shapes attention runs on."""
 
     def __init__(self, kv: PagedKV, plan: Plan):
+        """Indices are built on the host and moved once, so no layer makes the host wait for the device."""
         self.kv, self.ring = kv, plan.ring
-        bs, device = kv.config.block_size, kv.device
+        bs = kv.config.block_size
         staged = dict(plan.staging)
         num_blocks = max(len(s.blocks) for s in plan.seqs)
         self.batch = len(plan.seqs)
@@ -47,53 +48,51 @@ class BatchLayout:
             for j, block in enumerate(seq.blocks):
                 on_cpu[i, j] = block.tier == CPU
                 rows[i, j] = staged[block.slot] if block.tier == CPU else block.slot
-        self.rows, self.on_cpu = rows.to(device), on_cpu.to(device)
-        self.gpu_rows = self.rows.masked_fill(self.on_cpu, 0)  # padding and CPU blocks read row 0, then
-        self.any_cpu = bool(on_cpu.any())                       # CPU blocks are replaced from staging
-        self.context = torch.tensor([s.cached_tokens + s.new_tokens for s in plan.seqs], device=device)
         # Every new token: its sequence, its index among that sequence's new tokens, its position.
-        seq_of, index, position = [], [], []
-        for i, seq in enumerate(plan.seqs):
-            seq_of += [i] * seq.new_tokens
-            index += range(seq.new_tokens)
-            position += range(seq.cached_tokens, seq.cached_tokens + seq.new_tokens)
-        self.seq_of = torch.tensor(seq_of, device=device)
-        self.index = torch.tensor(index, device=device)
-        self.positions = torch.tensor(position, device=device)
-        block_of = self.positions // bs
-        self.token_rows = self.rows[self.seq_of, block_of]
-        self.token_on_cpu = self.on_cpu[self.seq_of, block_of]
-        self.token_offset = self.positions % bs
+        seq_of = torch.tensor([i for i, s in enumerate(plan.seqs) for _ in range(s.new_tokens)])
+        index = torch.tensor([t for s in plan.seqs for t in range(s.new_tokens)])
+        positions = torch.tensor([s.cached_tokens + t for s in plan.seqs for t in range(s.new_tokens)])
+        token_rows, token_on_cpu = rows[seq_of, positions // bs], on_cpu[seq_of, positions // bs]
         # The last new token of each sequence that samples: where its logits come from.
         ends = torch.cumsum(torch.tensor([s.new_tokens for s in plan.seqs]), 0) - 1
-        self.sample_seqs = [i for i, s in enumerate(plan.seqs) if s.samples]
-        self.sample_tokens = ends[self.sample_seqs].to(device)
-        key_pos = torch.arange(num_blocks * bs, device=device)
-        query_pos = torch.full((self.batch, self.max_new), -1, dtype=torch.long, device=device)
-        query_pos[self.seq_of, self.index] = self.positions
+        sample_tokens = ends[[i for i, s in enumerate(plan.seqs) if s.samples]]
         # Causal and within the context; padded queries (position -1) see nothing and are dropped.
-        self.mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < self.context[:, None, None])
-        self.mask = self.mask[:, None, :, :]  # [B, 1, max_new, keys] broadcast over heads
+        context = torch.tensor([s.cached_tokens + s.new_tokens for s in plan.seqs])
+        query_pos = torch.full((self.batch, self.max_new), -1, dtype=torch.long)
+        query_pos[seq_of, index] = positions
+        key_pos = torch.arange(num_blocks * bs)
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < context[:, None, None])
+
+        to = kv.device
+        self.seq_of, self.index, self.positions = seq_of.to(to), index.to(to), positions.to(to)
+        self.sample_tokens = sample_tokens.to(to)
+        self.mask = mask[:, None, :, :].to(to)  # [B, 1, max_new, keys] broadcast over heads
+        self.rows_shape = rows.shape
+        self.gpu_rows = rows.masked_fill(on_cpu, 0).flatten().to(to)  # CPU blocks and padding read row 0 ...
+        self.cpu_blocks = on_cpu.flatten().nonzero().squeeze(1).to(to)  # ... and CPU blocks are replaced
+        self.cpu_rows = rows[on_cpu].to(to)                              # from these staging rows
+        gpu_tokens, cpu_tokens = (~token_on_cpu).nonzero().squeeze(1), token_on_cpu.nonzero().squeeze(1)
+        self.token_targets = [(which, t.to(to), token_rows[t].to(to), (positions[t] % bs).to(to))
+                              for which, t in ((0, gpu_tokens), (1, cpu_tokens)) if t.numel()]
 
     def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv.gpu[layer], self.kv.staging[layer % self.ring]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the new tokens' K and V ([T, kv_heads, head_dim]) where their blocks live this layer."""
-        gpu, staging = self.pools(layer)
+        pools = self.pools(layer)
         kv = torch.stack((k, v), dim=1)  # [T, 2, kv_heads, head_dim]
-        for pool, where in ((gpu, ~self.token_on_cpu), (staging, self.token_on_cpu)):
-            if where.any():
-                pool[self.token_rows[where], :, self.token_offset[where]] = kv[where]
+        for which, tokens, rows, offsets in self.token_targets:
+            pools[which][rows, :, offsets] = kv[tokens]
 
     def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence's cached K and V, padded: two [B, num_blocks · block_size, kv_heads, head_dim]."""
         gpu, staging = self.pools(layer)
-        b, n = self.rows.shape
+        b, n = self.rows_shape
         out = []
         for part in (0, 1):  # K, then V: gathering each from its strided view leaves it contiguous
-            blocks = gpu[:, part].index_select(0, self.gpu_rows.flatten()).view(b, n, *gpu.shape[2:])
-            if self.any_cpu:
-                blocks[self.on_cpu] = staging[:, part][self.rows[self.on_cpu]]
+            blocks = gpu[:, part].index_select(0, self.gpu_rows)
+            if self.cpu_rows.numel():
+                blocks[self.cpu_blocks] = staging[:, part].index_select(0, self.cpu_rows)
             out.append(blocks.view(b, n * gpu.shape[2], *gpu.shape[3:]))
         return out[0], out[1]

@@ -21,7 +21,6 @@ from .request import Request, State
 
 class FlexGenPolicy:
     name = "flexgen"
-    staging_bytes = 0
 
     def __init__(self, cost_model: CostModel, placement: FlexGenPlacement):
         self.model, self.placement = cost_model.model, placement

@@ -75,10 +75,6 @@ class Policy:
         gpu, cpu = self.tables.pools[GPU].num_used, self.tables.pools[CPU].num_used
         return cpu / (gpu + cpu) if self.swapper and gpu + cpu else 0.0
 
-    @property
-    def staging_bytes(self) -> int:
-        return self.swapper.staging_bytes if self.swapper else 0
-
     # ---- iterations
     def next_iteration(self) -> Plan | None:
         schedule = self.scheduler.schedule()
