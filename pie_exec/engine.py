@@ -101,21 +101,22 @@ class Executor:
             self.copier.wait(step.wait)
             after = self.clock.mark()
             h = block(h, layout.positions, lambda q, k, v, layer=layer: paged_attend(layout, layer, q, k, v))
-            marks.append((before, after))
+            marks.append((before, after, self.clock.mark()))
             self._issue(step.evict, plan.ring)
         logits = self.model.logits(h[layout.sample_tokens])
         sampled = logits.argmax(dim=-1).tolist()  # synchronizes the compute stream
         end = self.clock.mark()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        stall = sum(self.clock.seconds(b, a) for b, a in marks)
-        total = self.clock.seconds(begin, end)
+        layer_stall = tuple(self.clock.seconds(b, a) for b, a, _ in marks)
+        layer_compute = tuple(self.clock.seconds(a, c) for _, a, c in marks)
+        stall, total = sum(layer_stall), self.clock.seconds(begin, end)
         busy = self.copier.take_busy()
         copies = list(plan.copies())
         stats = IterationStats(plan.iteration, start_s, time.perf_counter() - run_start, total - stall, stall,
                                sum(c.nbytes for c in copies if c.direction == H2D),
                                sum(c.nbytes for c in copies if c.direction != H2D),
-                               busy["h2d"], busy["d2h"])
+                               busy["h2d"], busy["d2h"], layer_compute, layer_stall)
         return stats, sampled, logits
 
     def close(self) -> None:

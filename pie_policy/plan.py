@@ -83,3 +83,5 @@ class IterationStats:
     bytes_d2h: int
     h2d_busy_s: float      # time the host→device direction was transferring
     d2h_busy_s: float
+    layer_compute_s: tuple[float, ...] = ()  # per layer, where the backend measures layers
+    layer_stall_s: tuple[float, ...] = ()

@@ -92,8 +92,10 @@ def test_logits_match_transformers(tiny):
     policy.add_request(0, 0.0, len(prompts[3].token_ids), 1)
     plan = policy.next_iteration()
     executor = Executor(model, policy.config, torch.device("cpu"), 1)
-    _, _, logits = executor.execute(plan, [list(prompts[3].token_ids)], 0.0)
+    stats, _, logits = executor.execute(plan, [list(prompts[3].token_ids)], 0.0)
     executor.close()
+    assert len(stats.layer_compute_s) == len(stats.layer_stall_s) == spec.num_layers
+    assert 0 < sum(stats.layer_compute_s) <= stats.compute_s and sum(stats.layer_stall_s) == stats.stall_s
     with torch.no_grad():
         reference = hf(torch.tensor([prompts[3].token_ids])).logits[0, -1]
     assert torch.allclose(logits[0], reference, atol=1e-4), (logits[0] - reference).abs().max()
