@@ -1,0 +1,103 @@
+"""The same physics as `timeline.py` + `links.py`, written independently as SimPy processes with one
+event per layer and per copy phase. Slower; it exists to check the recurrence on small cases.
+
+A copy engine process per stream takes copies in issue order, waits for their `after` copies, sleeps the
+per-call latency, then moves bytes at the rate `links.byte_rates` gives for the directions moving at that
+moment; when the other stream starts or stops moving bytes, it is interrupted and carries on at the new
+rate. The GPU process walks the layers of each plan.
+"""
+from __future__ import annotations
+
+import simpy
+
+from hwmodels import CostModel
+from pie_policy import IterationStats, Plan
+from pie_policy.plan import D2H, H2D, Copy
+
+from .links import byte_rates, stream_of
+
+
+class LayerEvents:
+    def __init__(self, cost_model: CostModel):
+        self.cm, self.hw = cost_model, cost_model.hw
+        self.env = simpy.Environment()
+        self.done: dict[int, simpy.Event] = {}
+        self.moving: dict[str, str] = {}          # stream → direction moving bytes
+        self.engines: dict[str, tuple[simpy.Store, simpy.Process]] = {}
+        self.busy = {H2D: 0.0, D2H: 0.0}
+
+    def _issue(self, copy: Copy) -> None:
+        self.done[copy.op_id] = self.env.event()
+        stream = stream_of(self.hw, copy)
+        if stream not in self.engines:
+            store = simpy.Store(self.env)
+            self.engines[stream] = (store, self.env.process(self._engine(stream, store)))
+        self.engines[stream][0].put(copy)
+
+    def _rate_changed(self, stream: str) -> None:
+        for other, (_, process) in self.engines.items():
+            if other != stream and other in self.moving and process.is_alive:
+                process.interrupt()
+
+    def _engine(self, stream: str, store: simpy.Store):
+        env = self.env
+        while True:
+            copy = yield store.get()
+            yield simpy.AllOf(env, [self.done[op] for op in copy.after if op in self.done])
+            began = env.now
+            yield env.timeout(copy.calls * self.hw.link.transfer_latency)
+            remaining = float(copy.nbytes)
+            self.moving[stream] = copy.direction
+            self._rate_changed(stream)
+            while remaining > 1e-9 * max(1.0, copy.nbytes):
+                rate = byte_rates(self.hw, set(self.moving.values()))[copy.direction]
+                t0 = env.now
+                try:
+                    yield env.timeout(remaining / rate)
+                    remaining = 0.0
+                except simpy.Interrupt:
+                    remaining -= rate * (env.now - t0)
+            del self.moving[stream]
+            self._rate_changed(stream)
+            self.busy[copy.direction] += env.now - began
+            self.done[copy.op_id].succeed()
+
+    def run(self, plan: Plan, start: float) -> IterationStats:
+        """Run one plan from `start` (the clock only moves forward) and return its stats."""
+        result = {}
+        self.env.process(self._gpu(plan, start, result))
+        while "stats" not in result:
+            self.env.step()
+        return result["stats"]
+
+    def drain(self) -> None:
+        """Let every copy still in flight finish."""
+        self.env.run()
+
+    def _gpu(self, plan: Plan, start: float, result: dict):
+        env, cm = self.env, self.cm
+        yield env.timeout(start - env.now)
+        busy_before = dict(self.busy)
+        for copy in plan.prologue:
+            self._issue(copy)
+        computes, stalls = [], []
+        for layer in range(cm.model.num_layers):
+            step = plan.step(layer)
+            for copy in step.issue:
+                self._issue(copy)
+            reached = env.now
+            yield simpy.AllOf(env, [self.done[op] for op in step.wait])
+            stalls.append(env.now - reached)
+            moving = byte_rates(self.hw, set(self.moving.values()))
+            took = cm.layer_time(plan.shape, copy_bandwidth=sum(moving.values()))
+            computes.append(took)
+            yield env.timeout(took)
+            for copy in step.evict:
+                self._issue(copy)
+        head = cm.head_time(plan.shape)
+        yield env.timeout(head)
+        copies = list(plan.copies())
+        result["stats"] = IterationStats(
+            plan.iteration, start, env.now, sum(computes) + head, sum(stalls),
+            sum(c.nbytes for c in copies if c.direction == H2D), sum(c.nbytes for c in copies if c.direction == D2H),
+            self.busy[H2D] - busy_before[H2D], self.busy[D2H] - busy_before[D2H], tuple(computes), tuple(stalls))

@@ -1,0 +1,127 @@
+"""The host↔GPU copy engines as a fluid model, advanced exactly from event to event.
+
+Rules (shared with the SimPy per-layer mode in `layer_events.py`, which checks them independently):
+- Streams: one FIFO stream per direction when the link has two or more copy engines, else one stream
+  that both directions share. A stream runs one copy at a time, in issue order.
+- A copy is ready once issued and once the copies it is ordered `after` have completed; it starts when it
+  is ready and its stream is free. It first pays `calls · transfer_latency` (no bandwidth used), then
+  moves its bytes.
+- A direction moves bytes at its own bandwidth; while both directions move bytes at once, each runs at
+  its bandwidth · min(1, bidirectional / (h2d + d2h)). Rates change only when a transfer starts or ends.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from hwmodels import HardwareSpec
+from pie_policy.plan import D2H, H2D, Copy
+
+EPSILON = 1e-15
+
+
+def byte_rates(hw: HardwareSpec, moving: set[str]) -> dict[str, float]:
+    """Bytes/s of each direction in `moving` (the directions transferring bytes right now)."""
+    link = hw.link
+    full = {H2D: link.h2d_bandwidth, D2H: link.d2h_bandwidth}
+    shared = min(1.0, link.bidirectional_bandwidth / (full[H2D] + full[D2H])) if len(moving) == 2 else 1.0
+    return {d: full[d] * shared for d in moving}
+
+
+def stream_of(hw: HardwareSpec, copy: Copy) -> str:
+    return copy.direction if hw.link.copy_engines >= 2 else "both"
+
+
+@dataclass
+class _Active:
+    copy: Copy
+    setup_until: float   # end of the per-call latency
+    remaining: float     # bytes still to move
+
+
+class Links:
+    def __init__(self, hw: HardwareSpec):
+        self.hw, self.now = hw, 0.0
+        self.queues: dict[str, deque[tuple[float, Copy]]] = {}
+        self.active: dict[str, _Active] = {}
+        self.done: dict[int, float] = {}      # op id → completion time
+        self.busy = {H2D: 0.0, D2H: 0.0}      # seconds each direction spent on copies (setup + bytes)
+
+    def issue(self, copy: Copy, at: float) -> None:
+        if at < self.now - EPSILON:
+            raise ValueError(f"copy {copy.op_id} issued at {at} before the links' clock {self.now}")
+        self.queues.setdefault(stream_of(self.hw, copy), deque()).append((at, copy))
+
+    def rates(self) -> dict[str, float]:
+        """Bytes/s moving in each direction now (after `advance`)."""
+        moving = {a.copy.direction for a in self.active.values() if a.setup_until <= self.now + EPSILON}
+        return byte_rates(self.hw, moving)
+
+    def completion(self, op_id: int) -> float:
+        """When copy `op_id` completes, advancing the model as far as that."""
+        while op_id not in self.done:
+            if not self._step(float("inf")):
+                raise RuntimeError(f"copy {op_id} can never complete (not issued, or waits on one that is not)")
+        return self.done[op_id]
+
+    def drain(self) -> None:
+        """Let every copy still in flight finish."""
+        while self._step(float("inf")):
+            pass
+
+    def advance(self, until: float) -> None:
+        """Run the model to time `until` (copies issued later start no earlier than that)."""
+        while self._step(until):
+            pass
+        if until > self.now:
+            self._progress(until)
+            self._start_ready()
+
+    def _start_ready(self) -> None:
+        """Start every copy that can start now (an empty copy finishes at once and frees its stream)."""
+        started = True
+        while started:
+            started = False
+            for stream, queue in self.queues.items():
+                if stream in self.active or not queue:
+                    continue
+                at, copy = queue[0]
+                if at <= self.now + EPSILON and all(op in self.done for op in copy.after):
+                    queue.popleft()
+                    latency = copy.calls * self.hw.link.transfer_latency
+                    self.active[stream] = _Active(copy, self.now + latency, float(copy.nbytes))
+                    started = True
+            self._finish()
+
+    def _next_event(self) -> float:
+        rates, events = self.rates(), []
+        for a in self.active.values():
+            moving = a.setup_until <= self.now + EPSILON
+            events.append(self.now + a.remaining / rates[a.copy.direction] if moving else a.setup_until)
+        events += [queue[0][0] for queue in self.queues.values() if queue and queue[0][0] > self.now + EPSILON]
+        return min(events, default=float("inf"))
+
+    def _progress(self, t: float) -> None:
+        """Move every active copy on to time t (no event in between)."""
+        rates = self.rates()
+        for a in self.active.values():
+            self.busy[a.copy.direction] += t - self.now
+            if a.setup_until <= self.now + EPSILON:
+                a.remaining -= rates[a.copy.direction] * (t - self.now)
+        self.now = t
+        self._finish()
+
+    def _finish(self) -> None:
+        for stream, a in list(self.active.items()):
+            if a.setup_until <= self.now + EPSILON and a.remaining <= 1e-9 * max(1.0, a.copy.nbytes):
+                self.done[a.copy.op_id] = self.now
+                del self.active[stream]
+
+    def _step(self, until: float) -> bool:
+        """Move to the next event if it comes no later than `until`; False when there is none."""
+        self._start_ready()
+        t = self._next_event()
+        if t > until or t == float("inf"):
+            return False
+        self._progress(t)
+        return True

@@ -1,0 +1,47 @@
+"""One iteration of a plan in simulated time, layer by layer, by exact recurrence over the copy engines.
+
+Layer l is reached when layer l-1 ends (layer 0 at the iteration's start, when the prologue is issued);
+its `issue` copies are issued then; it starts once its `wait` copies are complete (the difference is its
+stall); it computes for `CostModel.layer_time` of the batch, with the bytes/s the copies are moving at its
+start charged against HBM (the link's `compute_contention`); its `evict` copies are issued when it ends.
+The LM head follows the last layer. Copies still in flight carry on into the next iteration.
+"""
+from __future__ import annotations
+
+from hwmodels import CostModel
+from pie_policy import IterationStats, Plan
+from pie_policy.plan import D2H, H2D
+
+from .links import Links
+
+
+class Timeline:
+    def __init__(self, cost_model: CostModel):
+        self.cost_model, self.links = cost_model, Links(cost_model.hw)
+
+    def run(self, plan: Plan, start: float) -> IterationStats:
+        cm, links = self.cost_model, self.links
+        busy_before = dict(links.busy)
+        for copy in plan.prologue:
+            links.issue(copy, start)
+        t, computes, stalls = start, [], []
+        for layer in range(cm.model.num_layers):
+            step = plan.step(layer)
+            for copy in step.issue:
+                links.issue(copy, t)
+            begin = max([t] + [links.completion(op) for op in step.wait])
+            links.advance(begin)
+            took = cm.layer_time(plan.shape, copy_bandwidth=sum(links.rates().values()))
+            stalls.append(begin - t)
+            computes.append(took)
+            t = begin + took
+            for copy in step.evict:
+                links.issue(copy, t)
+        head = cm.head_time(plan.shape)
+        links.advance(t + head)  # link busy time is counted up to the end of the iteration it falls in
+        copies = list(plan.copies())
+        return IterationStats(plan.iteration, start, t + head, sum(computes) + head, sum(stalls),
+                              sum(c.nbytes for c in copies if c.direction == H2D),
+                              sum(c.nbytes for c in copies if c.direction == D2H),
+                              links.busy[H2D] - busy_before[H2D], links.busy[D2H] - busy_before[D2H],
+                              tuple(computes), tuple(stalls))
