@@ -61,12 +61,12 @@ def copy_bandwidth(model, spec, device, total_bytes):
                            cpu_mem_bytes=blocks * block_layer * spec.num_layers, share=0.5)
     executor = Executor(model, config, device, 2)
     blocks = min(blocks, config.num_cpu_blocks)
-    copy = Copy(0, H2D, LAYER_KV, 0, tuple((b, b) for b in range(blocks)), blocks * block_layer, 1)
-    executor.copier.issue(copy, executor._work(copy, 2))  # warm-up
+    copy = Copy(0, H2D, LAYER_KV, 0, tuple((b, b) for b in range(blocks)), blocks * block_layer, 1, (), 0)
+    executor.copier.issue(copy, executor._work(copy))  # warm-up
     executor.copier.wait([0])
     start = time.perf_counter()
     copy = dataclasses.replace(copy, op_id=1)
-    executor.copier.issue(copy, executor._work(copy, 2))
+    executor.copier.issue(copy, executor._work(copy))
     executor.copier.wait([1])
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -61,11 +61,11 @@ class Executor:
         self.copier = CudaCopier(device) if cuda else CpuCopier()
         self.clock = _CudaClock() if cuda else _HostClock()
 
-    def _work(self, copy: Copy, ring: int):
+    def _work(self, copy: Copy):
         """The tensor copies that carry out `copy`, one call per run (per block and layer for vLLM's swap)."""
         kv, non_blocking = self.kv, self.device.type == "cuda"
         if copy.kind == LAYER_KV:
-            staging, cpu = kv.staging[copy.layer % ring], kv.cpu[copy.layer]
+            staging, cpu = kv.staging[copy.staging], kv.cpu[copy.layer]
             src, dst = (cpu, staging) if copy.direction == H2D else (staging, cpu)
             jobs = [(dst[d:d + n], src[s:s + n]) for s, d, n in runs(copy.pairs)]
         elif copy.kind == BLOCK_KV:
@@ -79,9 +79,9 @@ class Executor:
                 target.copy_(source, non_blocking=non_blocking)
         return work
 
-    def _issue(self, copies, ring: int) -> None:
+    def _issue(self, copies) -> None:
         for copy in copies:
-            self.copier.issue(copy, self._work(copy, ring))
+            self.copier.issue(copy, self._work(copy))
 
     @torch.inference_mode()
     def execute(self, plan: Plan, token_ids: list[list[int]], run_start: float):
@@ -92,17 +92,17 @@ class Executor:
         ids = torch.tensor([t for seq in token_ids for t in seq], device=self.device)
         marks = []
         begin = self.clock.mark()
-        self._issue(plan.prologue, plan.ring)
+        self._issue(plan.prologue)
         h = self.model.embed(ids, layout.positions)
         for layer, block in enumerate(self.model.layers):
             step = plan.step(layer)
-            self._issue(step.issue, plan.ring)
+            self._issue(step.issue)
             before = self.clock.mark()
             self.copier.wait(step.wait)
             after = self.clock.mark()
             h = block(h, layout.positions, lambda q, k, v, layer=layer: paged_attend(layout, layer, q, k, v))
             marks.append((before, after, self.clock.mark()))
-            self._issue(step.evict, plan.ring)
+            self._issue(step.evict)
         logits = self.model.logits(h[layout.sample_tokens])
         sampled = logits.argmax(dim=-1).tolist()  # synchronizes the compute stream
         end = self.clock.mark()

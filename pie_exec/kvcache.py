@@ -3,9 +3,10 @@ pie_policy's block tables and plans.
 
 Every pool holds blocks of shape [2, block_size, kv_heads, head_dim] (K then V), one tensor per tier with
 the layer first: GPU pool [L, G, ...], CPU pool [L, C, ...] (pinned on CUDA, so copies are asynchronous),
-staging [ring, C, ...] for one layer of the batch's CPU blocks per slot. A sequence's block on the GPU is
-read in place; a block on the CPU is read from the staging slot of the layer, where the plan's prefetch
-put it, and new tokens written there go back to the CPU by the plan's write-back.
+staging [slots, C, ...], each slot mirroring one layer of the CPU pool (a block keeps its CPU slot as its
+row). A sequence's block on the GPU is read in place; a block on the CPU is read from the staging slot
+the plan names for the layer, where the plan's prefetch put it, and new tokens written there go back to
+the CPU by the plan's write-back.
 """
 from __future__ import annotations
 
@@ -35,19 +36,17 @@ class BatchLayout:
 
     def __init__(self, kv: PagedKV, plan: Plan):
         """Indices are built on the host and moved once, so no layer makes the host wait for the device."""
-        self.kv, self.ring = kv, plan.ring
+        self.kv, self.staging_slots = kv, plan.staging_slots
         bs = kv.config.block_size
-        staged = dict(plan.staging)
         num_blocks = max(len(s.blocks) for s in plan.seqs)
         self.batch = len(plan.seqs)
         self.max_new = max(s.new_tokens for s in plan.seqs)
-        # Per sequence and block: the row in the GPU pool or the staging slot, and which of the two.
+        # Per sequence and block: its slot (the row in the GPU pool or the staging slot) and which of the two.
         rows = torch.zeros((self.batch, num_blocks), dtype=torch.long)
         on_cpu = torch.zeros((self.batch, num_blocks), dtype=torch.bool)
         for i, seq in enumerate(plan.seqs):
             for j, block in enumerate(seq.blocks):
-                on_cpu[i, j] = block.tier == CPU
-                rows[i, j] = staged[block.slot] if block.tier == CPU else block.slot
+                on_cpu[i, j], rows[i, j] = block.tier == CPU, block.slot
         # Every new token: its sequence, its index among that sequence's new tokens, its position.
         seq_of = torch.tensor([i for i, s in enumerate(plan.seqs) for _ in range(s.new_tokens)])
         index = torch.tensor([t for s in plan.seqs for t in range(s.new_tokens)])
@@ -75,8 +74,9 @@ class BatchLayout:
         self.token_targets = [(which, t.to(to), token_rows[t].to(to), (positions[t] % bs).to(to))
                               for which, t in ((0, gpu_tokens), (1, cpu_tokens)) if t.numel()]
 
-    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv.gpu[layer], self.kv.staging[layer % self.ring]
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        staging = self.kv.staging[self.staging_slots[layer]] if self.staging_slots else None
+        return self.kv.gpu[layer], staging
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the new tokens' K and V ([T, kv_heads, head_dim]) where their blocks live this layer."""

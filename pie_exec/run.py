@@ -15,7 +15,6 @@ import numpy as np
 from rich.progress import Progress
 
 from pie_policy import Policy, State
-from pie_policy.blocks import CPU, GPU
 from pie_policy.records import RunRecorder
 
 from .engine import Executor
@@ -83,7 +82,7 @@ def check_fits(policy: Policy, prompts: list[Prompt]) -> None:
 def run(executor: Executor, policy: Policy, prompts: list[Prompt], progress: bool = True):
     """Serve `prompts` to the end; returns (requests, generated token ids per request, recorder, wall s)."""
     check_fits(policy, prompts)
-    recorder = RunRecorder(policy.config.block_bytes)
+    recorder = RunRecorder()
     tokens = {i: list(p.token_ids) for i, p in enumerate(prompts)}
     requests, waiting = [], list(enumerate(prompts))
     start = time.perf_counter()
@@ -103,8 +102,7 @@ def run(executor: Executor, policy: Policy, prompts: list[Prompt], progress: boo
             for seq, token in zip([s for s in plan.seqs if s.samples], sampled):
                 tokens[seq.request_id].append(token)
             finished = policy.observe(plan, stats)
-            used = policy.tables.pools
-            recorder.iteration(plan, stats, used[GPU].num_used, used[CPU].num_used, policy.cpu_share)
+            recorder.iteration(plan, stats, policy)
             bar.advance(task, len(finished))
     wall = time.perf_counter() - start
     assert all(r.state is State.FINISHED for r in requests)

@@ -4,8 +4,11 @@ The controller owns one number, `share`: the most the CPU may hold of the sequen
 each iteration it reads the stats (compute time C, stall time S spent waiting on copies):
 
 - **Back off when the GPU waited** (S > tolerance · C). Transfer time grows with the CPU-resident bytes,
-  so the largest share whose copies hide under compute is about share · C / (C + S); the controller
-  jumps there, `margin` lower, and halves its growth step.
+  so the largest share whose copies hide under compute is about in_use · C / (C + S), where in_use is
+  the share of the KV actually on the CPU; the controller sets its share there, `margin` lower, and
+  halves its growth step. Blocks already on the CPU stay there until their sequences finish, so while
+  in_use is still above the share (an earlier cut has not taken effect) it does not cut again: cutting
+  on every stalled iteration of that lag would drive the share to zero.
 - **Grow while the GPU does not wait**, but only when the share limited the batch this iteration
   (`limited`: the scheduler wanted a block the share refused): share += step, up to `max_share`. After
   `patience` stall-free growth steps in a row the step doubles again (up to `max_step`), so a link that
@@ -49,12 +52,13 @@ class ExpansionController:
             raise ConfigError("tolerance and margin must be >= 0 (margin < 1), patience >= 1")
         self.share = min(self.share, self.max_share)
 
-    def observe(self, stats: IterationStats, limited: bool) -> float:
-        """Update and return the share after one iteration."""
+    def observe(self, stats: IterationStats, limited: bool, in_use: float) -> float:
+        """Update and return the share after one iteration; `in_use` is the share of KV on the CPU now."""
         compute, stall = stats.compute_s, stats.stall_s
         if compute > 0 and stall > self.tolerance * compute:
-            self.share *= compute / (compute + stall) * (1 - self.margin)
-            self.step = max(self.min_step, self.step / 2)
+            if in_use <= self.share + 1e-12:
+                self.share = in_use * compute / (compute + stall) * (1 - self.margin)
+                self.step = max(self.min_step, self.step / 2)
             self._calm = 0
         elif limited and self.share < self.max_share:
             self.share = min(self.max_share, self.share + self.step)

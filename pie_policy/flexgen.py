@@ -45,6 +45,13 @@ class FlexGenPolicy:
     def cpu_share(self) -> float:
         return 1.0 - self.placement.cg
 
+    @property
+    def kv_bytes(self) -> tuple[int, int]:
+        """The block's KV cache, split by the placement's cg."""
+        tokens = sum(r.computed for r in self.block)
+        total = tokens * self.model.kv_bytes_per_token
+        return round(self.placement.cg * total), round((1 - self.placement.cg) * total)
+
     def next_iteration(self) -> Plan | None:
         if not self.block:
             if not self.waiting:

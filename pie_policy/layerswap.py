@@ -1,22 +1,24 @@
 """FIFO layer swapping (Pie's performance-transparent swapping).
 
 Each CPU-resident KV block of the batch is needed on the GPU once per layer. The GPU keeps a staging
-area of `depth + 1` slots, each holding one layer's worth of the batch's CPU blocks (at most `capacity`
-blocks). Layer l stages into slot l % (depth + 1), and the copies go in this order:
+area of `depth + 1` slots, each a mirror of one layer of the CPU pool (a block keeps its CPU slot number
+as its row, so at most `capacity` = CPU-pool blocks a slot). Layers take staging slots in turn, counting
+on across iterations (layer l of the k-th plan uses slot (k·L + l) mod (depth + 1)), and copies go:
 
-    before layer 0           prefetch layers 0 … depth-1                      (the prologue)
-    when layer l is reached  prefetch layer l + depth, then wait for layer l's prefetch
-    after layer l computes   write layer l's staged blocks back to the CPU pool (evict)
+    when layer l is reached   prefetch layer l + depth (for l + depth >= L: layer l + depth - L of the
+                              next iteration, for this batch's CPU blocks), then wait for layer l's
+    after layer l computes    write layer l's staged blocks back to the CPU pool (evict)
+    before layer 0            prefetch, for layers 0 … depth-1, the CPU blocks the previous plan did not
+                              already prefetch for them (new blocks, new sequences: the prologue)
 
-Slots are reused first-in first-out: the prefetch of layer l + depth lands in the slot layer l - 1 just
-left, so it is ordered after that slot's write-back (possibly one from the previous iteration). With
-`dirty_only`, only blocks this iteration wrote into (its new tokens) are written back — the CPU copy of
-every other block is still valid. Blocks consecutive in both CPU slot and staging position go in one call.
+Slots are reused first-in first-out: a prefetch lands in the slot the layer before the reaching one just
+left, so it is ordered after that slot's last write-back. With `dirty_only`, only blocks this iteration
+wrote into (its new tokens) are written back — the CPU copy of every other block is still valid.
+Blocks with consecutive CPU slots (the allocator hands out the lowest free slot) go in one call.
 """
 from __future__ import annotations
 
 from itertools import count
-
 from typing import Container
 
 from .blocks import CPU
@@ -42,16 +44,27 @@ class FifoLayerSwap:
         self.block_bytes_layer, self.block_size, self.dirty_only = block_bytes_layer, block_size, dirty_only
         self.ring = self.depth + 1
         self._ids = op_ids
+        self._first_layer = 0                  # global index of the next plan's layer 0
         self._last_evict: dict[int, int] = {}  # staging slot → id of the last write-back reading it
+        self._carried: dict[int, tuple[int, frozenset]] = {}  # next plan's layer → (prefetch id, its blocks)
 
     @property
     def staging_bytes(self) -> int:
         """GPU memory the staging area needs: `depth + 1` slots of `capacity` blocks of one layer."""
         return self.ring * self.capacity * self.block_bytes_layer
 
+    def _copy(self, direction: str, layer: int, slots: list[int], staging: int) -> Copy:
+        pairs = tuple((s, s) for s in slots)
+        after = self._last_evict.get(staging) if direction == H2D else None
+        return Copy(next(self._ids), direction, LAYER_KV, layer, pairs, len(slots) * self.block_bytes_layer,
+                    len(runs(pairs)), () if after is None else (after,), staging)
+
     def plan(self, seqs: tuple[SeqWork, ...], cpu_holders: Container[int]):
-        """(prologue, per-layer steps, staging positions) for a batch; all empty when nothing is on the CPU.
-        Only sequences in `cpu_holders` (those with CPU blocks) are scanned."""
+        """(prologue, per-layer steps, staging slot per layer) for a batch; all empty when nothing is on
+        the CPU. Only sequences in `cpu_holders` (those with CPU blocks) are scanned."""
+        L, depth = self.num_layers, self.depth
+        base, carried = self._first_layer, self._carried
+        self._first_layer, self._carried = base + L, {}
         cpu_slots, dirty = [], set()
         for seq in seqs:
             if seq.request_id not in cpu_holders:
@@ -65,31 +78,30 @@ class FifoLayerSwap:
                         dirty.add(block.slot)
         if not cpu_slots:
             return (), (), ()
-        if len(cpu_slots) > self.capacity:
-            raise RuntimeError(f"{len(cpu_slots)} CPU blocks in the batch exceed the staging capacity {self.capacity}")
-        positions = {slot: p for p, slot in enumerate(cpu_slots)}
-        fetch_pairs = tuple((s, positions[s]) for s in cpu_slots)
-        fetch_calls = len(runs(fetch_pairs))
+        cpu_slots.sort()
+        wanted = frozenset(cpu_slots)
         written = [s for s in cpu_slots if s in dirty] if self.dirty_only else cpu_slots
-        evict_pairs = tuple((positions[s], s) for s in written)
+        slot = [(base + layer) % self.ring for layer in range(L + depth)]
 
-        def prefetch(layer: int) -> Copy:
-            after = self._last_evict.get(layer % self.ring)
-            return Copy(next(self._ids), H2D, LAYER_KV, layer, fetch_pairs,
-                        len(cpu_slots) * self.block_bytes_layer, fetch_calls, () if after is None else (after,))
-
-        fetched = {layer: prefetch(layer) for layer in range(self.depth)}
+        prologue, waits = [], {}
+        for layer in range(depth):
+            op, staged = carried.get(layer, (None, frozenset()))
+            waits[layer] = (op,) if staged & wanted else ()
+            missing = sorted(wanted - staged)
+            if missing:
+                prologue.append(self._copy(H2D, layer, missing, slot[layer]))
+                waits[layer] += (prologue[-1].op_id,)
         steps = []
-        for layer in range(self.num_layers):
-            issue = ()
-            if layer + self.depth < self.num_layers:
-                fetched[layer + self.depth] = prefetch(layer + self.depth)
-                issue = (fetched[layer + self.depth],)
+        for layer in range(L):
+            ahead = layer + depth
+            fetch = self._copy(H2D, ahead % L, cpu_slots, slot[ahead])
+            if ahead < L:
+                waits[ahead] = (fetch.op_id,)
+            else:
+                self._carried[ahead - L] = (fetch.op_id, wanted)
             evict = ()
             if written:
-                evict = (Copy(next(self._ids), D2H, LAYER_KV, layer, evict_pairs,
-                              len(written) * self.block_bytes_layer, len(runs(evict_pairs))),)
-                self._last_evict[layer % self.ring] = evict[0].op_id
-            steps.append(LayerStep(issue=issue, wait=(fetched[layer].op_id,), evict=evict))
-        prologue = tuple(fetched[layer] for layer in range(self.depth))
-        return prologue, tuple(steps), tuple(positions.items())
+                evict = (self._copy(D2H, layer, written, slot[layer]),)
+                self._last_evict[slot[layer]] = evict[0].op_id
+            steps.append(LayerStep(issue=(fetch,), wait=waits[layer], evict=evict))
+        return tuple(prologue), tuple(steps), tuple(slot[:L])

@@ -3,7 +3,9 @@
 A plan is one iteration: the sequences and how many tokens each computes, and for every layer the
 copies to issue when the layer is reached, the copies that must be complete before it computes, and the
 copies to issue once it has computed. Copy ids are unique over a run, so a copy may wait on one issued
-in an earlier iteration (a staging slot's previous occupant). Times are seconds, sizes bytes.
+in an earlier iteration (a staging slot's previous occupant), and a layer may wait on a prefetch the
+previous plan issued for it. Copies of one direction complete in issue order (one stream each), which
+the ordering of write-backs and prefetches relies on. Times are seconds, sizes bytes.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from dataclasses import dataclass
 from hwmodels import BatchShape
 
 H2D, D2H = "h2d", "d2h"
-# What a copy moves. A layer-KV copy moves one layer of some blocks between the CPU pool and the GPU
-# staging area (pairs: CPU slot ↔ staging position); a block-KV copy moves whole blocks (all layers)
+# What a copy moves. A layer-KV copy moves one layer of some blocks between the CPU pool and a GPU
+# staging slot, where a block keeps its CPU slot number as its row (pairs: CPU slot ↔ the same row);
+# a block-KV copy moves whole blocks (all layers)
 # between the GPU and CPU pools (pairs: source slot → destination slot); weights and activations
 # (FlexGen) carry bytes only.
 LAYER_KV, BLOCK_KV, WEIGHTS, ACTIVATIONS = "layer-kv", "block-kv", "weights", "activations"
@@ -29,6 +32,7 @@ class Copy:
     nbytes: int
     calls: int                           # transfer calls, each paying the link's fixed latency
     after: tuple[int, ...] = ()          # copies that must complete before this one starts
+    staging: int | None = None           # LAYER_KV: the staging slot it fills or empties
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,7 @@ class Plan:
     shape: BatchShape
     prologue: tuple[Copy, ...] = ()      # issued before layer 0 (whole-block swaps, first prefetches)
     layers: tuple[LayerStep, ...] = ()   # one per layer, or empty when no layer has copies
-    staging: tuple[tuple[int, int], ...] = ()  # (CPU slot, staging position) of this iteration's CPU blocks
-    ring: int = 1                        # staging slots; layer l stages into slot l % ring
+    staging_slots: tuple[int, ...] = ()  # per layer, the staging slot its CPU blocks are read from
 
     def step(self, layer: int) -> LayerStep:
         return self.layers[layer] if self.layers else NO_OPS

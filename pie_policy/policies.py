@@ -75,6 +75,12 @@ class Policy:
         gpu, cpu = self.tables.pools[GPU].num_used, self.tables.pools[CPU].num_used
         return cpu / (gpu + cpu) if self.swapper and gpu + cpu else 0.0
 
+    @property
+    def kv_bytes(self) -> tuple[int, int]:
+        """KV bytes held on the GPU and in CPU memory (live or swapped)."""
+        pools, block = self.tables.pools, self.config.block_bytes
+        return pools[GPU].num_used * block, pools[CPU].num_used * block
+
     # ---- iterations
     def next_iteration(self) -> Plan | None:
         schedule = self.scheduler.schedule()
@@ -91,8 +97,7 @@ class Policy:
             layers = layers or tuple(LayerStep() for _ in range(self.config.num_layers))
             first = layers[0]
             layers = (LayerStep(first.issue, first.wait + tuple(c.op_id for c in swaps), first.evict),) + layers[1:]
-        plan = Plan(next(self._iteration), seqs, shape, swaps + prologue, layers, staging,
-                    self.swapper.ring if self.swapper else 1)
+        plan = Plan(next(self._iteration), seqs, shape, swaps + prologue, layers, staging)
         self._pending[plan.iteration] = schedule
         return plan
 
@@ -109,5 +114,5 @@ class Policy:
         """Account for an executed plan; returns the requests that finished in it."""
         schedule = self._pending.pop(plan.iteration)
         if self.controller is not None:
-            self.controller.observe(stats, schedule.limited)
+            self.controller.observe(stats, schedule.limited, self.cpu_share)
         return self.scheduler.complete(schedule, stats.end_s)

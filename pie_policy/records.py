@@ -45,15 +45,15 @@ def request_row(r: Request) -> dict:
 class RunRecorder:
     """Collects one record per iteration and the requests; writes the three files."""
 
-    def __init__(self, block_bytes: int):
-        self.block_bytes = block_bytes
+    def __init__(self):
         self.iterations: list[IterationRecord] = []
 
-    def iteration(self, plan: Plan, stats: IterationStats, gpu_blocks: int, cpu_blocks: int, cpu_share: float):
+    def iteration(self, plan: Plan, stats: IterationStats, policy) -> None:
+        """Record an executed plan with the policy's KV holdings after it."""
+        gpu_kv, cpu_kv = policy.kv_bytes
         self.iterations.append(IterationRecord(
             stats.start_s, stats.end_s, len(plan.seqs), plan.shape.prefill_tokens, plan.shape.decode_tokens,
-            stats.compute_s, stats.stall_s, stats.bytes_h2d, stats.bytes_d2h,
-            gpu_blocks * self.block_bytes, cpu_blocks * self.block_bytes, cpu_share))
+            stats.compute_s, stats.stall_s, stats.bytes_h2d, stats.bytes_d2h, gpu_kv, cpu_kv, policy.cpu_share))
 
     def summary(self, requests: list[Request], wall_s: float, **context) -> dict:
         done = [r for r in requests if r.state is State.FINISHED]

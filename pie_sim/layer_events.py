@@ -18,9 +18,9 @@ from .links import byte_rates, stream_of
 
 
 class LayerEvents:
-    def __init__(self, cost_model: CostModel):
+    def __init__(self, cost_model: CostModel, env: simpy.Environment | None = None):
         self.cm, self.hw = cost_model, cost_model.hw
-        self.env = simpy.Environment()
+        self.env = env or simpy.Environment()
         self.done: dict[int, simpy.Event] = {}
         self.moving: dict[str, str] = {}          # stream → direction moving bytes
         self.engines: dict[str, tuple[simpy.Store, simpy.Process]] = {}
@@ -64,19 +64,23 @@ class LayerEvents:
 
     def run(self, plan: Plan, start: float) -> IterationStats:
         """Run one plan from `start` (the clock only moves forward) and return its stats."""
-        result = {}
-        self.env.process(self._gpu(plan, start, result))
-        while "stats" not in result:
+        process = self.env.process(self._wait_then(start, plan))
+        while not process.processed:
             self.env.step()
-        return result["stats"]
+        return process.value
+
+    def _wait_then(self, start: float, plan: Plan):
+        yield self.env.timeout(start - self.env.now)
+        return (yield from self.iteration(plan))
 
     def drain(self) -> None:
         """Let every copy still in flight finish."""
         self.env.run()
 
-    def _gpu(self, plan: Plan, start: float, result: dict):
+    def iteration(self, plan: Plan):
+        """SimPy process body: run the plan from now; its value is the iteration's stats."""
         env, cm = self.env, self.cm
-        yield env.timeout(start - env.now)
+        start = env.now
         busy_before = dict(self.busy)
         for copy in plan.prologue:
             self._issue(copy)
@@ -97,7 +101,7 @@ class LayerEvents:
         head = cm.head_time(plan.shape)
         yield env.timeout(head)
         copies = list(plan.copies())
-        result["stats"] = IterationStats(
+        return IterationStats(
             plan.iteration, start, env.now, sum(computes) + head, sum(stalls),
             sum(c.nbytes for c in copies if c.direction == H2D), sum(c.nbytes for c in copies if c.direction == D2H),
             self.busy[H2D] - busy_before[H2D], self.busy[D2H] - busy_before[D2H], tuple(computes), tuple(stalls))

@@ -1,4 +1,5 @@
-"""The host↔GPU copy engines as a fluid model, advanced exactly from event to event.
+"""The host↔GPU copy engines, exactly: a closed form when rates never change, else a fluid model advanced
+from event to event.
 
 Rules (shared with the SimPy per-layer mode in `layer_events.py`, which checks them independently):
 - Streams: one FIFO stream per direction when the link has two or more copy engines, else one stream
@@ -8,6 +9,10 @@ Rules (shared with the SimPy per-layer mode in `layer_events.py`, which checks t
   moves its bytes.
 - A direction moves bytes at its own bandwidth; while both directions move bytes at once, each runs at
   its bandwidth · min(1, bidirectional / (h2d + d2h)). Rates change only when a transfer starts or ends.
+
+When the cap covers both directions at full speed (NVLink-C2C), or one stream serves both, no rate ever
+changes and a copy's start and end follow from its issue: `FixedRateLinks`, O(1) a copy. Otherwise
+(PCIe hosts) `FluidLinks` steps through the events. `links_for` picks.
 """
 from __future__ import annotations
 
@@ -39,11 +44,56 @@ class _Active:
     remaining: float     # bytes still to move
 
 
-class Links:
+def links_for(hw: HardwareSpec):
+    link = hw.link
+    fixed = link.copy_engines < 2 or link.bidirectional_bandwidth >= link.h2d_bandwidth + link.d2h_bandwidth
+    return FixedRateLinks(hw) if fixed else FluidLinks(hw)
+
+
+class FixedRateLinks:
+    """Start = max(issue, the stream's previous end, the ends of the copies it is `after`);
+    end = start + calls · latency + bytes / bandwidth."""
+
+    def __init__(self, hw: HardwareSpec):
+        self.hw, self.now = hw, 0.0
+        self.free: dict[str, float] = {}                 # stream → when its last copy ends
+        self.started: dict[int, float] = {}
+        self.done: dict[int, float] = {}
+        self.busy = {H2D: 0.0, D2H: 0.0}
+        self.windows: dict[str, deque] = {}              # stream → (bytes start, end, direction), by time
+        self.bandwidth = {H2D: hw.link.h2d_bandwidth, D2H: hw.link.d2h_bandwidth}
+
+    def issue(self, copy: Copy, at: float) -> None:
+        stream = stream_of(self.hw, copy)
+        start = max([at, self.free.get(stream, 0.0)] + [self.done[op] for op in copy.after])
+        moving = start + copy.calls * self.hw.link.transfer_latency
+        end = moving + copy.nbytes / self.bandwidth[copy.direction]
+        self.started[copy.op_id], self.done[copy.op_id], self.free[stream] = start, end, end
+        self.busy[copy.direction] += end - start
+        self.windows.setdefault(stream, deque()).append((moving, end, copy.direction))
+
+    def completion(self, op_id: int) -> float:
+        return self.done[op_id]
+
+    def advance(self, until: float) -> None:
+        self.now = max(self.now, until)
+        for window in self.windows.values():
+            while window and window[0][1] <= self.now:
+                window.popleft()
+
+    def rates(self) -> dict[str, float]:
+        return {w[0][2]: self.bandwidth[w[0][2]] for w in self.windows.values() if w and w[0][0] <= self.now}
+
+    def drain(self) -> None:
+        """Nothing to do: every copy's times are known when it is issued."""
+
+
+class FluidLinks:
     def __init__(self, hw: HardwareSpec):
         self.hw, self.now = hw, 0.0
         self.queues: dict[str, deque[tuple[float, Copy]]] = {}
         self.active: dict[str, _Active] = {}
+        self.started: dict[int, float] = {}   # op id → start time
         self.done: dict[int, float] = {}      # op id → completion time
         self.busy = {H2D: 0.0, D2H: 0.0}      # seconds each direction spent on copies (setup + bytes)
 
@@ -88,6 +138,7 @@ class Links:
                 at, copy = queue[0]
                 if at <= self.now + EPSILON and all(op in self.done for op in copy.after):
                     queue.popleft()
+                    self.started[copy.op_id] = self.now
                     latency = copy.calls * self.hw.link.transfer_latency
                     self.active[stream] = _Active(copy, self.now + latency, float(copy.nbytes))
                     started = True

@@ -5,22 +5,36 @@ its `issue` copies are issued then; it starts once its `wait` copies are complet
 stall); it computes for `CostModel.layer_time` of the batch, with the bytes/s the copies are moving at its
 start charged against HBM (the link's `compute_contention`); its `evict` copies are issued when it ends.
 The LM head follows the last layer. Copies still in flight carry on into the next iteration.
+
+In a run this is one SimPy event per iteration (`iteration`), however many layers and copies it has.
 """
 from __future__ import annotations
+
+import simpy
 
 from hwmodels import CostModel
 from pie_policy import IterationStats, Plan
 from pie_policy.plan import D2H, H2D
 
-from .links import Links
+from .links import links_for
 
 
 class Timeline:
-    def __init__(self, cost_model: CostModel):
-        self.cost_model, self.links = cost_model, Links(cost_model.hw)
+    def __init__(self, cost_model: CostModel, env: simpy.Environment | None = None, traced_iterations: int = 0):
+        self.cost_model, self.env, self.links = cost_model, env, links_for(cost_model.hw)
+        self.traced_iterations = traced_iterations
+        self.computes: list[tuple[int, int, float, float]] = []  # (iteration, layer, start, seconds), traced only
+        self.traced_copies = []                                  # (iteration, Copy), traced only
+
+    def iteration(self, plan: Plan):
+        """SimPy process body: the whole iteration as one timeout; its value is the stats."""
+        stats = self.run(plan, self.env.now)
+        yield self.env.timeout(stats.end_s - self.env.now)
+        return stats
 
     def run(self, plan: Plan, start: float) -> IterationStats:
         cm, links = self.cost_model, self.links
+        traced = plan.iteration < self.traced_iterations
         busy_before = dict(links.busy)
         for copy in plan.prologue:
             links.issue(copy, start)
@@ -34,12 +48,16 @@ class Timeline:
             took = cm.layer_time(plan.shape, copy_bandwidth=sum(links.rates().values()))
             stalls.append(begin - t)
             computes.append(took)
+            if traced:
+                self.computes.append((plan.iteration, layer, begin, took))
             t = begin + took
             for copy in step.evict:
                 links.issue(copy, t)
         head = cm.head_time(plan.shape)
         links.advance(t + head)  # link busy time is counted up to the end of the iteration it falls in
         copies = list(plan.copies())
+        if traced:
+            self.traced_copies += [(plan.iteration, c) for c in copies]
         return IterationStats(plan.iteration, start, t + head, sum(computes) + head, sum(stalls),
                               sum(c.nbytes for c in copies if c.direction == H2D),
                               sum(c.nbytes for c in copies if c.direction == D2H),

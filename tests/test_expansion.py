@@ -27,7 +27,9 @@ def stall_free_share(bandwidth: float) -> float:
 
 
 def run(controller: ExpansionController, bandwidth: float, iterations: int) -> list[float]:
-    return [controller.observe(plant(controller.share, bandwidth), limited=True) for _ in range(iterations)]
+    # The plant applies the share at once: what is in use is the share.
+    return [controller.observe(plant(controller.share, bandwidth), limited=True, in_use=controller.share)
+            for _ in range(iterations)]
 
 
 def test_settles_at_the_largest_stall_free_share_and_backs_off_when_bandwidth_halves():
@@ -58,15 +60,26 @@ def test_settles_at_the_largest_stall_free_share_and_backs_off_when_bandwidth_ha
 def test_holds_when_the_share_does_not_limit_the_batch():
     controller = ExpansionController(share=0.1)
     calm = IterationStats(0, 0.0, 1.0, 1.0, 0.0, 0, 0, 0, 0)
-    assert controller.observe(calm, limited=False) == 0.1
-    assert controller.observe(calm, limited=True) == pytest.approx(0.12)
+    assert controller.observe(calm, limited=False, in_use=0.1) == 0.1
+    assert controller.observe(calm, limited=True, in_use=0.1) == pytest.approx(0.12)
 
 
 def test_grows_back_faster_after_patience():
     controller = ExpansionController(share=0.0, step=0.01, patience=3)
     calm = IterationStats(0, 0.0, 1.0, 1.0, 0.0, 0, 0, 0, 0)
-    shares = [controller.observe(calm, limited=True) for _ in range(5)]
+    shares = [controller.observe(calm, limited=True, in_use=controller.share) for _ in range(5)]
     assert shares == pytest.approx([0.01, 0.02, 0.03, 0.05, 0.07])
+
+
+def test_waits_for_a_cut_to_take_effect_before_cutting_again():
+    """Stalled iterations while the CPU still holds more than the share (blocks stay until their
+    sequences finish) leave the share alone; the first stall with the share binding cuts it."""
+    controller = ExpansionController(share=0.3)
+    stalled = IterationStats(0, 0.0, 1.0, 1.0, 0.25, 0, 0, 0, 0)   # waited a quarter of compute
+    assert controller.observe(stalled, limited=False, in_use=0.3) == pytest.approx(0.3 / 1.25 * 0.98)
+    cut = controller.share
+    assert controller.observe(stalled, limited=False, in_use=0.3) == cut  # still 0.3 in use: wait
+    assert controller.observe(stalled, limited=False, in_use=cut) == pytest.approx(cut / 1.25 * 0.98)
 
 
 @pytest.mark.parametrize("kwargs, message", [

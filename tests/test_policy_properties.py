@@ -12,7 +12,9 @@ from pie_policy.plan import IterationStats
 MAX_ITERATIONS = 20_000
 
 
-def check_accounting(policy: Policy, plan) -> None:
+def check_accounting(policy: Policy, plan, copies: dict) -> None:
+    """Block accounting after every step; for a plan, its limits and that its layers' CPU blocks are
+    staged. `copies` collects every copy seen, by id (a layer may wait on the previous plan's prefetch)."""
     c, tables = policy.config, policy.tables
     owned = [block for table in tables.tables.values() for block in table]
     assert len(owned) == len(set(owned)), "a block is owned twice"
@@ -29,24 +31,30 @@ def check_accounting(policy: Policy, plan) -> None:
         assert len({s.request_id for s in plan.seqs}) == len(plan.seqs)
         for s in plan.seqs:
             assert len(s.blocks) == c.blocks_for(s.cached_tokens + s.new_tokens)
-        cpu_in_batch = sorted(b.slot for s in plan.seqs for b in s.blocks if b.tier == CPU)
-        if policy.swapper:  # live CPU blocks: all staged, within the staging area
-            assert cpu_in_batch == sorted(slot for slot, _ in plan.staging)
-            assert len(cpu_in_batch) <= policy.swapper.capacity
-        else:
-            assert cpu_in_batch == [], "a GPU-only policy computes on a CPU block"
+        cpu_in_batch = {b.slot for s in plan.seqs for b in s.blocks if b.tier == CPU}
+        if not policy.swapper:
+            assert not cpu_in_batch, "a GPU-only policy computes on a CPU block"
+        elif cpu_in_batch:  # every layer awaits prefetches (this plan's or the last one's) of all its CPU blocks
+            copies.update((c.op_id, c) for c in plan.copies())
+            for layer in range(c.num_layers):
+                awaited = [copies[op] for op in plan.step(layer).wait]
+                staged = {src for copy in awaited for src, _ in copy.pairs}
+                assert cpu_in_batch <= staged and all(copy.layer == layer for copy in awaited)
+                assert {copy.staging for copy in awaited} == {plan.staging_slots[layer]}
+            assert max(cpu_in_batch) < policy.swapper.capacity
 
 
 def drive(policy: Policy, workload: list[tuple[float, int, int]]):
     """Feed arrivals, run plans to completion; returns the requests and whether the CPU held blocks."""
     requests, pending, now, iterations, cpu_used = [], list(enumerate(workload)), 0.0, 0, False
     history: dict[int, int] = {}
+    copies: dict = {}
     while pending or policy.has_work:
         while pending and pending[0][1][0] <= now:
             i, (arrival, prompt, output) = pending.pop(0)
             requests.append(policy.add_request(i, arrival, prompt, output))
         plan = policy.next_iteration()
-        check_accounting(policy, plan)
+        check_accounting(policy, plan, copies)
         if plan is None:
             if not pending:
                 assert not policy.has_work, "work is left but nothing can run and nothing will arrive"
@@ -58,7 +66,7 @@ def drive(policy: Policy, workload: list[tuple[float, int, int]]):
         now += 1.0
         iterations += 1
         assert iterations < MAX_ITERATIONS, "no progress"
-        check_accounting(policy, None)
+        check_accounting(policy, None, copies)
         cpu_used = cpu_used or policy.tables.pools[CPU].num_used > 0
         for r in finished:
             assert r.state is State.FINISHED and r.finish_s == now

@@ -68,10 +68,13 @@ def test_copies_of_one_direction_queue_in_issue_order(sim):
     assert stats.layer_stall_s[0] == pytest.approx(2 * (LATENCY + 10e-6), rel=1e-9)
 
 
-def test_recurrence_and_simpy_agree_on_real_plans():
-    """pie and vllm-swap under pressure on a PCIe host (the bidirectional cap binds): every iteration's
-    times, stalls and bytes agree between the two models."""
-    cm = CostModel(load_hardware("h100-pcie5"), load_model("opt-1.3b"))
+@pytest.mark.parametrize("hw, links", [("h100-pcie5", "FluidLinks"), ("gh200-96g", "FixedRateLinks")])
+def test_recurrence_and_simpy_agree_on_real_plans(hw, links):
+    """pie, static and vllm-swap under pressure, on a PCIe host (the bidirectional cap binds: fluid links)
+    and on GH200 (it does not: closed-form links): every iteration's times, stalls and bytes agree with
+    the SimPy per-layer model."""
+    cm = CostModel(load_hardware(hw), load_model("opt-1.3b"))
+    assert type(Timeline(cm).links).__name__ == links
     rng = random.Random(3)
     for name in ("pie", "vllm-swap", "static"):
         policies = [build_policy(name, cm, cpu_mem_bytes=8 * 1024**3, gpu_mem_util=0.05, share=0.5,

@@ -1,0 +1,79 @@
+"""A simulated run: requests arrive (a SimPy process) while the engine loop (another) plans iterations
+with the policy and executes them on the timeline, until every request has finished or been rejected."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pandas as pd
+import simpy
+
+from hwmodels import CostModel
+from pie_policy import Request, State
+from pie_policy.records import RunRecorder
+
+from .layer_events import LayerEvents
+from .timeline import Timeline
+
+
+class CountingEnvironment(simpy.Environment):
+    """Counts the events it schedules (for the events/s figure)."""
+    scheduled = 0
+
+    def schedule(self, event, priority=simpy.core.NORMAL, delay=0):
+        self.scheduled += 1
+        super().schedule(event, priority, delay)
+
+
+@dataclass
+class SimResult:
+    requests: list[Request]
+    recorder: RunRecorder
+    timeline: Timeline | None   # the recurrence backend, for its trace (None in per-layer mode)
+    events: int                 # SimPy events processed
+    wall_s: float
+
+
+def simulate(policy, cost_model: CostModel, workload: pd.DataFrame, *, layer_events: bool = False,
+             traced_iterations: int = 0, on_finish: Callable[[int], None] | None = None) -> SimResult:
+    """Serve `workload` (request_id, arrival_s, prompt_tokens, output_tokens) with `policy`."""
+    started = time.perf_counter()
+    env = CountingEnvironment()
+    backend = LayerEvents(cost_model, env) if layer_events else Timeline(cost_model, env, traced_iterations)
+    recorder, requests = RunRecorder(), []
+    wake = [env.event()]
+    rows = list(zip(workload.request_id.tolist(), workload.arrival_s.tolist(),
+                    workload.prompt_tokens.tolist(), workload.output_tokens.tolist()))
+
+    def arrivals():
+        for request_id, arrival, prompt, output in rows:
+            yield env.timeout(arrival - env.now)
+            requests.append(policy.add_request(request_id, arrival, prompt, output))
+            if not wake[0].triggered:
+                wake[0].succeed()
+
+    def engine(arriving: simpy.Process):
+        while True:
+            plan = policy.next_iteration()
+            if plan is None:
+                if not arriving.is_alive:
+                    if policy.has_work:
+                        raise RuntimeError(f"{policy.name}: requests are waiting but none can run")
+                    return
+                wake[0] = env.event()
+                yield wake[0] | arriving
+                continue
+            stats = yield from backend.iteration(plan)
+            finished = policy.observe(plan, stats)
+            recorder.iteration(plan, stats, policy)
+            if on_finish and finished:
+                on_finish(len(finished))
+
+    arriving = env.process(arrivals())
+    env.run(until=env.process(engine(arriving)))
+    unfinished = [r for r in requests if r.state not in (State.FINISHED, State.REJECTED)]
+    if unfinished or len(requests) != len(rows):
+        raise RuntimeError(f"{policy.name}: {len(unfinished)} requests never finished")
+    return SimResult(requests, recorder, backend if isinstance(backend, Timeline) else None, env.scheduled,
+                     time.perf_counter() - started)
