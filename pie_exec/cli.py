@@ -11,7 +11,7 @@ from rich.console import Console
 
 from hwmodels import CatalogError, hardware_names, load_hardware, load_model
 from pie_policy import POLICIES, ConfigError
-from pie_policy.sizing import DEFAULT_SHARE, engine_config, make_policy
+from pie_policy.sizing import DEFAULT_SHARE, add_engine_arguments, engine_config, engine_settings, make_policy
 from traces import TraceError, load_workload
 
 from .engine import Executor
@@ -57,8 +57,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
         prompts = trace_prompts(workload, spec.vocab_size, args.seed)
     share = args.share if args.share is not None else DEFAULT_SHARE.get(args.policy, 0.0)
     config = engine_config(spec, args.policy, int(args.gpu_kv_gb * GiB), cpu_mem_bytes=int(args.cpu_kv_gb * GiB),
-                           share=share, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                           chunked_prefill=args.chunked_prefill, prefetch_depth=args.prefetch_depth)
+                           share=share, **engine_settings(args))
     policy = make_policy(args.policy, config, share)
     executor = Executor(model, config, device, policy.swapper.ring if policy.swapper else 1)
     try:
@@ -92,12 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of re-timed gaps")
     p.add_argument("--gpu-kv-gb", type=float, default=0.25, help="GPU KV pool (with the staging area), GiB")
     p.add_argument("--cpu-kv-gb", type=float, default=1.0, help="CPU KV pool, GiB")
-    p.add_argument("--share", type=float, help="static: CPU share; pie: largest CPU share")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--chunked-prefill", action="store_true")
-    p.add_argument("--prefetch-depth", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    add_engine_arguments(p)
     p.add_argument("--out", required=True, help="folder for requests.csv, iterations.csv, summary.json, tokens.jsonl")
     p.set_defaults(run=cmd_run)
     return parser

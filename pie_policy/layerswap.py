@@ -53,11 +53,16 @@ class FifoLayerSwap:
         """GPU memory the staging area needs: `depth + 1` slots of `capacity` blocks of one layer."""
         return self.ring * self.capacity * self.block_bytes_layer
 
-    def _copy(self, direction: str, layer: int, slots: list[int], staging: int) -> Copy:
+    def _copies(self, direction: str, slots: list[int]):
+        """A maker of this plan's copies of `slots` (pairs and calls worked out once, not per layer)."""
         pairs = tuple((s, s) for s in slots)
-        after = self._last_evict.get(staging) if direction == H2D else None
-        return Copy(next(self._ids), direction, LAYER_KV, layer, pairs, len(slots) * self.block_bytes_layer,
-                    len(runs(pairs)), () if after is None else (after,), staging)
+        nbytes, calls = len(slots) * self.block_bytes_layer, len(runs(pairs))
+
+        def make(layer: int, staging: int) -> Copy:
+            after = self._last_evict.get(staging) if direction == H2D else None
+            return Copy(next(self._ids), direction, LAYER_KV, layer, pairs, nbytes, calls,
+                        () if after is None else (after,), staging)
+        return make
 
     def plan(self, seqs: tuple[SeqWork, ...], cpu_holders: Container[int]):
         """(prologue, per-layer steps, staging slot per layer) for a batch; all empty when nothing is on
@@ -89,19 +94,20 @@ class FifoLayerSwap:
             waits[layer] = (op,) if staged & wanted else ()
             missing = sorted(wanted - staged)
             if missing:
-                prologue.append(self._copy(H2D, layer, missing, slot[layer]))
+                prologue.append(self._copies(H2D, missing)(layer, slot[layer]))
                 waits[layer] += (prologue[-1].op_id,)
+        prefetch, write_back = self._copies(H2D, cpu_slots), self._copies(D2H, written)
         steps = []
         for layer in range(L):
             ahead = layer + depth
-            fetch = self._copy(H2D, ahead % L, cpu_slots, slot[ahead])
+            fetch = prefetch(ahead % L, slot[ahead])
             if ahead < L:
                 waits[ahead] = (fetch.op_id,)
             else:
                 self._carried[ahead - L] = (fetch.op_id, wanted)
             evict = ()
             if written:
-                evict = (self._copy(D2H, layer, written, slot[layer]),)
+                evict = (write_back(layer, slot[layer]),)
                 self._last_evict[slot[layer]] = evict[0].op_id
             steps.append(LayerStep(issue=(fetch,), wait=waits[layer], evict=evict))
         return tuple(prologue), tuple(steps), tuple(slot[:L])

@@ -9,6 +9,8 @@ blocks of one layer, where `C`, the most live CPU blocks, is `share / (1 - share
 """
 from __future__ import annotations
 
+import argparse
+
 from hwmodels import CostModel, ModelSpec
 
 from .config import ConfigError, EngineConfig, check_share
@@ -67,3 +69,19 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
     pool = cost_model.memory_budget(gpu_mem_util, tokens, settings.get("max_num_seqs", 256)).kv_pool_bytes
     config = engine_config(m, name, pool, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
     return make_policy(name, config, share)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine options both command lines take (see `engine_settings`)."""
+    parser.add_argument("--share", type=float, help="static: CPU share (default 0.2); pie: largest share (default 0.5)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--chunked-prefill", action="store_true")
+    parser.add_argument("--prefetch-depth", type=int, default=1, help="layers prefetched ahead (pie, static)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def engine_settings(args: argparse.Namespace) -> dict:
+    """Keyword arguments for engine_config / build_policy from `add_engine_arguments`' options."""
+    return dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs, chunked_prefill=args.chunked_prefill,
+                prefetch_depth=args.prefetch_depth)

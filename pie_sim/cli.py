@@ -10,11 +10,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hwmodels import CatalogError, CostModel, load_hardware, load_model
-from traces import TraceError, load_trace
+from rich.progress import Progress
 
-from .plots import plot_preview
+from hwmodels import CatalogError, CostModel, load_hardware, load_model
+from pie_policy import ConfigError
+from pie_policy.sizing import ALL_POLICIES, add_engine_arguments, build_policy, engine_settings
+from traces import TraceError, load_trace, load_workload
+
+from .chrome_trace import write_chrome_trace
+from .plots import plot_preview, plot_runs
 from .preview import SHARES, preview_all
+from .simulate import simulate
+
+GiB = 1024**3
 
 DEFAULT_HW = "gh200-96g,h100-pcie5,h200-pcie5,a100-80g-pcie4"
 
@@ -55,6 +63,107 @@ def cmd_preview(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {out / 'preview.csv'} and {out / 'preview.png'}")
 
 
+def _load(rate: float | None) -> str:
+    if rate is None:
+        return " at the trace's times"
+    return " all at once" if rate == float("inf") else f" at {rate:g}/s"
+
+
+def _simulate_policies(args: argparse.Namespace, names: list[str], console: Console) -> dict:
+    """Run each policy on the same requests; write each one's files under --out; returns the summaries."""
+    unknown = [n for n in names if n not in ALL_POLICIES]
+    if unknown:
+        raise ConfigError(f"unknown policy '{unknown[0]}' (known: {', '.join(ALL_POLICIES)})")
+    hw, model = load_hardware(args.hw), load_model(args.model)
+    cm = CostModel(hw, model)
+    # Requests too long for the model stay in: the policy rejects them, with the reason, in requests.csv.
+    workload = load_workload(args.trace, args.num_requests or None, rate=args.rate, cv=args.cv, seed=args.seed)
+    cpu_bytes = int(args.cpu_mem_gb * GiB) if args.cpu_mem_gb is not None else min(240 * GiB, hw.host.memory_bytes)
+    out = Path(args.out)
+    summaries, runs = {}, {}
+    with Progress(console=console, transient=True) as bar:
+        for name in names:
+            policy = build_policy(name, cm, share=args.share, gpu_mem_util=args.gpu_mem_util, cpu_mem_bytes=cpu_bytes,
+                                  mean_prompt=int(workload.prompt_tokens.mean()),
+                                  mean_output=int(workload.output_tokens.mean()), **engine_settings(args))
+            task = bar.add_task(f"{name:9s}", total=len(workload))
+            result = simulate(policy, cm, workload, layer_events=args.layer_events,
+                              traced_iterations=args.trace_iterations,
+                              on_finish=lambda n, task=task: bar.advance(task, n))
+            bar.update(task, visible=False)
+            summary = result.recorder.summary(
+                result.requests, result.wall_s, backend="sim", policy=name, hw=hw.name, model=model.name,
+                trace=str(args.trace), rate=args.rate, seed=args.seed, events=result.events)
+            folder = out / name if len(names) > 1 else out
+            result.recorder.write(folder, result.requests, summary)
+            if result.timeline is not None:
+                write_chrome_trace(result.timeline, folder / "timeline.json")
+            summaries[name] = summary
+            runs[name] = (result.requests, result.recorder.iterations)
+    title = f"{model.name} on {hw.name}, {args.trace}, {len(workload)} requests{_load(args.rate)}"
+    plot_runs(runs, out / "runs.png", title)
+    return summaries
+
+
+SUMMARY_COLUMNS = (("throughput_tok_s", "output tok/s", "{:,.0f}"), ("throughput_req_s", "req/s", "{:.2f}"),
+                   ("normalized_latency_s", "norm. latency s/tok", "{:.4f}"), ("ttft_p99_s", "TTFT p99 s", "{:.2f}"),
+                   ("tpot_mean_s", "TPOT mean s", "{:.4f}"), ("total_stall_s", "stall s", "{:.2f}"),
+                   ("total_bytes_h2d", "H2D GiB", "{:,.1f}"), ("peak_cpu_kv_bytes", "peak CPU KV GiB", "{:.1f}"),
+                   ("rejected", "rejected", "{}"), ("wall_s", "wall s", "{:.1f}"))
+
+
+def _show(summaries: dict, console: Console, title: str) -> None:
+    view = Table(title=title)
+    view.add_column("policy")
+    for _, header, _ in SUMMARY_COLUMNS:
+        view.add_column(header, justify="right")
+    for name, s in summaries.items():
+        cells = []
+        for key, _, fmt in SUMMARY_COLUMNS:
+            value = s[key]
+            if value is not None and key in ("total_bytes_h2d", "peak_cpu_kv_bytes"):
+                value = value / GiB
+            cells.append("-" if value is None else fmt.format(value))
+        view.add_row(name, *cells)
+    console.print(view)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> None:
+    summaries = _simulate_policies(args, [args.policy], console)
+    _show(summaries, console, f"pie-sim run: {args.model} on {args.hw}")
+    console.print(f"wrote {args.out}/requests.csv, iterations.csv, summary.json, timeline.json, runs.png")
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> None:
+    names = _names(args.policies)
+    summaries = _simulate_policies(args, names, console)
+    out = Path(args.out)
+    with open(out / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, sorted({k for s in summaries.values() for k in s}))
+        writer.writeheader()
+        writer.writerows(summaries.values())
+    _show(summaries, console, f"pie-sim compare: {args.model} on {args.hw}, {args.trace}, "
+                              f"{args.num_requests} requests{_load(args.rate)}")
+    console.print(f"wrote {out}/compare.csv, {out}/runs.png and each policy's files in {out}/<policy>/")
+
+
+def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
+    p.add_argument("--hw", default="gh200-96g", help="system name or TOML file")
+    p.add_argument("--model", default="opt-13b", help="model name or TOML file")
+    p.add_argument("--trace", default="sharegpt", help="trace name or CSV/JSONL file")
+    p.add_argument("--num-requests", type=int, default=500, help="requests to take (0: the whole trace)")
+    p.add_argument("--rate", type=float, help="re-time arrivals as Poisson at this rate (req/s; inf: all at 0); "
+                                              "default: the trace's own timestamps")
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of the gaps (Gamma when != 1)")
+    policy_option(p)
+    p.add_argument("--cpu-mem-gb", type=float, help="CPU memory for KV, GiB (default: 240 or the host's memory)")
+    p.add_argument("--gpu-mem-util", type=float, default=0.9)
+    add_engine_arguments(p)
+    p.add_argument("--layer-events", action="store_true",
+                   help="one SimPy event per layer and copy instead of the recurrence (slow; for checking)")
+    p.add_argument("--trace-iterations", type=int, default=3, help="iterations to draw in timeline.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pie-sim", description="Pie's simulator of CPU-pooled LLM inference.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seqs", type=int, default=256, help="most sequences in one batch (vLLM's default)")
     p.add_argument("--out", default="out/preview", help="folder for preview.csv and preview.png")
     p.set_defaults(run=cmd_preview)
+
+    p = commands.add_parser("run", help="simulate one policy on a workload")
+    _workload_options(p, lambda q: q.add_argument("--policy", default="pie", help=", ".join(ALL_POLICIES)))
+    p.add_argument("--out", required=True, help="folder for the run's files")
+    p.set_defaults(run=cmd_run)
+
+    p = commands.add_parser("compare", help="simulate several policies on the same requests")
+    _workload_options(p, lambda q: q.add_argument("--policies", default=",".join(ALL_POLICIES)))
+    p.set_defaults(rate=20.0)
+    p.add_argument("--out", default="out/compare", help="folder for compare.csv, runs.png and per-policy files")
+    p.set_defaults(run=cmd_compare)
     return parser
 
 
@@ -74,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(Console().width, 120))
     try:
         args.run(args, console)
-    except (CatalogError, TraceError, ValueError) as e:
+    except (CatalogError, TraceError, ConfigError, ValueError) as e:
         console.print(f"[red]pie-sim: error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
     return 0

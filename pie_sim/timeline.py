@@ -23,8 +23,10 @@ class Timeline:
     def __init__(self, cost_model: CostModel, env: simpy.Environment | None = None, traced_iterations: int = 0):
         self.cost_model, self.env, self.links = cost_model, env, links_for(cost_model.hw)
         self.traced_iterations = traced_iterations
-        self.computes: list[tuple[int, int, float, float]] = []  # (iteration, layer, start, seconds), traced only
-        self.traced_copies = []                                  # (iteration, Copy), traced only
+        # The first `traced_iterations` iterations, and the first as many that move data: the trace shows the
+        # latter when there are any. computes: (iteration, layer, start, seconds); copies: (iteration, Copy).
+        self.trace = {"any": ([], []), "copying": ([], [])}
+        self._counted = {"any": 0, "copying": 0}
 
     def iteration(self, plan: Plan):
         """SimPy process body: the whole iteration as one timeout; its value is the stats."""
@@ -34,7 +36,11 @@ class Timeline:
 
     def run(self, plan: Plan, start: float) -> IterationStats:
         cm, links = self.cost_model, self.links
-        traced = plan.iteration < self.traced_iterations
+        copies = list(plan.copies())
+        traced = [kind for kind in (("any", "copying") if copies else ("any",))
+                  if self._counted[kind] < self.traced_iterations]
+        for kind in traced:
+            self._counted[kind] += 1
         busy_before = dict(links.busy)
         for copy in plan.prologue:
             links.issue(copy, start)
@@ -48,16 +54,15 @@ class Timeline:
             took = cm.layer_time(plan.shape, copy_bandwidth=sum(links.rates().values()))
             stalls.append(begin - t)
             computes.append(took)
-            if traced:
-                self.computes.append((plan.iteration, layer, begin, took))
+            for kind in traced:
+                self.trace[kind][0].append((plan.iteration, layer, begin, took))
             t = begin + took
             for copy in step.evict:
                 links.issue(copy, t)
         head = cm.head_time(plan.shape)
         links.advance(t + head)  # link busy time is counted up to the end of the iteration it falls in
-        copies = list(plan.copies())
-        if traced:
-            self.traced_copies += [(plan.iteration, c) for c in copies]
+        for kind in traced:
+            self.trace[kind][1].extend((plan.iteration, c) for c in copies)
         return IterationStats(plan.iteration, start, t + head, sum(computes) + head, sum(stalls),
                               sum(c.nbytes for c in copies if c.direction == H2D),
                               sum(c.nbytes for c in copies if c.direction == D2H),

@@ -1,5 +1,6 @@
 """The command lines: the default job writes its table and plot; bad names fail with the known ones listed."""
 import csv
+import json
 
 from pie_exec.cli import main as pie_exec
 from pie_sim.cli import main as pie_sim
@@ -38,3 +39,30 @@ def test_pie_exec_env_names_a_catalog_entry(capsys):
     assert pie_exec(["env"]) == 0
     printed = capsys.readouterr().out
     assert "torch" in printed and "simulate with:" in printed
+
+
+def test_run_writes_every_file_and_is_deterministic(tmp_path, capsys):
+    args = ["run", "--policy", "pie", "--model", "opt-30b", "--num-requests", "60", "--rate", "inf",
+            "--gpu-mem-util", "0.75"]
+    assert pie_sim(args + ["--out", str(tmp_path / "a")]) == 0
+    assert pie_sim(args + ["--out", str(tmp_path / "b")]) == 0
+    for name in ("requests.csv", "iterations.csv", "timeline.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab"]
+    for s in summaries:
+        s.pop("wall_s")  # the only field that may differ: it is measured, not simulated
+    assert summaries[0] == summaries[1] and summaries[0]["finished"] == 60
+    trace = json.loads((tmp_path / "a" / "timeline.json").read_text())["traceEvents"]
+    assert any(e.get("tid") == 2 and e["ph"] == "X" for e in trace), "the traced iterations show copies"
+    assert (tmp_path / "a" / "runs.png").read_bytes()[:4] == b"\x89PNG"
+    assert "pie" in capsys.readouterr().out
+
+
+def test_compare_runs_each_policy_on_the_same_requests(tmp_path, capsys):
+    assert pie_sim(["compare", "--policies", "vllm,pie", "--num-requests", "40", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["policy"] for r in rows] == ["vllm", "pie"] and all(r["finished"] == "40" for r in rows)
+    assert (tmp_path / "vllm" / "requests.csv").exists() and (tmp_path / "pie" / "iterations.csv").exists()
+    assert pie_sim(["compare", "--policies", "vllm,pi", "--out", str(tmp_path)]) == 2
+    assert "unknown policy 'pi'" in capsys.readouterr().out

@@ -1,0 +1,32 @@
+"""timeline.json: the first iterations that move data (or just the first, when none does), their layer
+computes and copies as a Chrome/Perfetto trace, so that a user can open it (chrome://tracing,
+ui.perfetto.dev) and see the copies overlap the layers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pie_policy.plan import H2D
+
+from .timeline import Timeline
+
+TRACKS = {"compute": 1, "h2d": 2, "d2h": 3}
+
+
+def write_chrome_trace(timeline: Timeline, path: Path) -> None:
+    events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": name}}
+              for name, tid in (("GPU compute", 1), ("host→device copies", 2), ("device→host copies", 3))]
+    computes, copies = timeline.trace["copying"] if timeline.trace["copying"][0] else timeline.trace["any"]
+    for iteration, layer, start, seconds in computes:
+        events.append({"name": f"layer {layer}", "ph": "X", "pid": 0, "tid": TRACKS["compute"],
+                       "ts": start * 1e6, "dur": seconds * 1e6, "args": {"iteration": iteration}})
+    links = timeline.links
+    for iteration, copy in copies:
+        if copy.op_id not in links.done:
+            continue  # still in flight when the run ended
+        start = links.started[copy.op_id]
+        events.append({"name": f"{copy.kind} L{copy.layer}" if copy.layer is not None else copy.kind, "ph": "X",
+                       "pid": 0, "tid": TRACKS["h2d" if copy.direction == H2D else "d2h"],
+                       "ts": start * 1e6, "dur": (links.done[copy.op_id] - start) * 1e6,
+                       "args": {"iteration": iteration, "bytes": copy.nbytes, "calls": copy.calls}})
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
