@@ -73,10 +73,6 @@ class LayerEvents:
         yield self.env.timeout(start - self.env.now)
         return (yield from self.iteration(plan))
 
-    def drain(self) -> None:
-        """Let every copy still in flight finish."""
-        self.env.run()
-
     def iteration(self, plan: Plan):
         """SimPy process body: run the plan from now; its value is the iteration's stats."""
         env, cm = self.env, self.cm

@@ -84,9 +84,6 @@ class FixedRateLinks:
     def rates(self) -> dict[str, float]:
         return {w[0][2]: self.bandwidth[w[0][2]] for w in self.windows.values() if w and w[0][0] <= self.now}
 
-    def drain(self) -> None:
-        """Nothing to do: every copy's times are known when it is issued."""
-
 
 class FluidLinks:
     def __init__(self, hw: HardwareSpec):
@@ -113,11 +110,6 @@ class FluidLinks:
             if not self._step(float("inf")):
                 raise RuntimeError(f"copy {op_id} can never complete (not issued, or waits on one that is not)")
         return self.done[op_id]
-
-    def drain(self) -> None:
-        """Let every copy still in flight finish."""
-        while self._step(float("inf")):
-            pass
 
     def advance(self, until: float) -> None:
         """Run the model to time `until` (copies issued later start no earlier than that)."""
