@@ -112,11 +112,8 @@ class Executor:
         layer_compute = tuple(self.clock.seconds(a, c) for _, a, c in marks)
         stall, total = sum(layer_stall), self.clock.seconds(begin, end)
         busy = self.copier.take_busy()
-        copies = list(plan.copies())
         stats = IterationStats(plan.iteration, start_s, time.perf_counter() - run_start, total - stall, stall,
-                               sum(c.nbytes for c in copies if c.direction == H2D),
-                               sum(c.nbytes for c in copies if c.direction != H2D),
-                               busy["h2d"], busy["d2h"], layer_compute, layer_stall)
+                               *plan.bytes_moved(), busy["h2d"], busy["d2h"], layer_compute, layer_stall)
         return stats, sampled, logits
 
     def close(self) -> None:

@@ -73,6 +73,13 @@ class Plan:
             yield from step.issue
             yield from step.evict
 
+    def bytes_moved(self) -> tuple[int, int]:
+        """Bytes the plan's copies move host→device and device→host."""
+        moved = {H2D: 0, D2H: 0}
+        for copy in self.copies():
+            moved[copy.direction] += copy.nbytes
+        return moved[H2D], moved[D2H]
+
 
 @dataclass(frozen=True)
 class IterationStats:

@@ -96,8 +96,6 @@ class LayerEvents:
                 self._issue(copy)
         head = cm.head_time(plan.shape)
         yield env.timeout(head)
-        copies = list(plan.copies())
         return IterationStats(
-            plan.iteration, start, env.now, sum(computes) + head, sum(stalls),
-            sum(c.nbytes for c in copies if c.direction == H2D), sum(c.nbytes for c in copies if c.direction == D2H),
+            plan.iteration, start, env.now, sum(computes) + head, sum(stalls), *plan.bytes_moved(),
             self.busy[H2D] - busy_before[H2D], self.busy[D2H] - busy_before[D2H], tuple(computes), tuple(stalls))

@@ -64,7 +64,5 @@ class Timeline:
         for kind in traced:
             self.trace[kind][1].extend((plan.iteration, c) for c in copies)
         return IterationStats(plan.iteration, start, t + head, sum(computes) + head, sum(stalls),
-                              sum(c.nbytes for c in copies if c.direction == H2D),
-                              sum(c.nbytes for c in copies if c.direction == D2H),
-                              links.busy[H2D] - busy_before[H2D], links.busy[D2H] - busy_before[D2H],
+                              *plan.bytes_moved(), links.busy[H2D] - busy_before[H2D], links.busy[D2H] - busy_before[D2H],
                               tuple(computes), tuple(stalls))

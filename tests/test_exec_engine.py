@@ -1,12 +1,9 @@
 """The executor against Hugging Face transformers with the same weights: greedy tokens identical for every
 policy, also when most KV lives in CPU memory and sequences are preempted and resumed."""
-import json
-
 import pytest
 import torch
 
 from hwmodels import ModelSpec
-from pie_exec.cli import main as pie_exec
 from pie_exec.engine import Executor
 from pie_exec.run import Prompt, run
 from pie_exec.weights import random_transformer, save_hf_folder

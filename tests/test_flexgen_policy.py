@@ -1,6 +1,4 @@
 """FlexGen as a policy: whole blocks, no continuous batching, copies of the offloaded shares."""
-import pytest
-
 from hwmodels import CostModel, load_hardware, load_model
 from pie_policy import State
 from pie_policy.flexgen import FlexGenPolicy

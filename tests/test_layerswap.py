@@ -1,14 +1,12 @@
 """FIFO layer swapping: a hand-worked op list, and the staging bound replayed independently."""
 from itertools import count
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pie_policy.blocks import CPU, GPU, BlockRef
 from pie_policy.layerswap import FifoLayerSwap, runs
 from pie_policy.plan import D2H, H2D, LAYER_KV, Copy, SeqWork
-
 
 ALL = range(100)  # every sequence of these tests may hold CPU blocks
 

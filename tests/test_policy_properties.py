@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pie_policy import EngineConfig, ExpansionController, Policy, State
-from pie_policy.blocks import CPU, GPU
+from pie_policy.blocks import CPU
 from pie_policy.plan import IterationStats
 
 MAX_ITERATIONS = 20_000

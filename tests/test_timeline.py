@@ -1,12 +1,11 @@
 """The simulator's iteration timeline against closed forms worked by hand, and against the independent
 SimPy per-layer model on plans from the real policies."""
 import random
-from itertools import count
 
 import pytest
 
 from hwmodels import BatchShape, CostModel, load_hardware, load_model
-from pie_policy import IterationStats, LayerStep, Plan
+from pie_policy import LayerStep, Plan
 from pie_policy.plan import D2H, H2D, LAYER_KV, Copy
 from pie_policy.sizing import build_policy
 from pie_sim.layer_events import LayerEvents
