@@ -24,15 +24,15 @@ from pie_exec.run import Prompt, run, trace_prompts
 from pie_exec.weights import random_transformer
 from pie_policy import Copy
 from pie_policy.plan import H2D, LAYER_KV
-from pie_policy.sizing import engine_config, make_policy
+from pie_policy.sizing import engine_config, make_policy, policy_share
 from traces import load_workload
 
 GiB = 1024**3
 
 
 def serve(model, spec, device, policy_name, prompts, gpu_kv_bytes, cpu_kv_bytes, share=None):
-    config = engine_config(spec, policy_name, gpu_kv_bytes, cpu_mem_bytes=cpu_kv_bytes,
-                           share=share if share is not None else 0.0)
+    share = policy_share(policy_name, share)
+    config = engine_config(spec, policy_name, gpu_kv_bytes, cpu_mem_bytes=cpu_kv_bytes, share=share)
     policy = make_policy(policy_name, config, share)
     executor = Executor(model, config, device, policy.swapper.ring if policy.swapper else 1)
     try:

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from hwmodels import CatalogError, hardware_names, load_hardware, load_model
 from pie_policy import POLICIES, ConfigError
-from pie_policy.sizing import DEFAULT_SHARE, add_engine_arguments, engine_config, engine_settings, make_policy
+from pie_policy.sizing import add_engine_arguments, engine_config, engine_settings, make_policy, policy_share
 from traces import TraceError, load_workload
 
 from .engine import Executor
@@ -55,7 +55,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
         workload = load_workload(args.trace, args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed,
                                  max_total_tokens=spec.max_context + 1)
         prompts = trace_prompts(workload, spec.vocab_size, args.seed)
-    share = args.share if args.share is not None else DEFAULT_SHARE.get(args.policy, 0.0)
+    share = policy_share(args.policy, args.share)
     config = engine_config(spec, args.policy, int(args.gpu_kv_gb * GiB), cpu_mem_bytes=int(args.cpu_kv_gb * GiB),
                            share=share, **engine_settings(args))
     policy = make_policy(args.policy, config, share)

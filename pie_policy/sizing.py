@@ -23,6 +23,11 @@ ALL_POLICIES = POLICIES + ("flexgen",)
 DEFAULT_SHARE = {"static": 0.2, "pie": 0.5}
 
 
+def policy_share(name: str, share: float | None) -> float:
+    """`share` if given, else the policy's default: static's CPU share, pie's largest, 0 for the rest."""
+    return DEFAULT_SHARE.get(name, 0.0) if share is None else share
+
+
 def engine_config(model: ModelSpec, policy: str, kv_pool_bytes: int, *, cpu_mem_bytes: int = 0,
                   share: float = 0.0, block_size: int = 16, max_num_seqs: int = 256,
                   max_num_batched_tokens: int | None = None, **options) -> EngineConfig:
@@ -45,7 +50,7 @@ def engine_config(model: ModelSpec, policy: str, kv_pool_bytes: int, *, cpu_mem_
 
 def make_policy(name: str, config: EngineConfig, share: float | None = None) -> Policy:
     """vllm, vllm-swap, static or pie over `config`; `share` as in engine_config (defaults per policy)."""
-    share = DEFAULT_SHARE.get(name, 0.0) if share is None else share
+    share = policy_share(name, share)
     if name == "pie":
         return Policy(name, config, controller=ExpansionController(max_share=share))
     return Policy(name, config, cpu_share=share)
@@ -64,7 +69,7 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
     if name == "flexgen":
         output = min(mean_output, m.max_context - mean_prompt)
         return FlexGenPolicy(cost_model, search(cost_model, mean_prompt, output, gpu_mem_util))
-    share = DEFAULT_SHARE.get(name, 0.0) if share is None else share
+    share = policy_share(name, share)
     tokens = settings.get("max_num_batched_tokens") or max(2048, m.max_context)
     pool = cost_model.memory_budget(gpu_mem_util, tokens, settings.get("max_num_seqs", 256)).kv_pool_bytes
     config = engine_config(m, name, pool, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
