@@ -34,7 +34,7 @@ def serve(model, spec, device, policy_name, prompts, gpu_kv_bytes, cpu_kv_bytes,
     share = policy_share(policy_name, share)
     config = engine_config(spec, policy_name, gpu_kv_bytes, cpu_mem_bytes=cpu_kv_bytes, share=share)
     policy = make_policy(policy_name, config, share)
-    executor = Executor(model, config, device, policy.swapper.ring if policy.swapper else 1)
+    executor = Executor(model, config, device, policy.staging_slots)
     try:
         return run(executor, policy, prompts, progress=False)
     finally:

@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
     config = engine_config(spec, args.policy, int(args.gpu_kv_gb * GiB), cpu_mem_bytes=int(args.cpu_kv_gb * GiB),
                            share=share, **engine_settings(args))
     policy = make_policy(args.policy, config, share)
-    executor = Executor(model, config, device, policy.swapper.ring if policy.swapper else 1)
+    executor = Executor(model, config, device, policy.staging_slots)
     try:
         requests, generated, recorder, wall = run(executor, policy, prompts, progress=console.is_terminal)
     finally:

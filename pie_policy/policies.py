@@ -76,6 +76,11 @@ class Policy:
         return cpu / (gpu + cpu) if self.swapper and gpu + cpu else 0.0
 
     @property
+    def staging_slots(self) -> int:
+        """Staging slots the GPU needs for layer swapping (none for the GPU-only policies)."""
+        return self.swapper.ring if self.swapper else 0
+
+    @property
     def kv_bytes(self) -> tuple[int, int]:
         """KV bytes held on the GPU and in CPU memory (live or swapped)."""
         pools, block = self.tables.pools, self.config.block_bytes

@@ -44,7 +44,7 @@ def tiny(request, tmp_path_factory):
 
 
 def serve(model, spec, policy: Policy, prompts):
-    executor = Executor(model, policy.config, torch.device("cpu"), policy.swapper.ring if policy.swapper else 1)
+    executor = Executor(model, policy.config, torch.device("cpu"), policy.staging_slots)
     try:
         return run(executor, policy, prompts, progress=False)
     finally:
