@@ -47,10 +47,11 @@ def decode_time(model, spec, device, share, batch, context, new_tokens):
     kv_bytes = 2 * batch * (context + new_tokens) * spec.kv_bytes_per_token
     name = "static" if share else "vllm"
     _, _, recorder, _ = serve(model, spec, device, name, prompts, kv_bytes, kv_bytes, share or None)
-    decodes = [i for i in recorder.iterations if i.decode_tokens == batch][2:]  # skip warm-up
+    its = recorder.iterations
+    decodes = np.flatnonzero(its["decode_tokens"] == batch)[2:]  # skip warm-up
     held = decodes[0]  # every sequence still running: the KV split of the whole batch
-    return (float(np.mean([i.end_s - i.start_s for i in decodes])), float(np.mean([i.stall_s for i in decodes])),
-            held.cpu_kv_bytes / (held.cpu_kv_bytes + held.gpu_kv_bytes))
+    return (float(np.mean(its["end_s"][decodes] - its["start_s"][decodes])), float(np.mean(its["stall_s"][decodes])),
+            its["cpu_kv_bytes"][held] / (its["cpu_kv_bytes"][held] + its["gpu_kv_bytes"][held]))
 
 
 def copy_bandwidth(model, spec, device, total_bytes):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .batch import BatchShape
 from .hardware import HardwareSpec
 from .models import ModelSpec
@@ -42,28 +44,45 @@ class CostModel:
         self._flops_rate = gpu.peak_flops * gpu.flops_efficiency
         self._hbm_rate = gpu.hbm_bandwidth * gpu.hbm_efficiency
         self._bandwidth = {"h2d": hw.link.h2d_bandwidth, "d2h": hw.link.d2h_bandwidth}
-
-    def _roofline(self, flops: float, nbytes: float, hbm_rate: float) -> float:
-        return max(flops / self._flops_rate, nbytes / hbm_rate)
+        # A layer's FLOPs and bytes are linear in the batch's sums (see BatchShape): read the coefficients
+        # off the model once, so costing an iteration is a few multiplications (exact: they are integers).
+        empty, token = BatchShape(), BatchShape(decode_tokens=1)
+        self._linear_flops = model.linear_flops(token)
+        self._weight_bytes, self._token_bytes = model.linear_bytes(empty), model.linear_bytes(token) - model.linear_bytes(empty)
+        self._pair_flops = model.attention_flops(BatchShape(attended_pairs=1))
+        self._read_bytes = model.attention_bytes(BatchShape(kv_tokens_read=1))
+        self._new_bytes = model.attention_bytes(token)
 
     def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
         """Seconds for one transformer layer. `copy_bandwidth` (bytes/s) of concurrent host↔GPU copies
         takes `compute_contention` of itself out of the HBM bandwidth left to compute."""
-        m = self.model
+        return self._layer_seconds(batch.tokens, batch.attended_pairs, batch.kv_tokens_read, copy_bandwidth, max)
+
+    def _layer_seconds(self, tokens, pairs, read, copy_bandwidth: float, maximum):
+        """`layer_time` of the sums, elementwise over arrays with `maximum=np.maximum`."""
         hbm_rate = self._hbm_rate - self.hw.link.compute_contention * copy_bandwidth
         if hbm_rate <= 0:
             raise ValueError(f"copies at {copy_bandwidth:.3g} B/s leave no HBM bandwidth to compute")
-        return (self._roofline(m.linear_flops(batch), m.linear_bytes(batch), hbm_rate)
-                + self._roofline(m.attention_flops(batch), m.attention_bytes(batch), hbm_rate)
-                + self.hw.gpu.layer_overhead)
+        flops = self._flops_rate
+        linear = maximum(self._linear_flops * tokens / flops, (self._weight_bytes + self._token_bytes * tokens) / hbm_rate)
+        attention = maximum(self._pair_flops * pairs / flops, (self._read_bytes * read + self._new_bytes * tokens) / hbm_rate)
+        return linear + attention + self.hw.gpu.layer_overhead
 
     def head_time(self, batch: BatchShape) -> float:
         """Seconds for the LM head over the batch's sampled tokens (embedding lookup is negligible)."""
-        return self._roofline(self.model.head_flops(batch), self.model.head_bytes(batch), self._hbm_rate)
+        return max(self.model.head_flops(batch) / self._flops_rate, self.model.head_bytes(batch) / self._hbm_rate)
 
     def iteration_time(self, batch: BatchShape) -> float:
         """Seconds for a whole forward pass with no copy in flight and no stall."""
         return self.model.num_layers * self.layer_time(batch) + self.head_time(batch)
+
+    def decode_times(self, sequences: int, context_sum: int, iterations: int) -> np.ndarray:
+        """`iteration_time` of each of `iterations` decode iterations of one batch of `sequences`
+        sequences holding `context_sum` cached tokens before the first (each iteration adds one a
+        sequence): the same arithmetic as `iteration_time`, over an array."""
+        attended = context_sum + sequences * np.arange(1, iterations + 1, dtype=np.float64)
+        layer = self._layer_seconds(sequences, attended, attended, 0.0, np.maximum)
+        return self.model.num_layers * layer + self.head_time(BatchShape(sampled_tokens=sequences))
 
     def transfer_time(self, nbytes: int, calls: int = 1, direction: str = "h2d") -> float:
         """Seconds to move `nbytes` in `calls` copies in one direction, alone on the link."""

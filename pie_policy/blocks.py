@@ -17,9 +17,15 @@ class BlockRef(NamedTuple):
 
 
 class BlockAllocator:
-    def __init__(self, tier: str, capacity: int):
-        self.tier, self.capacity = tier, capacity
-        self._free = list(range(capacity))  # already a heap
+    """One tier's slots, handed out in bulk as shared `BlockRef`s made once per slot (a long simulated run
+    allocates millions). `lowest_first` hands out the lowest free slots (a heap): the CPU pool needs it,
+    since copies of consecutive CPU slots go in one call. GPU slots are all alike, so the GPU pool reuses
+    the most recently freed (a stack, O(1) per block in C)."""
+
+    def __init__(self, tier: str, capacity: int, lowest_first: bool):
+        self.tier, self.capacity, self.lowest_first = tier, capacity, lowest_first
+        self._refs = [BlockRef(tier, slot) for slot in range(capacity)]
+        self._free = list(range(capacity)) if lowest_first else list(range(capacity - 1, -1, -1))
         self._used: set[int] = set()
 
     @property
@@ -30,25 +36,35 @@ class BlockAllocator:
     def num_used(self) -> int:
         return len(self._used)
 
-    def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError(f"no free {self.tier} block (capacity {self.capacity})")
-        slot = heapq.heappop(self._free)
-        self._used.add(slot)
-        return slot
+    def allocate(self, count: int) -> list[BlockRef]:
+        if count > len(self._free):
+            raise RuntimeError(f"{count} {self.tier} blocks wanted, {len(self._free)} free (capacity {self.capacity})")
+        if self.lowest_first:
+            slots = [heapq.heappop(self._free) for _ in range(count)]
+        else:
+            rest = len(self._free) - count
+            slots = self._free[rest:][::-1]
+            del self._free[rest:]
+        self._used.update(slots)
+        return [self._refs[slot] for slot in slots]
 
-    def free(self, slot: int) -> None:
-        if slot not in self._used:
-            raise RuntimeError(f"{self.tier} block {slot} freed but not in use")
-        self._used.remove(slot)
-        heapq.heappush(self._free, slot)
+    def free(self, slots: list[int]) -> None:
+        if not self._used.issuperset(slots):
+            raise RuntimeError(f"{self.tier} blocks {sorted(set(slots) - self._used)} freed but not in use")
+        self._used.difference_update(slots)
+        if self.lowest_first:
+            for slot in slots:
+                heapq.heappush(self._free, slot)
+        else:
+            self._free.extend(reversed(slots))  # a sequence freed whole is handed out again in its order
 
 
 class BlockTables:
     """Every sequence's block table over one GPU and one CPU allocator."""
 
     def __init__(self, num_gpu_blocks: int, num_cpu_blocks: int):
-        self.pools = {GPU: BlockAllocator(GPU, num_gpu_blocks), CPU: BlockAllocator(CPU, num_cpu_blocks)}
+        self.pools = {GPU: BlockAllocator(GPU, num_gpu_blocks, lowest_first=False),
+                      CPU: BlockAllocator(CPU, num_cpu_blocks, lowest_first=True)}
         self.tables: dict[int, list[BlockRef]] = {}
         self._on_cpu: dict[int, int] = {}  # seq → how many of its blocks are on the CPU, when any
 
@@ -59,26 +75,33 @@ class BlockTables:
         on_cpu = self._on_cpu.get(seq, 0)
         return on_cpu if tier == CPU else len(self.table(seq)) - on_cpu
 
-    def append(self, seq: int, tier: str) -> BlockRef:
-        block = BlockRef(tier, self.pools[tier].allocate())
-        self.tables.setdefault(seq, []).append(block)
-        if tier == CPU:
-            self._on_cpu[seq] = self._on_cpu.get(seq, 0) + 1
-        return block
+    def extend(self, seq: int, tier: str, blocks: list[BlockRef]) -> None:
+        """Append blocks allocated on `tier` to `seq`'s table."""
+        self.tables.setdefault(seq, []).extend(blocks)
+        if tier == CPU and blocks:
+            self._on_cpu[seq] = self._on_cpu.get(seq, 0) + len(blocks)
+
+    def append(self, seq: int, tier: str, count: int = 1) -> None:
+        """Allocate `count` blocks on `tier` at the end of `seq`'s table."""
+        self.extend(seq, tier, self.pools[tier].allocate(count))
 
     def free(self, seq: int) -> None:
-        for block in self.tables.pop(seq, []):
-            self.pools[block.tier].free(block.slot)
-        self._on_cpu.pop(seq, None)
+        table = self.tables.pop(seq, [])
+        if self._on_cpu.pop(seq, 0):
+            for tier in (GPU, CPU):
+                self.pools[tier].free([block.slot for block in table if block.tier == tier])
+        else:
+            self.pools[GPU].free([block.slot for block in table])
 
     def move(self, seq: int, src: str, dst: str) -> list[tuple[int, int]]:
         """Move all of `seq`'s `src` blocks to `dst` (whole-sequence swap); returns (src, dst) slot pairs."""
-        pairs, table = [], self.tables[seq]
-        for i, block in enumerate(table):
-            if block.tier == src:
-                table[i] = BlockRef(dst, self.pools[dst].allocate())
-                self.pools[src].free(block.slot)
-                pairs.append((block.slot, table[i].slot))
+        table = self.tables[seq]
+        moving = [i for i, block in enumerate(table) if block.tier == src]
+        pairs = []
+        for i, block in zip(moving, self.pools[dst].allocate(len(moving))):
+            pairs.append((table[i].slot, block.slot))
+            table[i] = block
+        self.pools[src].free([source for source, _ in pairs])
         if dst == CPU:
             self._on_cpu[seq] = len(table)
         else:

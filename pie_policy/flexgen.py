@@ -98,6 +98,10 @@ class FlexGenPolicy:
             return (), ()
         return fetched[0], tuple(layers)
 
+    def next_run(self) -> None:
+        """No decode runs: FlexGen's iterations are planned one by one (see `Policy.next_run`)."""
+        return None
+
     def observe(self, plan: Plan, stats: IterationStats) -> list[Request]:
         by_id = {r.request_id: r for r in self.block}
         finished = [by_id[s.request_id] for s in plan.seqs if by_id[s.request_id].advance(s.new_tokens, stats.end_s)]

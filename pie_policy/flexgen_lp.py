@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
-from scipy.optimize import linprog
 
 from hwmodels import BatchShape, CapacityError, CostModel
 
@@ -125,6 +124,8 @@ def solve(cost_model: CostModel, prompt_len: int, gen_len: int, gpu_batch_size: 
     time = np.array([0, 0, 0, scale_p, (n - 1) * scale_g])
     time /= time.sum()
     bounds = [(0, 1)] * 3 + [(1, None)] * 2
+    from scipy.optimize import linprog  # here: importing scipy costs every command ~0.5 s at start-up
+
     fastest = linprog(time, A_ub=A, b_ub=b, bounds=bounds, method="highs")
     if fastest.status == 2:
         raise CapacityError(_why(cost_model, s, n, gbs, ngb, gpu_mem_util, gpu, usable, kv, acts))

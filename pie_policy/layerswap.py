@@ -53,6 +53,12 @@ class FifoLayerSwap:
         """GPU memory the staging area needs: `depth + 1` slots of `capacity` blocks of one layer."""
         return self.ring * self.capacity * self.block_bytes_layer
 
+    def skip(self, iterations: int) -> None:
+        """Move the slot rotation on over iterations that hold no CPU block (a decode run), as `plan`
+        would over as many plans with nothing to copy."""
+        self._first_layer += iterations * self.num_layers
+        self._carried = {}
+
     def _copies(self, direction: str, slots: list[int]):
         """A maker of this plan's copies of `slots` (pairs and calls worked out once, not per layer)."""
         pairs = tuple((s, s) for s in slots)

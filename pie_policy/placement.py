@@ -14,6 +14,7 @@ from .expansion import ExpansionController
 
 class GpuOnly:
     live_cpu = False
+    gpu_first = True  # a new block goes to the GPU while it has room
 
     def __init__(self, tables: BlockTables):
         self.tables = tables
@@ -59,8 +60,13 @@ class StaticShare(GpuOnly):
     def guaranteed(self) -> int:
         return self.tables.pools[GPU].capacity + min(self.tables.pools[CPU].capacity, self.cpu_capacity)
 
+    @property
+    def gpu_first(self) -> bool:
+        return self.share == 0
+
 
 class Expanding(StaticShare):
+    gpu_first = True
     def __init__(self, tables: BlockTables, controller: ExpansionController, cpu_capacity: int):
         GpuOnly.__init__(self, tables)
         self.controller, self.cpu_capacity = controller, cpu_capacity

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from hwmodels import BatchShape
 
 H2D, D2H = "h2d", "d2h"
@@ -79,6 +81,21 @@ class Plan:
         for copy in self.copies():
             moved[copy.direction] += copy.nbytes
         return moved[H2D], moved[D2H]
+
+
+@dataclass(frozen=True)
+class DecodeRun:
+    """Up to `max_iterations` plain decode iterations of one batch, planned at once because nothing but
+    the tokens changes in them: no copies, no admission, no preemption, no block outside the GPU, and no
+    sequence finishes before the last. Iteration j (0-based) is `Plan` number `first_iteration + j` with
+    every sequence decoding one token over `context_sum + j · sequences` cached tokens. A backend runs
+    any prefix of it (the simulator stops before the next arrival) and commits how many it ran."""
+    first_iteration: int
+    sequences: int
+    context_sum: int             # Σ cached tokens over the batch before the first iteration
+    max_iterations: int
+    gpu_blocks: np.ndarray       # GPU blocks held after each iteration (one entry per iteration)
+    block_bytes: int             # bytes of one whole block (all layers)
 
 
 @dataclass(frozen=True)

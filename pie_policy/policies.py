@@ -5,6 +5,9 @@
     stats = backend.execute(plan)           # simulated or real
     finished = policy.observe(plan, stats)  # requests that completed in it
 
+A simulator may instead take several plain decode iterations at once (`next_run`, `commit_run`): the
+same iterations `next_iteration` would plan one by one, when nothing but the tokens changes in them.
+
 | name      | live KV            | when out of blocks               | CPU traffic                          |
 |-----------|--------------------|----------------------------------|--------------------------------------|
 | vllm      | GPU                | preempt, recompute               | none                                 |
@@ -27,7 +30,7 @@ from .config import ConfigError, EngineConfig, check_share
 from .expansion import ExpansionController
 from .layerswap import FifoLayerSwap
 from .placement import Expanding, GpuOnly, StaticShare
-from .plan import BLOCK_KV, D2H, H2D, Copy, IterationStats, LayerStep, Plan, SeqWork
+from .plan import BLOCK_KV, D2H, H2D, Copy, DecodeRun, IterationStats, LayerStep, Plan, SeqWork
 from .request import Request
 
 POLICIES = ("vllm", "vllm-swap", "static", "pie")
@@ -55,7 +58,8 @@ class Policy:
                                      config.block_bytes_layer, config.block_size, config.dirty_only_writeback,
                                      self._ids) if placement.live_cpu else None
         self.scheduler = Scheduler(config, self.tables, placement, swap_preemption=name == "vllm-swap")
-        self._iteration = count()
+        self._iteration = 0  # the next plan's number
+        self._open_run: tuple | None = None
         self._pending: dict[int, Schedule] = {}
 
     # ---- requests
@@ -102,9 +106,32 @@ class Policy:
             layers = layers or tuple(LayerStep() for _ in range(self.config.num_layers))
             first = layers[0]
             layers = (LayerStep(first.issue, first.wait + tuple(c.op_id for c in swaps), first.evict),) + layers[1:]
-        plan = Plan(next(self._iteration), seqs, shape, swaps + prologue, layers, staging)
+        plan = Plan(self._iteration, seqs, shape, swaps + prologue, layers, staging)
         self._pending[plan.iteration] = schedule
+        self._iteration += 1
         return plan
+
+    def next_run(self) -> DecodeRun | None:
+        """The next iterations as one `DecodeRun` when they are plain decodes (see `Scheduler.decode_run`),
+        else None. Nothing changes until `commit_run`."""
+        batch = self.scheduler.decode_run()
+        if batch is None:
+            return None
+        order, phases, taken = batch
+        self._open_run = (order, phases)
+        return DecodeRun(self._iteration, len(order), sum(r.computed for r in order), len(taken),
+                         self.tables.pools[GPU].num_used + taken, self.config.block_bytes)
+
+    def commit_run(self, run: DecodeRun, iterations: int, end_s: float) -> list[Request]:
+        """Account for the first `iterations` iterations of `run`, the last ending at `end_s`; returns the
+        requests that finished. With no stall and nothing refused, the controller would only hold."""
+        if self._open_run is None or run.first_iteration != self._iteration or not 1 <= iterations <= run.max_iterations:
+            raise ValueError(f"cannot commit {iterations} iterations of a run that is not the one open")
+        (order, phases), self._open_run = self._open_run, None
+        self._iteration += iterations
+        if self.swapper:
+            self.swapper.skip(iterations)
+        return self.scheduler.commit_run(order, phases, iterations, end_s)
 
     def _block_swaps(self, schedule: Schedule) -> tuple[Copy, ...]:
         """Whole-block copies, one call per block per layer as vLLM's swap issues them."""

@@ -2,79 +2,112 @@
 line by line: requests.csv, iterations.csv and summary.json (times in seconds, sizes in bytes)."""
 from __future__ import annotations
 
-import csv
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .plan import IterationStats, Plan
+from .plan import DecodeRun, IterationStats, Plan
 from .request import Request, State
 
 REQUEST_COLUMNS = ("request_id", "arrival_s", "prompt_tokens", "output_tokens", "first_token_s", "finish_s",
                    "ttft_s", "tpot_s", "e2e_s", "preemptions", "status", "reason")
+ITERATION_COLUMNS = ("start_s", "end_s", "batch_sequences", "prefill_tokens", "decode_tokens", "compute_s",
+                     "stall_s", "bytes_h2d", "bytes_d2h", "gpu_kv_bytes", "cpu_kv_bytes", "cpu_share")
 
 
-@dataclass(frozen=True)
-class IterationRecord:
-    start_s: float
-    end_s: float
-    batch_sequences: int
-    prefill_tokens: int
-    decode_tokens: int
-    compute_s: float
-    stall_s: float
-    bytes_h2d: int
-    bytes_d2h: int
-    gpu_kv_bytes: int
-    cpu_kv_bytes: int
-    cpu_share: float
-
-
-def request_row(r: Request) -> dict:
-    done = r.state is State.FINISHED
-    return dict(request_id=r.request_id, arrival_s=r.arrival_s, prompt_tokens=r.prompt_tokens,
-                output_tokens=r.output_tokens, first_token_s=r.first_token_s, finish_s=r.finish_s,
-                ttft_s=r.first_token_s - r.arrival_s if done else None,
-                tpot_s=(r.finish_s - r.first_token_s) / (r.output_tokens - 1) if done and r.output_tokens > 1 else None,
-                e2e_s=r.finish_s - r.arrival_s if done else None,
-                preemptions=r.preemptions, status=r.state.value, reason=r.reason)
+def request_table(requests: list[Request]) -> dict[str, np.ndarray]:
+    """REQUEST_COLUMNS over `requests` by id, one array a column; NaN where a request has no such time
+    (rejected, or a single-token request's TPOT)."""
+    ordered = sorted(requests, key=lambda r: r.request_id)
+    column = {name: np.array([getattr(r, name) for r in ordered], dtype=float if name.endswith("_s") else None)
+              for name in ("request_id", "arrival_s", "prompt_tokens", "output_tokens", "first_token_s", "finish_s",
+                           "preemptions", "reason")}
+    column["status"] = np.array([r.state.value for r in ordered], dtype=object)
+    done = column["status"] == State.FINISHED.value
+    arrival, first, finish, output = column["arrival_s"], column["first_token_s"], column["finish_s"], column["output_tokens"]
+    column["ttft_s"] = np.where(done, first - arrival, np.nan)
+    column["tpot_s"] = np.divide(finish - first, output - 1, out=np.full(len(ordered), np.nan), where=done & (output > 1))
+    column["e2e_s"] = np.where(done, finish - arrival, np.nan)
+    return {name: column[name] for name in REQUEST_COLUMNS}
 
 
 class RunRecorder:
-    """Collects one record per iteration and the requests; writes the three files."""
+    """Collects one row per iteration and the requests; writes the three files. A simulated run has
+    hundreds of thousands of iterations, most in decode runs: those are kept as arrays and the columns
+    built once, when first asked for."""
 
     def __init__(self):
-        self.iterations: list[IterationRecord] = []
+        self._count = 0
+        self._rows: list[tuple] = []          # single iterations, in ITERATION_COLUMNS order
+        self._row_at: list[int] = []          # the iteration number of each
+        self._runs: list[tuple] = []          # (first iteration number, start, seconds, ends, sequences, gpu kv)
+        self._table: dict[str, np.ndarray] | None = None
 
     def iteration(self, plan: Plan, stats: IterationStats, policy) -> None:
         """Record an executed plan with the policy's KV holdings after it."""
         gpu_kv, cpu_kv = policy.kv_bytes
-        self.iterations.append(IterationRecord(
-            stats.start_s, stats.end_s, len(plan.seqs), plan.shape.prefill_tokens, plan.shape.decode_tokens,
-            stats.compute_s, stats.stall_s, stats.bytes_h2d, stats.bytes_d2h, gpu_kv, cpu_kv, policy.cpu_share))
+        self._rows.append((stats.start_s, stats.end_s, len(plan.seqs), plan.shape.prefill_tokens,
+                           plan.shape.decode_tokens, stats.compute_s, stats.stall_s, stats.bytes_h2d, stats.bytes_d2h,
+                           gpu_kv, cpu_kv, policy.cpu_share))
+        self._row_at.append(self._count)
+        self._count, self._table = self._count + 1, None
+
+    def decode_run(self, run: DecodeRun, start: float, seconds: np.ndarray, ends: np.ndarray, policy) -> None:
+        """Record the first len(ends) iterations of a committed decode run (each starts when the one before
+        ends; no copies, no stall, no CPU block); the last one's GPU holdings are the policy's after the
+        commit freed the requests that finished."""
+        gpu_kv = run.gpu_blocks[:len(ends)] * run.block_bytes
+        gpu_kv[-1] = policy.kv_bytes[0]
+        self._runs.append((self._count, start, seconds, ends, run.sequences, gpu_kv))
+        self._count, self._table = self._count + len(ends), None
+
+    @property
+    def iterations(self) -> dict[str, np.ndarray]:
+        """The iteration rows so far, one array a column (ITERATION_COLUMNS)."""
+        if self._table is None:
+            self._table = self._build()
+        return self._table
+
+    def _build(self) -> dict[str, np.ndarray]:
+        table = {name: np.zeros(self._count, np.float64 if name.endswith("_s") or name == "cpu_share" else np.int64)
+                 for name in ITERATION_COLUMNS}
+        if self._rows:
+            for name, values in zip(ITERATION_COLUMNS, zip(*self._rows)):
+                table[name][self._row_at] = values
+        if self._runs:
+            firsts, starts, seconds, ends, sequences, gpu_kv = zip(*self._runs)
+            lengths = np.array([len(e) for e in ends])
+            offsets = np.cumsum(lengths) - lengths         # where each run begins in the flattened arrays
+            at = np.arange(lengths.sum()) + np.repeat(np.array(firsts) - offsets, lengths)
+            ends = np.concatenate(ends)
+            begins = np.concatenate(([0.0], ends[:-1]))
+            begins[offsets] = starts
+            for name, values in (("start_s", begins), ("end_s", ends), ("compute_s", np.concatenate(seconds)),
+                                 ("gpu_kv_bytes", np.concatenate(gpu_kv))):
+                table[name][at] = values
+            table["batch_sequences"][at] = table["decode_tokens"][at] = np.repeat(sequences, lengths)
+        return table
 
     def summary(self, requests: list[Request], wall_s: float, **context) -> dict:
-        done = [r for r in requests if r.state is State.FINISHED]
-        rows = [request_row(r) for r in done]
-        end = max((r.finish_s for r in done), default=0.0)
-        start = min((r.arrival_s for r in requests), default=0.0)
-        span = max(end - start, 1e-12)
+        table = request_table(requests)
+        done = table["status"] == State.FINISHED.value
+        end = float(table["finish_s"][done].max()) if done.any() else 0.0
+        span = max(end - float(table["arrival_s"].min(initial=0.0)), 1e-12)
         its = self.iterations
-        summary = dict(context, requests=len(requests), finished=len(done),
-                       rejected=sum(r.state is State.REJECTED for r in requests),
-                       throughput_req_s=len(done) / span,
-                       throughput_tok_s=sum(r.output_tokens for r in done) / span,
-                       normalized_latency_s=float(np.mean([row["e2e_s"] / r.output_tokens for row, r in zip(rows, done)]))
-                       if done else None,
-                       peak_gpu_kv_bytes=max((i.gpu_kv_bytes for i in its), default=0),
-                       peak_cpu_kv_bytes=max((i.cpu_kv_bytes for i in its), default=0),
-                       total_bytes_h2d=sum(i.bytes_h2d for i in its), total_bytes_d2h=sum(i.bytes_d2h for i in its),
-                       total_stall_s=sum(i.stall_s for i in its), iterations=len(its),
+        summary = dict(context, requests=len(requests), finished=int(done.sum()),
+                       rejected=int((table["status"] == State.REJECTED.value).sum()),
+                       throughput_req_s=int(done.sum()) / span,
+                       throughput_tok_s=int(table["output_tokens"][done].sum()) / span,
+                       normalized_latency_s=float(np.mean(table["e2e_s"][done] / table["output_tokens"][done]))
+                       if done.any() else None,
+                       peak_gpu_kv_bytes=int(its["gpu_kv_bytes"].max(initial=0)),
+                       peak_cpu_kv_bytes=int(its["cpu_kv_bytes"].max(initial=0)),
+                       total_bytes_h2d=int(its["bytes_h2d"].sum()), total_bytes_d2h=int(its["bytes_d2h"].sum()),
+                       total_stall_s=float(its["stall_s"].sum()), iterations=len(its["end_s"]),
                        run_s=span, wall_s=wall_s)
         for metric in ("ttft_s", "tpot_s", "e2e_s"):
-            values = np.array([row[metric] for row in rows if row[metric] is not None])
+            values = table[metric][np.isfinite(table[metric])]
             for name, value in (("mean", values.mean() if values.size else None),
                                 *((f"p{q}", np.percentile(values, q) if values.size else None) for q in (50, 90, 99))):
                 summary[f"{metric[:-2]}_{name}_s"] = None if value is None else float(value)
@@ -82,12 +115,16 @@ class RunRecorder:
 
     def write(self, out: Path, requests: list[Request], summary: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "requests.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, REQUEST_COLUMNS)
-            writer.writeheader()
-            writer.writerows(request_row(r) for r in sorted(requests, key=lambda r: r.request_id))
-        with open(out / "iterations.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, list(IterationRecord.__dataclass_fields__))
-            writer.writeheader()
-            writer.writerows(asdict(i) for i in self.iterations)
+        write_csv(out / "requests.csv", request_table(requests))
+        write_csv(out / "iterations.csv", self.iterations)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
+    """Columns to CSV (NaN → empty cell) with Arrow's writer: Python's csv module needs seconds for the
+    hundreds of thousands of rows of a long simulated run."""
+    import pyarrow as pa  # here: only writing needs it
+    from pyarrow import csv as arrow_csv
+
+    table = pa.table({name: pa.array(values, from_pandas=True) for name, values in columns.items()})
+    arrow_csv.write_csv(table, path, arrow_csv.WriteOptions(quoting_style="needed"))

@@ -51,6 +51,18 @@ class Request:
         """Tokens whose KV the request ever holds: the last sampled token's KV is never computed."""
         return self.prompt_tokens + self.output_tokens - 1
 
+    def decode(self, steps: int, now: float) -> bool:
+        """Record `steps` decodes at once (each computes the last sampled token and samples the next);
+        returns True when the request just finished."""
+        if self.computed + 1 != self.prompt_tokens + self.generated or self.generated + steps > self.output_tokens:
+            raise ValueError(f"request {self.request_id} cannot decode {steps} tokens now")
+        self.computed += steps
+        self.generated += steps
+        if self.generated == self.output_tokens:
+            self.state, self.finish_s = State.FINISHED, now
+            return True
+        return False
+
     def advance(self, new_tokens: int, now: float) -> bool:
         """Record a step that computed `new_tokens`; returns True when the request just finished."""
         self.computed += new_tokens

@@ -75,6 +75,10 @@ class FixedRateLinks:
     def completion(self, op_id: int) -> float:
         return self.done[op_id]
 
+    def idle(self, at: float) -> bool:
+        """Whether every copy issued so far has completed by `at`."""
+        return all(end <= at for end in self.free.values())
+
     def advance(self, until: float) -> None:
         self.now = max(self.now, until)
         for window in self.windows.values():
@@ -103,6 +107,11 @@ class FluidLinks:
         """Bytes/s moving in each direction now (after `advance`)."""
         moving = {a.copy.direction for a in self.active.values() if a.setup_until <= self.now + EPSILON}
         return byte_rates(self.hw, moving)
+
+    def idle(self, at: float) -> bool:
+        """Whether every copy issued so far has completed by `at` (advancing the model to `at`)."""
+        self.advance(at)
+        return not self.active and not any(self.queues.values())
 
     def completion(self, op_id: int) -> float:
         """When copy `op_id` completes, advancing the model as far as that."""

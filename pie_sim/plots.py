@@ -4,11 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 GiB = 1024**3
+POINTS = 2000  # per line: a long run has 10^5+ iterations, which Agg would take seconds to draw
+
+
+def envelope(times: np.ndarray, values: np.ndarray, points: int = POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most `points` points of a long series: its maximum over consecutive equal slices (peaks show)."""
+    if len(times) <= points:
+        return times, values
+    edges = np.linspace(0, len(times), points + 1).astype(int)[:-1]
+    return times[np.r_[edges[1:] - 1, len(times) - 1]], np.maximum.reduceat(values, edges)
 
 
 def plot_preview(shares, rows, curves, path: Path) -> None:
@@ -33,10 +43,10 @@ def plot_runs(runs: dict, path: Path, title: str) -> None:
         done = sorted((r.finish_s, (r.finish_s - r.arrival_s) / r.output_tokens) for r in requests if r.finish_s)
         line, = axes[0].plot([a for a, _ in done], [n for _, n in done], ".", ms=2, alpha=0.6, label=name)
         color = line.get_color()
-        times = [i.end_s for i in iterations]
-        axes[1].plot(times, [i.gpu_kv_bytes / GiB for i in iterations], color=color, label=f"{name} GPU")
-        axes[1].plot(times, [i.cpu_kv_bytes / GiB for i in iterations], "--", color=color, label=f"{name} CPU")
-        axes[2].plot(times, [100 * i.cpu_share for i in iterations], color=color, label=name)
+        times = iterations["end_s"]
+        axes[1].plot(*envelope(times, iterations["gpu_kv_bytes"] / GiB), color=color, label=f"{name} GPU")
+        axes[1].plot(*envelope(times, iterations["cpu_kv_bytes"] / GiB), "--", color=color, label=f"{name} CPU")
+        axes[2].plot(*envelope(times, 100 * iterations["cpu_share"]), color=color, label=name)
     axes[0].set_ylabel("request e2e / output tokens (s)\nat its finish")
     axes[0].set_yscale("log")
     axes[1].set_ylabel("KV held (GiB)")

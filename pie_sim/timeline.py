@@ -6,14 +6,17 @@ stall); it computes for `CostModel.layer_time` of the batch, with the bytes/s th
 start charged against HBM (the link's `compute_contention`); its `evict` copies are issued when it ends.
 The LM head follows the last layer. Copies still in flight carry on into the next iteration.
 
-In a run this is one SimPy event per iteration (`iteration`), however many layers and copies it has.
+In a run this is one SimPy event per iteration (`iteration`), however many layers and copies it has,
+and one per decode run (`decode_run`: plain decode iterations, priced in one array operation).
 """
 from __future__ import annotations
 
+import numpy as np
 import simpy
 
 from hwmodels import CostModel
 from pie_policy import IterationStats, Plan
+from pie_policy.plan import DecodeRun
 from pie_policy.plan import D2H, H2D
 
 from .links import links_for
@@ -34,8 +37,26 @@ class Timeline:
         yield self.env.timeout(stats.end_s - self.env.now)
         return stats
 
+    def accepts_runs(self, at: float) -> bool:
+        """Decode runs need the links idle (no copy in flight to slow compute) and the trace filled."""
+        return self._counted["any"] >= self.traced_iterations and self.links.idle(at)
+
+    def decode_run(self, run: DecodeRun, start: float, before: float) -> tuple[np.ndarray, np.ndarray]:
+        """(seconds, end) of each iteration of `run` that starts before `before` (the next arrival; at least
+        the first). Without copies each takes `CostModel.iteration_time` of its batch, stall-free."""
+        seconds = self.cost_model.decode_times(run.sequences, run.context_sum, run.max_iterations)
+        ends = start + np.cumsum(seconds)
+        taken = 1 + int(np.searchsorted(ends[:-1], before, side="left"))
+        self.links.advance(ends[taken - 1])
+        return seconds[:taken], ends[:taken]
+
     def run(self, plan: Plan, start: float) -> IterationStats:
         cm, links = self.cost_model, self.links
+        if not (plan.prologue or plan.layers) and self.accepts_runs(start):
+            took, head = cm.layer_time(plan.shape), cm.head_time(plan.shape)  # every layer alike, no copy
+            seconds, layers = cm.model.num_layers * took + head, cm.model.num_layers
+            return IterationStats(plan.iteration, start, start + seconds, seconds, 0.0, 0, 0, 0.0, 0.0,
+                                  (took,) * layers, (0.0,) * layers)
         copies = list(plan.copies())
         traced = [kind for kind in (("any", "copying") if copies else ("any",))
                   if self._counted[kind] < self.traced_iterations]

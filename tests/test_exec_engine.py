@@ -80,7 +80,8 @@ def test_greedy_tokens_match_transformers_for_every_policy(tiny, case):
     if "preempting" in case:
         assert any(r.preemptions for r in requests), "the pool was meant to force preemption"
     if "CPU" in case:
-        assert max(i.cpu_kv_bytes for i in recorder.iterations) > 0 and sum(i.bytes_h2d for i in recorder.iterations) > 0
+        its = recorder.iterations
+        assert its["cpu_kv_bytes"].max() > 0 and its["bytes_h2d"].sum() > 0
 
 
 def test_logits_match_transformers(tiny):
