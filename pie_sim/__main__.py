@@ -1,5 +1,6 @@
 import sys
 
-from .cli import main
+if __name__ == "__main__":  # not when a worker process imports the main module
+    from .cli import main
 
-sys.exit(main())
+    sys.exit(main())

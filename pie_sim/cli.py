@@ -5,6 +5,8 @@ import argparse
 import csv
 import dataclasses
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 from rich.console import Console
@@ -14,11 +16,11 @@ from rich.progress import Progress
 
 from hwmodels import CatalogError, CostModel, load_hardware, load_model
 from pie_policy import ConfigError
+from pie_policy.records import request_table
 from pie_policy.sizing import ALL_POLICIES, add_engine_arguments, build_policy, engine_settings
 from traces import TraceError, load_trace, load_workload
 
 from .chrome_trace import write_chrome_trace
-from .plots import plot_preview, plot_runs
 from .preview import SHARES, preview_all
 from .simulate import simulate
 
@@ -59,6 +61,8 @@ def cmd_preview(args: argparse.Namespace, console: Console) -> None:
         names = [field.name for field in dataclasses.fields(rows[0])] if rows else []
         writer.writerow(names + ["gain"])
         writer.writerows([getattr(r, n) for n in names] + [r.gain] for r in rows)
+    from .plots import plot_preview  # here: matplotlib takes half a second to import
+
     plot_preview(SHARES, rows, curves, out / "preview.png")
     console.print(f"wrote {out / 'preview.csv'} and {out / 'preview.png'}")
 
@@ -69,8 +73,35 @@ def _load(rate: float | None) -> str:
     return " all at once" if rate == float("inf") else f" at {rate:g}/s"
 
 
+def _import_plots() -> None:
+    from . import plots  # noqa: F401  (in the painter process, while the main one simulates)
+
+
+def _plot_runs(*args) -> None:
+    from .plots import plot_runs
+
+    plot_runs(*args)
+
+
 def _simulate_policies(args: argparse.Namespace, names: list[str], console: Console) -> dict:
-    """Run each policy on the same requests; write each one's files under --out; returns the summaries."""
+    """Run each policy on the same requests; write each one's files under --out; returns the summaries.
+    The plot is drawn by a second process (the painter, forked: it starts with this one's modules), which
+    imports matplotlib while this one simulates and draws while this one writes the files."""
+    with ProcessPoolExecutor(1, mp_context=get_context("fork")) as painter:
+        painter.submit(_import_plots)
+        summaries, runs, title = _simulate(args, names, console)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        drawing = painter.submit(_plot_runs, runs, Path(args.out) / "runs.png", title)
+        for name, (summary, folder, result) in summaries.items():
+            result.recorder.write(folder, result.requests, summary)
+            if result.timeline is not None:
+                write_chrome_trace(result.timeline, folder / "timeline.json")
+        drawing.result()
+    return {name: summary for name, (summary, _, _) in summaries.items()}
+
+
+def _simulate(args: argparse.Namespace, names: list[str], console: Console):
+    """({policy: (summary, its folder, result)}, what the plot needs, the plot's title)."""
     unknown = [n for n in names if n not in ALL_POLICIES]
     if unknown:
         raise ConfigError(f"unknown policy '{unknown[0]}' (known: {', '.join(ALL_POLICIES)})")
@@ -94,15 +125,9 @@ def _simulate_policies(args: argparse.Namespace, names: list[str], console: Cons
             summary = result.recorder.summary(
                 result.requests, result.wall_s, backend="sim", policy=name, hw=hw.name, model=model.name,
                 trace=str(args.trace), rate=args.rate, seed=args.seed, events=result.events)
-            folder = out / name if len(names) > 1 else out
-            result.recorder.write(folder, result.requests, summary)
-            if result.timeline is not None:
-                write_chrome_trace(result.timeline, folder / "timeline.json")
-            summaries[name] = summary
-            runs[name] = (result.requests, result.recorder.iterations)
-    title = f"{model.name} on {hw.name}, {args.trace}, {len(workload)} requests{_load(args.rate)}"
-    plot_runs(runs, out / "runs.png", title)
-    return summaries
+            summaries[name] = (summary, out / name if len(names) > 1 else out, result)
+            runs[name] = (request_table(result.requests), result.recorder.iterations)
+    return summaries, runs, f"{model.name} on {hw.name}, {args.trace}, {len(workload)} requests{_load(args.rate)}"
 
 
 SUMMARY_COLUMNS = (("throughput_tok_s", "output tok/s", "{:,.0f}"), ("throughput_req_s", "req/s", "{:.2f}"),

@@ -37,11 +37,14 @@ def plot_preview(shares, rows, curves, path: Path) -> None:
 
 
 def plot_runs(runs: dict, path: Path, title: str) -> None:
-    """Per policy: each request's normalized latency when it finished, KV held per tier, CPU share."""
+    """Per policy (name → its `request_table` and iteration columns): each request's normalized latency
+    when it finished, KV held per tier, CPU share."""
     fig, axes = plt.subplots(3, 1, figsize=(8, 8.5), sharex=True)
     for name, (requests, iterations) in runs.items():
-        done = sorted((r.finish_s, (r.finish_s - r.arrival_s) / r.output_tokens) for r in requests if r.finish_s)
-        line, = axes[0].plot([a for a, _ in done], [n for _, n in done], ".", ms=2, alpha=0.6, label=name)
+        finish = requests["finish_s"]
+        done = np.isfinite(finish)
+        line, = axes[0].plot(finish[done], requests["e2e_s"][done] / requests["output_tokens"][done], ".", ms=2,
+                             alpha=0.6, label=name)
         color = line.get_color()
         times = iterations["end_s"]
         axes[1].plot(*envelope(times, iterations["gpu_kv_bytes"] / GiB), color=color, label=f"{name} GPU")
