@@ -52,6 +52,9 @@ class CostModel:
         self._pair_flops = model.attention_flops(BatchShape(attended_pairs=1))
         self._read_bytes = model.attention_bytes(BatchShape(kv_tokens_read=1))
         self._new_bytes = model.attention_bytes(token)
+        sample = BatchShape(sampled_tokens=1)
+        self._head_flops = model.head_flops(sample)
+        self._head_bytes, self._sample_bytes = model.head_bytes(empty), model.head_bytes(sample) - model.head_bytes(empty)
 
     def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
         """Seconds for one transformer layer. `copy_bandwidth` (bytes/s) of concurrent host↔GPU copies
@@ -70,19 +73,21 @@ class CostModel:
 
     def head_time(self, batch: BatchShape) -> float:
         """Seconds for the LM head over the batch's sampled tokens (embedding lookup is negligible)."""
-        return max(self.model.head_flops(batch) / self._flops_rate, self.model.head_bytes(batch) / self._hbm_rate)
+        return self._head_seconds(batch.sampled_tokens, max)
+
+    def _head_seconds(self, sampled, maximum):
+        return maximum(self._head_flops * sampled / self._flops_rate,
+                       (self._head_bytes + self._sample_bytes * sampled) / self._hbm_rate)
 
     def iteration_time(self, batch: BatchShape) -> float:
         """Seconds for a whole forward pass with no copy in flight and no stall."""
         return self.model.num_layers * self.layer_time(batch) + self.head_time(batch)
 
-    def decode_times(self, sequences: int, context_sum: int, iterations: int) -> np.ndarray:
-        """`iteration_time` of each of `iterations` decode iterations of one batch of `sequences`
-        sequences holding `context_sum` cached tokens before the first (each iteration adds one a
-        sequence): the same arithmetic as `iteration_time`, over an array."""
-        attended = context_sum + sequences * np.arange(1, iterations + 1, dtype=np.float64)
+    def decode_times(self, sequences: np.ndarray, attended: np.ndarray) -> np.ndarray:
+        """`iteration_time` of decode-only iterations, one per entry: `sequences` decoding one token each,
+        attending to `attended` positions in all (Σ cached + 1). The same arithmetic, over arrays."""
         layer = self._layer_seconds(sequences, attended, attended, 0.0, np.maximum)
-        return self.model.num_layers * layer + self.head_time(BatchShape(sampled_tokens=sequences))
+        return self.model.num_layers * layer + self._head_seconds(sequences, np.maximum)
 
     def transfer_time(self, nbytes: int, calls: int = 1, direction: str = "h2d") -> float:
         """Seconds to move `nbytes` in `calls` copies in one direction, alone on the link."""

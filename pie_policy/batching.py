@@ -17,8 +17,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-import numpy as np
-
 from .blocks import CPU, GPU, BlockTables
 from .config import EngineConfig
 from .placement import GpuOnly
@@ -172,53 +170,27 @@ class Scheduler:
             budget -= new
         return budget
 
-    # ---- several plain decode iterations at once (the simulator's fast path; changes nothing until commit)
-    def decode_run(self) -> tuple[list[Request], list[int], np.ndarray] | None:
-        """When the next iterations are plain decodes of the running batch that `schedule` would plan one
-        by one with nothing else changing: (the batch in FCFS order, the iteration (0-based) of each one's
-        first new block, the new GPU blocks taken by the end of each iteration, as many entries as
-        iterations qualify). None when the very next iteration differs: a queue it may admit from (or be
-        refused by the controller's share only), swapped or CPU-held blocks, an unfinished prefill, or no
-        GPU block for the first iteration's needs."""
-        c, running, free = self.config, self.running, self.tables.pools[GPU].num_free
+    # ---- several plain decode iterations at once (the simulator's fast path, see decode_runs.py)
+    def plain_decodes(self) -> list[Request] | None:
+        """The running batch in FCFS order when the next iteration can only be every running sequence
+        decoding one token (no queue it may admit from or be refused by the controller's share only, no
+        swapped or CPU-held block, no unfinished prefill, new blocks on the GPU); None otherwise."""
+        c, running = self.config, self.running
         if (not running or self.swapped or len(running) > c.max_num_batched_tokens or not self.placement.gpu_first
                 or self.tables.pools[CPU].num_used or (self.waiting and (c.chunked_prefill or self._may_admit()))):
             return None
-        order, tables, size = sorted(running, key=FCFS), self.tables.tables, c.block_size
-        phases = [len(tables[r.request_id]) * size - r.computed for r in order]
-        if (any(r.prompt_tokens + r.generated - r.computed != 1 for r in order)  # an unfinished prefill
-                or not 0 <= min(phases) <= max(phases) < size):
+        if any(r.prompt_tokens + r.generated - r.computed != 1 for r in running):  # an unfinished prefill
             return None
-        iterations = min(r.output_tokens - r.generated for r in order)
-        taken = np.cumsum(np.bincount(phases, minlength=size)[np.arange(iterations) % size])
-        taken = taken[:np.searchsorted(taken, free, side="right")]
-        return (order, phases, taken) if len(taken) else None
+        return sorted(running, key=FCFS)
 
     def _may_admit(self) -> bool:
         """Whether admission could take the head of the queue now, or be refused by the controller's share
-        alone (which then grows): either way the next iteration is not a plain decode. Never true later in
-        a decode run, which only takes blocks."""
+        alone (which then grows): either way the next iteration is not a plain decode. While a queue waits
+        a decode run ends at the first finish, so blocks only go and this stays false."""
         c, head = self.config, self.waiting[0]
         if len(self.running) >= c.max_num_seqs or head.uncomputed > c.max_num_batched_tokens:
             return False
         return self.placement.available(unlimited=True) >= self._blocks_needed(head, head.uncomputed) + c.watermark_blocks
-
-    def commit_run(self, order: list[Request], phases: list[int], iterations: int, now: float) -> list[Request]:
-        """Apply the first `iterations` iterations of a `decode_run`: blocks allocated as `_run` would
-        (iteration by iteration, FCFS within one), every sequence `iterations` tokens on; returns the
-        requests that finished (in the last of them)."""
-        takers = sorted((j, rank) for rank, phase in enumerate(phases)
-                        for j in range(phase, iterations, self.config.block_size))
-        blocks: dict[int, list] = {}
-        for (_, rank), block in zip(takers, self.tables.pools[GPU].allocate(len(takers))):
-            blocks.setdefault(rank, []).append(block)
-        for rank, new in blocks.items():
-            self.tables.extend(order[rank].request_id, GPU, new)
-        finished = [r for r in order if r.decode(iterations, now)]
-        for request in finished:
-            self.tables.free(request.request_id)
-        self.running = [r for r in order if r.state is State.RUNNING]
-        return finished
 
     def complete(self, schedule: Schedule, now: float) -> list[Request]:
         """Advance every scheduled request by its step; free and return the ones that finished."""

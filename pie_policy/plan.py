@@ -85,16 +85,16 @@ class Plan:
 
 @dataclass(frozen=True)
 class DecodeRun:
-    """Up to `max_iterations` plain decode iterations of one batch, planned at once because nothing but
-    the tokens changes in them: no copies, no admission, no preemption, no block outside the GPU, and no
-    sequence finishes before the last. Iteration j (0-based) is `Plan` number `first_iteration + j` with
-    every sequence decoding one token over `context_sum + j · sequences` cached tokens. A backend runs
-    any prefix of it (the simulator stops before the next arrival) and commits how many it ran."""
+    """Up to `max_iterations` plain decode iterations planned at once because nothing but arithmetic
+    changes in them: every running sequence decodes one token, with no copies, no admission and no
+    preemption (see decode_runs.py). Iteration j is `Plan` number `first_iteration + j`; per iteration,
+    the arrays give its batch. A backend runs any prefix of it (the simulator stops at the next arrival)
+    and commits how many it ran."""
     first_iteration: int
-    sequences: int
-    context_sum: int             # Σ cached tokens over the batch before the first iteration
     max_iterations: int
-    gpu_blocks: np.ndarray       # GPU blocks held after each iteration (one entry per iteration)
+    sequences: np.ndarray        # sequences decoding in each iteration
+    attended: np.ndarray         # Σ over them of the positions attended (cached tokens + 1)
+    gpu_blocks: np.ndarray       # GPU blocks held after each iteration (finished sequences freed)
     block_bytes: int             # bytes of one whole block (all layers)
 
 

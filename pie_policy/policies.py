@@ -24,6 +24,7 @@ from itertools import count
 
 from hwmodels import BatchShape
 
+from . import decode_runs
 from .batching import Schedule, Scheduler
 from .blocks import CPU, GPU, BlockTables
 from .config import ConfigError, EngineConfig, check_share
@@ -112,26 +113,25 @@ class Policy:
         return plan
 
     def next_run(self) -> DecodeRun | None:
-        """The next iterations as one `DecodeRun` when they are plain decodes (see `Scheduler.decode_run`),
-        else None. Nothing changes until `commit_run`."""
-        batch = self.scheduler.decode_run()
-        if batch is None:
+        """The next iterations as one `DecodeRun` when they are plain decodes (see decode_runs.py), else
+        None. Nothing changes until `commit_run`."""
+        planned = decode_runs.plan(self.scheduler, self._iteration)
+        if planned is None:
             return None
-        order, phases, taken = batch
-        self._open_run = (order, phases)
-        return DecodeRun(self._iteration, len(order), sum(r.computed for r in order), len(taken),
-                         self.tables.pools[GPU].num_used + taken, self.config.block_bytes)
+        run, self._open_run = planned
+        return run
 
-    def commit_run(self, run: DecodeRun, iterations: int, end_s: float) -> list[Request]:
-        """Account for the first `iterations` iterations of `run`, the last ending at `end_s`; returns the
+    def commit_run(self, run: DecodeRun, ends) -> list[Request]:
+        """Account for the first len(ends) iterations of `run`, iteration j ending at ends[j]; returns the
         requests that finished. With no stall and nothing refused, the controller would only hold."""
+        iterations = len(ends)
         if self._open_run is None or run.first_iteration != self._iteration or not 1 <= iterations <= run.max_iterations:
             raise ValueError(f"cannot commit {iterations} iterations of a run that is not the one open")
-        (order, phases), self._open_run = self._open_run, None
+        opened, self._open_run = self._open_run, None
         self._iteration += iterations
         if self.swapper:
             self.swapper.skip(iterations)
-        return self.scheduler.commit_run(order, phases, iterations, end_s)
+        return decode_runs.commit(self.scheduler, opened, iterations, ends)
 
     def _block_swaps(self, schedule: Schedule) -> tuple[Copy, ...]:
         """Whole-block copies, one call per block per layer as vLLM's swap issues them."""

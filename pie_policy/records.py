@@ -53,13 +53,11 @@ class RunRecorder:
         self._row_at.append(self._count)
         self._count, self._table = self._count + 1, None
 
-    def decode_run(self, run: DecodeRun, start: float, seconds: np.ndarray, ends: np.ndarray, policy) -> None:
+    def decode_run(self, run: DecodeRun, start: float, seconds: np.ndarray, ends: np.ndarray) -> None:
         """Record the first len(ends) iterations of a committed decode run (each starts when the one before
-        ends; no copies, no stall, no CPU block); the last one's GPU holdings are the policy's after the
-        commit freed the requests that finished."""
-        gpu_kv = run.gpu_blocks[:len(ends)] * run.block_bytes
-        gpu_kv[-1] = policy.kv_bytes[0]
-        self._runs.append((self._count, start, seconds, ends, run.sequences, gpu_kv))
+        ends; no copies, no stall, no CPU block)."""
+        k = len(ends)
+        self._runs.append((self._count, start, seconds, ends, run.sequences[:k], run.gpu_blocks[:k] * run.block_bytes))
         self._count, self._table = self._count + len(ends), None
 
     @property
@@ -86,7 +84,7 @@ class RunRecorder:
             for name, values in (("start_s", begins), ("end_s", ends), ("compute_s", np.concatenate(seconds)),
                                  ("gpu_kv_bytes", np.concatenate(gpu_kv))):
                 table[name][at] = values
-            table["batch_sequences"][at] = table["decode_tokens"][at] = np.repeat(sequences, lengths)
+            table["batch_sequences"][at] = table["decode_tokens"][at] = np.concatenate(sequences)
         return table
 
     def summary(self, requests: list[Request], wall_s: float, **context) -> dict:

@@ -65,8 +65,8 @@ def simulate(policy, cost_model: CostModel, workload: pd.DataFrame, *, layer_eve
                 start = env.now
                 seconds, ends = backend.decode_run(run, start, upcoming)
                 yield env.timeout(ends[-1] - start)
-                finished = policy.commit_run(run, len(ends), float(ends[-1]))
-                recorder.decode_run(run, start, seconds, ends, policy)
+                finished = policy.commit_run(run, ends)
+                recorder.decode_run(run, start, seconds, ends)
                 if on_finish and finished:
                     on_finish(len(finished))
                 continue

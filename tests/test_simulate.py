@@ -43,14 +43,15 @@ def test_same_seed_same_run():
            [(r.first_token_s, r.finish_s, r.preemptions) for r in b.requests]
 
 
-@pytest.mark.parametrize("name", ["vllm", "vllm-swap", "pie"])
-def test_decode_runs_are_the_same_iterations_as_one_by_one(name):
+@pytest.mark.parametrize("name, rate", [("vllm", 30.0), ("vllm-swap", 30.0), ("pie", 30.0), ("vllm", 3.0), ("pie", 3.0)])
+def test_decode_runs_are_the_same_iterations_as_one_by_one(name, rate):
     """Planning plain decode stretches at once changes the Python steps, not the simulated run: the same
-    iterations with the same batches, blocks and (to rounding) times; under pressure (preemption) too."""
-    workload = load_workload("sharegpt", 120, rate=30.0, seed=3)
+    iterations with the same batches, blocks and (to rounding) times; under pressure (a queue, preemption)
+    and under a light load (runs go past finishes)."""
+    workload = load_workload("sharegpt", 120, rate=rate, seed=3)
     (_, fast), (_, slow) = run(name, workload), run(name, workload, decode_runs=False)
-    assert fast.events < slow.events, "decode runs were meant to replace iteration events"
-    assert sum(r.preemptions for r in slow.requests) > 0, "the load was meant to preempt"
+    assert fast.events < slow.events / (2 if rate < 10 else 1), "decode runs were meant to replace iteration events"
+    assert (sum(r.preemptions for r in slow.requests) > 0) == (rate > 10), "pressure was meant to preempt, light not"
     assert [(r.request_id, r.preemptions, r.generated) for r in fast.requests] == \
            [(r.request_id, r.preemptions, r.generated) for r in slow.requests]
     for a, b in zip(fast.requests, slow.requests):
