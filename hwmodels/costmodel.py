@@ -42,6 +42,7 @@ class CostModel:
         self._flops_rate = gpu.peak_flops * gpu.flops_efficiency
         self._hbm_rate = gpu.hbm_bandwidth * gpu.hbm_efficiency
         self._bandwidth = {"h2d": hw.link.h2d_bandwidth, "d2h": hw.link.d2h_bandwidth}
+        self._fit = hw.fit.check_model(model, hw.name) if hw.fit else None  # a calibrated profile's times
 
     def _roofline(self, flops: float, nbytes: float, hbm_rate: float) -> float:
         return max(flops / self._flops_rate, nbytes / hbm_rate)
@@ -49,6 +50,8 @@ class CostModel:
     def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
         """Seconds for one transformer layer. `copy_bandwidth` (bytes/s) of concurrent host↔GPU copies
         takes `compute_contention` of itself out of the HBM bandwidth left to compute."""
+        if self._fit:
+            return self._fit.layer_time(batch, copy_bandwidth)
         m = self.model
         hbm_rate = self._hbm_rate - self.hw.link.compute_contention * copy_bandwidth
         if hbm_rate <= 0:
@@ -59,6 +62,8 @@ class CostModel:
 
     def head_time(self, batch: BatchShape) -> float:
         """Seconds for the LM head over the batch's sampled tokens (embedding lookup is negligible)."""
+        if self._fit:
+            return self._fit.head_time(batch)
         return self._roofline(self.model.head_flops(batch), self.model.head_bytes(batch), self._hbm_rate)
 
     def iteration_time(self, batch: BatchShape) -> float:
