@@ -67,7 +67,7 @@ class ComputeFit:
         if architecture(model) != self.architecture:
             raise CatalogError(f"hardware profile '{profile}' was calibrated for {self.model} "
                                f"({self.architecture}), not for {model.name} ({architecture(model)}); "
-                               f"run `pie-exec calibrate --model {model.name}` for it")
+                               f"simulate the model TOML calibrate wrote beside it, or calibrate this model")
         return self
 
     def toml_values(self) -> dict:
