@@ -55,14 +55,18 @@ class CostModel:
         sample = BatchShape(sampled_tokens=1)
         self._head_flops = model.head_flops(sample)
         self._head_bytes, self._sample_bytes = model.head_bytes(empty), model.head_bytes(sample) - model.head_bytes(empty)
+        self._fit = hw.fit.check_model(model, hw.name) if hw.fit else None  # a calibrated profile's times
 
     def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
         """Seconds for one transformer layer. `copy_bandwidth` (bytes/s) of concurrent host↔GPU copies
         takes `compute_contention` of itself out of the HBM bandwidth left to compute."""
-        return self._layer_seconds(batch.tokens, batch.attended_pairs, batch.kv_tokens_read, copy_bandwidth, max)
+        return self._layer_seconds(batch, copy_bandwidth, max)
 
-    def _layer_seconds(self, tokens, pairs, read, copy_bandwidth: float, maximum):
-        """`layer_time` of the sums, elementwise over arrays with `maximum=np.maximum`."""
+    def _layer_seconds(self, batch: BatchShape, copy_bandwidth: float, maximum):
+        """`layer_time`, elementwise over a batch of arrays with `maximum=np.maximum`."""
+        if self._fit:
+            return self._fit.layer_time(batch, copy_bandwidth)
+        tokens, pairs, read = batch.tokens, batch.attended_pairs, batch.kv_tokens_read
         hbm_rate = self._hbm_rate - self.hw.link.compute_contention * copy_bandwidth
         if hbm_rate <= 0:
             raise ValueError(f"copies at {copy_bandwidth:.3g} B/s leave no HBM bandwidth to compute")
@@ -73,9 +77,12 @@ class CostModel:
 
     def head_time(self, batch: BatchShape) -> float:
         """Seconds for the LM head over the batch's sampled tokens (embedding lookup is negligible)."""
-        return self._head_seconds(batch.sampled_tokens, max)
+        return self._head_seconds(batch, max)
 
-    def _head_seconds(self, sampled, maximum):
+    def _head_seconds(self, batch: BatchShape, maximum):
+        if self._fit:
+            return self._fit.head_time(batch)
+        sampled = batch.sampled_tokens
         return maximum(self._head_flops * sampled / self._flops_rate,
                        (self._head_bytes + self._sample_bytes * sampled) / self._hbm_rate)
 
@@ -86,8 +93,9 @@ class CostModel:
     def decode_times(self, sequences: np.ndarray, attended: np.ndarray) -> np.ndarray:
         """`iteration_time` of decode-only iterations, one per entry: `sequences` decoding one token each,
         attending to `attended` positions in all (Σ cached + 1). The same arithmetic, over arrays."""
-        layer = self._layer_seconds(sequences, attended, attended, 0.0, np.maximum)
-        return self.model.num_layers * layer + self._head_seconds(sequences, np.maximum)
+        batch = BatchShape(decode_tokens=sequences, attended_pairs=attended, kv_tokens_read=attended,
+                           sampled_tokens=sequences)  # of arrays: every cost below is elementwise
+        return self.model.num_layers * self._layer_seconds(batch, 0.0, np.maximum) + self._head_seconds(batch, np.maximum)
 
     def transfer_time(self, nbytes: int, calls: int = 1, direction: str = "h2d") -> float:
         """Seconds to move `nbytes` in `calls` copies in one direction, alone on the link."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .profile import ComputeFit
 from .spec import names, parse, quantity, read_toml, resolve, section, text
 
 HARDWARE_DIR = Path(__file__).parent / "catalog" / "hardware"
@@ -53,12 +54,17 @@ class HardwareSpec:
     host: HostSpec = section("host", HostSpec)
     link: LinkSpec = section("link", LinkSpec)
     server: ServerSpec = section("server", ServerSpec)
+    fit: ComputeFit | None = None  # optional `[fit]`: measured compute times (a `pie-exec calibrate` profile)
 
 
 def load_hardware(name_or_path: str | Path) -> HardwareSpec:
     """A built-in system by name (see `hardware_names()`) or a user's TOML file of the same shape."""
     path = resolve(name_or_path, HARDWARE_DIR, "hardware")
-    return parse(HardwareSpec, read_toml(path), path, name=path.stem)
+    table = read_toml(path)
+    fit = table.pop("fit", None)
+    if fit is not None:
+        fit = parse(ComputeFit, fit, path, "fit")
+    return parse(HardwareSpec, table, path, name=path.stem, fit=fit)
 
 
 def hardware_names() -> list[str]:

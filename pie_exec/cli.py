@@ -14,6 +14,7 @@ from pie_policy import POLICIES, ConfigError
 from pie_policy.sizing import add_engine_arguments, engine_config, engine_settings, make_policy, policy_share
 from traces import TraceError, load_workload
 
+from .calibrate import add_grid_arguments, calibrate, grid_from
 from .engine import Executor
 from .run import InputError, read_prompts, run, trace_prompts, write_outputs
 from .weights import ModelFolderError, load_hf_folder, random_transformer
@@ -37,17 +38,25 @@ def cmd_env(args: argparse.Namespace, console: Console) -> None:
         console.print(f"simulate with: cpu-host ({hw.description})")
 
 
-def cmd_run(args: argparse.Namespace, console: Console) -> None:
+def _device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device here (see `pie-exec env`)")
-    dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "float16")]
+    return device, DTYPES[args.dtype or ("float32" if device.type == "cpu" else "float16")]
+
+
+def _catalog_model(name: str, seed: int, dtype: torch.dtype, device: torch.device):
+    """A catalog model (or model TOML) at `dtype`, randomly initialised: (model, spec)."""
+    spec = dataclasses.replace(load_model(name), dtype_bytes=torch.finfo(dtype).bits // 8)
+    return random_transformer(spec, seed, dtype=dtype, device=device), spec
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> None:
+    device, dtype = _device_dtype(args)
     if args.model_path:
         model, spec, _ = load_hf_folder(Path(args.model_path), dtype=dtype, device=device)
     else:
-        spec = load_model(args.model)
-        spec = dataclasses.replace(spec, dtype_bytes=torch.finfo(dtype).bits // 8)
-        model = random_transformer(spec, args.seed, dtype=dtype, device=device)
+        model, spec = _catalog_model(args.model, args.seed, dtype, device)
     model.eval()
     if args.prompts:
         prompts = read_prompts(Path(args.prompts), spec.vocab_size, spec.max_context)
@@ -72,6 +81,25 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
                   f"mean e2e {summary['e2e_mean_s']:.3f} s, stall {summary['total_stall_s']:.3f} s; wrote {out}")
 
 
+def cmd_calibrate(args: argparse.Namespace, console: Console) -> None:
+    device, dtype = _device_dtype(args)
+    base = args.base or ("cpu-host" if device.type == "cpu" else None)
+    if base is None:
+        raise InputError("--device cuda: name the catalog entry whose memory and roofline the profile keeps, "
+                         f"--base (one of {', '.join(hardware_names())})")
+    load_hardware(base)  # refused here, before minutes of timing
+    out = Path(args.out)
+    if out.suffix != ".toml":
+        raise InputError(f"--out {out}: a profile is a .toml file")
+    grid = grid_from(args)
+    try:
+        grid.batches_of(load_model(args.model).max_context)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    model, spec = _catalog_model(args.model, 0, dtype, device)
+    calibrate(model.eval(), spec, device, grid, base, out, str(dtype).removeprefix("torch."), console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pie-exec", description="Pie's PyTorch executor.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     p.add_argument("--out", required=True, help="folder for requests.csv, iterations.csv, summary.json, tokens.jsonl")
     p.set_defaults(run=cmd_run)
+    p = commands.add_parser("calibrate", help="time this machine and write a hardware profile for pie-sim --hw")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default="opt-125m", help="catalog model or model TOML")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
+    p.add_argument("--base", help="hardware entry whose memory and roofline figures the profile keeps "
+                                  "(default cpu-host on cpu)")
+    add_grid_arguments(p)
+    p.add_argument("--out", required=True, help="the profile (.toml); its points go to the same name .csv")
+    p.set_defaults(run=cmd_calibrate)
     return parser
 
 

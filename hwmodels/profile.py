@@ -1,0 +1,110 @@
+"""Measured compute times of one model on one machine: the optional `[fit]` section of a hardware TOML
+that `pie-exec calibrate` writes, and the least-squares fits it is made with.
+
+Where a hardware entry has `[fit]`, the cost model takes a layer's and the head's time from it instead of
+the roofline (the rest of the entry — memory, link — is used as ever). The fit is linear in the sums of
+`BatchShape`, which is what a layer's work is linear in:
+
+    layer_time = layer + per_prefill_token · prefill_tokens + per_decode_token · decode_tokens
+                 + per_attended_pair · attended_pairs + per_kv_token_read · kv_tokens_read,
+                 × (1 + copy_slowdown_per_gb_s · copy GB/s in flight)
+    head_time  = head + per_sampled_token · sampled_tokens + per_token · tokens
+
+Prefill and decode tokens get their own coefficient because a decode token is a sequence of its own in
+attention (per-sequence costs), while prefill tokens share one. `head_time` is everything of an iteration
+outside its layers (binding the batch, embedding, LM head, sampling). Coefficients are in µs and belong to
+one model architecture at one dtype: a profile used with another model is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import nnls
+
+from .batch import BatchShape
+from .models import ModelSpec
+from .spec import UNITS, CatalogError, quantity, text
+
+# Coefficient field → the BatchShape sum it multiplies (None: a constant per layer or per iteration).
+LAYER_TERMS = {"layer": None, "per_prefill_token": "prefill_tokens", "per_decode_token": "decode_tokens",
+               "per_attended_pair": "attended_pairs", "per_kv_token_read": "kv_tokens_read"}
+HEAD_TERMS = {"head": None, "per_sampled_token": "sampled_tokens", "per_token": "tokens"}
+
+
+def _us(key: str):
+    return quantity(key, "us", positive=False)
+
+
+@dataclass(frozen=True)
+class ComputeFit:
+    model: str = text("model")
+    architecture: str = text("architecture")
+    layer: float = _us("layer_us")
+    per_prefill_token: float = _us("layer_us_per_prefill_token")
+    per_decode_token: float = _us("layer_us_per_decode_token")
+    per_attended_pair: float = _us("layer_us_per_attended_pair")
+    per_kv_token_read: float = _us("layer_us_per_kv_token_read")
+    head: float = _us("head_us")
+    per_sampled_token: float = _us("head_us_per_sampled_token")
+    per_token: float = _us("head_us_per_token")
+    # Fractional slow-down of a layer per GB/s of host↔device copies in flight while it computes.
+    copy_slowdown_per_gb_s: float = quantity("copy_slowdown_per_gb_s", positive=False)
+
+    def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0):
+        """Seconds of one layer (elementwise when the batch's sums are arrays)."""
+        return self._linear(batch, LAYER_TERMS) * (1.0 + self.copy_slowdown_per_gb_s * copy_bandwidth / 1e9)
+
+    def head_time(self, batch: BatchShape):
+        return self._linear(batch, HEAD_TERMS)
+
+    def _linear(self, batch: BatchShape, terms: dict):
+        total = 0.0
+        for coefficient, feature in zip(self.coefficients(terms), features(batch, terms)):
+            total = total + coefficient * feature
+        return total
+
+    def coefficients(self, terms: dict) -> list[float]:
+        return [getattr(self, name) for name in terms]
+
+    def check_model(self, model: ModelSpec, profile: str) -> "ComputeFit":
+        """Itself, if `model` has the architecture it was measured with; else a CatalogError."""
+        if architecture(model) != self.architecture:
+            raise CatalogError(f"hardware profile '{profile}' was calibrated for {self.model} "
+                               f"({self.architecture}), not for {model.name} ({architecture(model)}); "
+                               f"simulate the model TOML calibrate wrote beside it, or calibrate this model")
+        return self
+
+    def toml_values(self) -> dict:
+        """The `[fit]` table in the file's units (µs), keys as the TOML names them."""
+        values = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values[f.metadata["key"]] = value * 1e6 if f.metadata.get("unit") is UNITS["us"] else value
+        return values
+
+
+def architecture(model: ModelSpec) -> str:
+    """What sets a model's compute time: its shapes and bytes per value (not its name or context)."""
+    return (f"{model.family}, {model.num_layers} layers, hidden {model.hidden_size}, heads "
+            f"{model.num_heads}/{model.num_kv_heads}, ffn {model.ffn_size}, vocab {model.vocab_size}, "
+            f"{model.dtype_bytes}-byte values")
+
+
+def features(batch: BatchShape, terms: dict) -> list:
+    return [1.0 if attr is None else getattr(batch, attr) for attr in terms.values()]
+
+
+def relative_fit(rows, seconds) -> np.ndarray:
+    """Non-negative least squares of `seconds ≈ rows · x` that minimises the squared RELATIVE errors
+    (each row divided by its measurement), so that millisecond points count as much as second ones and
+    every coefficient stays a physical, non-negative cost."""
+    a, t = np.asarray(rows, dtype=float), np.asarray(seconds, dtype=float)
+    if len(t) < a.shape[1] or np.any(t <= 0):
+        raise ValueError(f"a fit of {a.shape[1]} coefficients needs at least as many positive "
+                         f"measurements, got {len(t)}")
+    scale = a.max(axis=0)  # columns to a common size; the solver's tolerance is absolute
+    scale[scale == 0] = 1.0
+    x, _ = nnls(a / scale / t[:, None], np.ones_like(t))
+    return x / scale

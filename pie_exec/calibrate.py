@@ -1,0 +1,380 @@
+"""`pie-exec calibrate`: time this machine with the executor's own code and write a hardware profile —
+a hardware TOML with a `[fit]` section (hwmodels.profile) — that `pie-sim --hw PROFILE` simulates it with.
+
+What is timed (each point: one warm-up, then the median of `repeats`):
+- compute: whole iterations through `Executor.execute`, all KV in the device pool, over a grid of decode
+  batches (sequences × context), prefill chunks (tokens, with no context and with the longest) and one
+  mixed batch; each gives the mean time of a layer and the time outside the layers (the "head");
+- contention: the widest decode batch at a middle context again, while the copier keeps copying host→device;
+- copies: the executor's copier (a thread on the CPU, one stream a direction on CUDA) moving layer-KV
+  blocks each way, in one call and in one call per block, timed by the copier's own busy clock; then both
+  directions at once, timed on the wall.
+
+Fits (least squares of relative errors, non-negative; `hwmodels.profile.relative_fit`): layer and head
+as `hwmodels.profile` describes; copies as calls · latency + bytes / bandwidth per direction, with one
+latency for both; bidirectional = both directions' bytes / their wall time; copy slowdown = (contended /
+alone − 1) per GB/s of host→device bandwidth. Memory sizes and the roofline figures are the `--base`
+entry's. The profile is written with the fits' residuals in its header, next to a CSV of every point.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from hwmodels import BatchShape, ModelSpec
+from hwmodels.hardware import HARDWARE_DIR
+from hwmodels.profile import HEAD_TERMS, LAYER_TERMS, ComputeFit, architecture, features, relative_fit
+from hwmodels.spec import read_toml, resolve
+from pie_policy import Copy, EngineConfig, Plan
+from pie_policy.blocks import GPU, BlockRef
+from pie_policy.layerswap import runs
+from pie_policy.plan import D2H, H2D, LAYER_KV, SeqWork
+
+from .engine import Executor
+
+GB = 1e9
+
+
+@dataclass
+class Point:
+    """One timed configuration: what it measures, its shape or copy size, measured and fitted seconds."""
+    fit: str                     # layer, head, copy, bidirectional or contended
+    label: str
+    measured: float
+    shape: BatchShape = BatchShape()
+    calls: int = 0
+    bytes_h2d: int = 0
+    bytes_d2h: int = 0
+    fitted: float = math.nan
+
+    @property
+    def error(self) -> float:
+        return self.fitted / self.measured - 1
+
+
+@dataclass(frozen=True)
+class Grid:
+    batches: tuple[int, ...] = (1, 4, 16)
+    contexts: tuple[int, ...] = (64, 256, 1024)
+    prefills: tuple[int, ...] = (32, 128, 512)
+    copy_blocks: tuple[int, ...] = (1, 16, 256, 1024)
+    repeats: int = 5
+
+    def batches_of(self, max_context: int) -> list[tuple[str, list, list]]:
+        """(label, prefills as (new, cached), decode contexts) of every compute point."""
+        if max(self.contexts) >= max_context or max(self.prefills) > max_context:
+            raise ValueError(f"--contexts must stay below and --prefills within the model's context of "
+                             f"{max_context} tokens")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
+        points = [(f"decode {b} x {c}", [], [c] * b) for b in self.batches for c in self.contexts]
+        longest = max(self.contexts)
+        points += [(f"prefill {n} at {cached}", [(n, cached)], []) for n in self.prefills for cached in (0, longest)
+                   if n + cached <= max_context]
+        n, b, c = (sorted(v)[len(v) // 2] for v in (self.prefills, self.batches, self.contexts))
+        points.append((f"prefill {n} + decode {b} x {c}", [(n, 0)], [c] * b))
+        return points
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive whole numbers."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"need positive whole numbers separated by commas, got {text!r}")
+    return sizes
+
+
+GRID_OPTIONS = {"batches": "decode batch sizes", "contexts": "decode contexts; the longest is also a prefill's",
+                "prefills": "prefill chunk sizes", "copy_blocks": "KV blocks per timed copy"}
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    default = Grid()
+    for name, what in GRID_OPTIONS.items():
+        sizes = getattr(default, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=_sizes, default=sizes,
+                            help=f"{what} (default {','.join(map(str, sizes))})")
+    parser.add_argument("--repeats", type=int, default=default.repeats, help="timed repeats of each point (median)")
+
+
+def grid_from(args: argparse.Namespace) -> Grid:
+    return Grid(**{name: getattr(args, name) for name in (*GRID_OPTIONS, "repeats")})
+
+
+def plan_of(prefills: list, decodes: list, block_size: int) -> Plan:
+    """A one-iteration plan with every block in the device pool, sequences' blocks numbered in turn."""
+    seqs, slot = [], 0
+    for new, cached in [*prefills, *((1, c) for c in decodes)]:
+        blocks = -(-(new + cached) // block_size)
+        seqs.append(SeqWork(len(seqs), new, cached, True, tuple(BlockRef(GPU, slot + i) for i in range(blocks))))
+        slot += blocks
+    return Plan(0, tuple(seqs), BatchShape.of(prefills, decodes))
+
+
+def blocks_needed(plan: Plan) -> int:
+    return sum(len(s.blocks) for s in plan.seqs)
+
+
+class Calibration:
+    """The timed points of one model on one device, gathered step by step, then fitted."""
+
+    def __init__(self, model, spec: ModelSpec, device: torch.device, grid: Grid, block_size: int = 16):
+        self.model, self.spec, self.device, self.grid = model, spec, device, grid
+        self.block_size, self.cuda = block_size, device.type == "cuda"
+        self.block_bytes = block_size * spec.kv_bytes_per_token_layer  # one block of one layer
+        self.points: list[Point] = []
+        self._op = 0
+
+    def _executor(self, num_layers: int, gpu_blocks: int, cpu_blocks: int, staging_slots: int) -> Executor:
+        config = EngineConfig(num_layers=num_layers, block_bytes_layer=self.block_bytes, num_gpu_blocks=gpu_blocks,
+                              num_cpu_blocks=cpu_blocks, block_size=self.block_size)
+        return Executor(self.model, config, self.device, staging_slots)
+
+    # ---- compute
+    def _iterations(self, executor: Executor, plan: Plan, during=None) -> tuple[float, float]:
+        """Median seconds of a layer and of the rest of an iteration; `during()` runs before each one and
+        returns a callable run after it (to keep the copier busy meanwhile)."""
+        ids = [[0] * s.new_tokens for s in plan.seqs]
+        layers, heads = [], []
+        for _ in range(self.grid.repeats + 1):
+            after = during() if during else None
+            stats, _, _ = executor.execute(plan, ids, 0.0)
+            if after:
+                after()
+            compute = sum(stats.layer_compute_s)
+            layers.append(compute / len(stats.layer_compute_s))
+            heads.append(stats.end_s - stats.start_s - compute - stats.stall_s)
+        return statistics.median(layers[1:]), statistics.median(heads[1:])
+
+    def time_compute(self) -> None:
+        specs = self.grid.batches_of(self.spec.max_context)
+        plans = [(label, plan_of(p, d, self.block_size)) for label, p, d in specs]
+        executor = self._executor(self.spec.num_layers, max(blocks_needed(p) for _, p in plans), 0, 0)
+        try:
+            for label, plan in plans:
+                layer, head = self._iterations(executor, plan)
+                self.points += [Point("layer", label, layer, plan.shape), Point("head", label, head, plan.shape)]
+        finally:
+            executor.close()
+
+    # ---- copies
+    def _copy(self, direction: str, first: int, blocks: int, stride: int) -> Copy:
+        """`blocks` blocks of layer 0 from row `first`, every `stride`-th row (one call each unless 1)."""
+        pairs = tuple((first + i * stride,) * 2 for i in range(blocks))
+        return self._fresh(Copy(0, direction, LAYER_KV, 0, pairs, blocks * self.block_bytes, len(runs(pairs)),
+                                (), 0))
+
+    def _fresh(self, copy: Copy) -> Copy:
+        """`copy` again under a new id (the copier tracks copies by id)."""
+        self._op += 1
+        return dataclasses.replace(copy, op_id=self._op)
+
+    def _finish(self, executor: Executor, copies: list[Copy]) -> None:
+        executor.copier.wait([c.op_id for c in copies])
+        if self.cuda:  # CudaCopier.wait only orders the compute stream
+            torch.cuda.synchronize(self.device)
+
+    def _run_copies(self, executor: Executor, copies: list[Copy]) -> float:
+        """Wall seconds to run `copies` issued together."""
+        start = time.perf_counter()
+        executor._issue(copies)
+        self._finish(executor, copies)
+        return time.perf_counter() - start
+
+    def _busy(self, executor: Executor, copy: Copy) -> float:
+        """Median of the copier's busy seconds for `copy` (after a warm-up)."""
+        busy = []
+        for _ in range(self.grid.repeats + 1):
+            self._run_copies(executor, [self._fresh(copy)])
+            busy.append(executor.copier.take_busy()[copy.direction])
+        return statistics.median(busy[1:])
+
+    def time_copies(self) -> None:
+        """Each direction in one call and in a call a block; then both at once (the largest, half each)."""
+        sizes = sorted(self.grid.copy_blocks)
+        strided = sizes[:-1] if len(sizes) > 1 else sizes
+        executor = self._executor(1, 1, max(sizes[-1], 2 * strided[-1]), 1)
+        try:
+            for direction in (H2D, D2H):
+                for blocks, stride in [(n, 1) for n in sizes] + [(n, 2) for n in strided if n > 1]:
+                    copy = self._copy(direction, 0, blocks, stride)
+                    self.points.append(Point("copy", f"{direction} {blocks} blocks in {copy.calls} calls",
+                                             self._busy(executor, copy), calls=copy.calls,
+                                             **{f"bytes_{direction}": copy.nbytes}))
+            half = max(1, sizes[-1] // 2)
+            walls = [self._run_copies(executor, [self._copy(H2D, 0, half, 1), self._copy(D2H, half, half, 1)])
+                     for _ in range(self.grid.repeats + 1)]
+            executor.copier.take_busy()
+            self.points.append(Point("bidirectional", f"h2d and d2h {half} blocks each at once",
+                                     statistics.median(walls[1:]), calls=2, bytes_h2d=half * self.block_bytes,
+                                     bytes_d2h=half * self.block_bytes))
+        finally:
+            executor.close()
+
+    def time_contention(self) -> None:
+        """The widest decode batch at a middle context while host→device copies run through each iteration
+        (enough of them queued for 1.5 times the iteration, at the largest copy's rate)."""
+        b, c = max(self.grid.batches), sorted(self.grid.contexts)[len(self.grid.contexts) // 2]
+        plan = plan_of([], [c] * b, self.block_size)
+        iteration = sum(p.measured * (self.spec.num_layers if p.fit == "layer" else 1) for p in self.points
+                        if p.fit in ("layer", "head") and p.shape == plan.shape)
+        blocks = max(self.grid.copy_blocks)
+        largest = max((p for p in self.points if p.fit == "copy" and p.bytes_h2d), key=lambda p: p.bytes_h2d)
+        count = math.ceil(1.5 * iteration * largest.bytes_h2d / largest.measured / (blocks * self.block_bytes))
+        compute = self._executor(self.spec.num_layers, blocks_needed(plan), 0, 0)
+        copier = self._executor(1, 1, blocks, 1)
+
+        def during():
+            copies = [self._copy(H2D, 0, blocks, 1) for _ in range(count)]
+            copier._issue(copies)
+            return lambda: self._finish(copier, copies)
+        try:
+            layer, _ = self._iterations(compute, plan, during)
+        finally:
+            compute.close()
+            copier.close()
+        self.points.append(Point("contended", f"decode {b} x {c}, h2d copies in flight", layer, plan.shape))
+
+    # ---- fits
+    def fit(self) -> tuple[ComputeFit, dict]:
+        """The `[fit]` section and the measured link figures (bytes/s, seconds); fills in `fitted`."""
+        fits = {}
+        for kind, terms in (("layer", LAYER_TERMS), ("head", HEAD_TERMS)):
+            points = [p for p in self.points if p.fit == kind]
+            coefs = relative_fit([features(p.shape, terms) for p in points], [p.measured for p in points])
+            fits.update(zip(terms, coefs))
+            for p in points:
+                p.fitted = float(np.dot(coefs, features(p.shape, terms)))
+        copies = [p for p in self.points if p.fit == "copy"]
+        latency, per_h2d, per_d2h = relative_fit([[p.calls, p.bytes_h2d, p.bytes_d2h] for p in copies],
+                                                 [p.measured for p in copies])
+        if per_h2d <= 0 or per_d2h <= 0:
+            raise ValueError("copies took no time per byte: give larger --copy-blocks")
+        for p in copies:
+            p.fitted = p.calls * latency + p.bytes_h2d * per_h2d + p.bytes_d2h * per_d2h
+        both = next(p for p in self.points if p.fit == "bidirectional")
+        link = {"h2d": 1 / per_h2d, "d2h": 1 / per_d2h, "latency": latency,
+                "bidirectional": (both.bytes_h2d + both.bytes_d2h) / max(both.measured - 2 * latency, 1e-9)}
+        both.fitted = 2 * latency + (both.bytes_h2d + both.bytes_d2h) / link["bidirectional"]
+        fit = ComputeFit(self.spec.name, architecture(self.spec), **fits, copy_slowdown_per_gb_s=0.0)
+        contended = next((p for p in self.points if p.fit == "contended"), None)
+        if contended:
+            alone = fit.layer_time(contended.shape)
+            slowdown = max(0.0, contended.measured / alone - 1) / (link["h2d"] / GB)
+            fit = dataclasses.replace(fit, copy_slowdown_per_gb_s=slowdown)
+            contended.fitted = fit.layer_time(contended.shape, link["h2d"])
+        return fit, link
+
+
+def residuals(points: list[Point]) -> dict[str, tuple[float, float, int]]:
+    """Per fit: (max |relative error|, mean |relative error|, points)."""
+    out = {}
+    for kind in dict.fromkeys(p.fit for p in points):
+        errors = [abs(p.error) for p in points if p.fit == kind]
+        out[kind] = (max(errors), sum(errors) / len(errors), len(errors))
+    return out
+
+
+def points_table(points: list[Point]) -> Table:
+    table = Table("fit", "point", "measured ms", "fitted ms", "error", title="calibration points")
+    for p in points:
+        table.add_row(p.fit, p.label, f"{p.measured * 1e3:.3f}", f"{p.fitted * 1e3:.3f}", f"{p.error:+.1%}")
+    return table
+
+
+def write_points(path: Path, points: list[Point]) -> None:
+    shape_fields = [f.name for f in dataclasses.fields(BatchShape)]
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["fit", "point", *shape_fields, "calls", "bytes_h2d", "bytes_d2h", "measured_s", "fitted_s",
+                      "rel_error"])
+        for p in points:
+            out.writerow([p.fit, p.label, *(getattr(p.shape, n) for n in shape_fields), p.calls, p.bytes_h2d,
+                          p.bytes_d2h, f"{p.measured:.6g}", f"{p.fitted:.6g}", f"{p.error:.4f}"])
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return format(value, ".6g") if isinstance(value, float) else str(value)
+
+
+def toml_text(header: list[str], top: dict, tables: dict[str, dict]) -> str:
+    lines = [f"# {line}" for line in header]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    for name, table in tables.items():
+        lines += ["", f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
+    return "\n".join(lines) + "\n"
+
+
+def profile_text(base: str, fit: ComputeFit, link: dict, copy_engines: int, header: list[str]) -> str:
+    """The profile: `base`'s entry with the measured link and the `[fit]` section."""
+    table = read_toml(resolve(base, HARDWARE_DIR, "hardware"))
+    table.pop("fit", None)
+    table["link"].update(h2d_gb_s=link["h2d"] / GB, d2h_gb_s=link["d2h"] / GB,
+                         bidirectional_gb_s=link["bidirectional"] / GB, transfer_latency_us=link["latency"] * 1e6,
+                         copy_engines=copy_engines)
+    table["fit"] = fit.toml_values()
+    top = {"description": f"{table.pop('description')}; calibrated for {fit.model}"}
+    return toml_text(header, top, table)
+
+
+def model_text(spec: ModelSpec, dtype_name: str) -> str:
+    """A model TOML of `spec` (whose dtype_bytes is the one calibrated), for `pie-sim --model`."""
+    values = {f.metadata["key"]: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.metadata}
+    values["description"] = f"{spec.description} in {dtype_name}, as `pie-exec calibrate` timed it"
+    return toml_text([f"{spec.name} at {dtype_name}: the model a profile calibrated with it simulates"], values, {})
+
+
+def header_lines(settings: str, device: torch.device, points: list[Point], csv_name: str) -> list[str]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"Hardware profile measured by `pie-exec calibrate` ({settings})",
+             f"on {name}, torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+             "Layer and head times: [fit] (hwmodels/profile.py); link: the executor's copier; memory and",
+             "roofline figures: the base entry. Relative errors of the fits (every point in " + csv_name + "):"]
+    lines += [f"  {kind}: max {worst:.1%}, mean {mean:.1%} over {n} points"
+              for kind, (worst, mean, n) in residuals(points).items()]
+    return lines
+
+
+def calibrate(model, spec: ModelSpec, device: torch.device, grid: Grid, base: str, out: Path, dtype_name: str,
+              console) -> None:
+    """Time, fit, print the points and write PROFILE, its points CSV and the model TOML it simulates."""
+    started = time.perf_counter()
+    run = Calibration(model, spec, device, grid)
+    for step, what in ((run.time_compute, "compute"), (run.time_copies, "copies"), (run.time_contention, "contention")):
+        console.print(f"timing {what}")  # not a live spinner: its thread would take the GIL from the timed work
+        step()
+    fit, link = run.fit()
+    console.print(points_table(run.points))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    points_csv = out.with_suffix(".csv")
+    model_toml = out.parent / f"{spec.name}-{dtype_name}.toml"
+    write_points(points_csv, run.points)
+    model_toml.write_text(model_text(spec, dtype_name))
+    settings = f"{spec.name} {dtype_name} on {device.type}, base {base}, {grid}"
+    header = header_lines(settings, device, run.points, points_csv.name)
+    out.write_text(profile_text(base, fit, link, 2 if device.type == "cuda" else 1, header))
+    for line in header[-len(residuals(run.points)):]:
+        console.print(line.strip(), highlight=False)
+    console.print(f"link: h2d {link['h2d'] / GB:.1f} GB/s, d2h {link['d2h'] / GB:.1f} GB/s, both at once "
+                  f"{link['bidirectional'] / GB:.1f} GB/s, {link['latency'] * 1e6:.1f} us a call; a layer "
+                  f"{fit.copy_slowdown_per_gb_s:.1%} slower per GB/s of copies")
+    console.print(f"wrote {out}, {points_csv.name} and {model_toml.name} in {time.perf_counter() - started:.0f} s; "
+                  f"simulate with: pie-sim run --hw {out} --model {model_toml} ...", highlight=False)

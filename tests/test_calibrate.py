@@ -1,0 +1,179 @@
+"""`pie-exec calibrate` and the `[fit]` section it writes: the fits recover known costs, a real (tiny) run
+writes a profile the cost model loads and predicts with, and bad profiles or input are refused."""
+import csv
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from hwmodels import BatchShape, CatalogError, CostModel, load_hardware, load_model
+from hwmodels.profile import LAYER_TERMS, features, relative_fit
+from pie_exec.calibrate import Calibration, Grid, Point
+from pie_exec.cli import main as pie_exec
+
+from .conftest import DATA
+
+TINY = DATA / "tiny-opt.toml"
+
+
+def layer_seconds(b: BatchShape) -> float:
+    """The costs the synthetic tests hide, written out independently of hwmodels.profile."""
+    return 40e-6 + 20e-6 * b.prefill_tokens + 90e-6 * b.decode_tokens + 3e-9 * b.attended_pairs + 0.0 * b.kv_tokens_read
+
+
+def head_seconds(b: BatchShape) -> float:
+    return 5e-3 + 100e-6 * b.sampled_tokens + 2e-6 * b.tokens
+
+
+def synthetic_points() -> list[Point]:
+    """Compute points on the default grid, copies of several sizes and calls, with the costs above; the
+    contended layer is 30% slower with 10 GB/s of copies (h2d at 10 GB/s, d2h 8 GB/s, 3 µs a call)."""
+    points = []
+    for label, prefills, decodes in Grid().batches_of(2048):
+        shape = BatchShape.of(prefills, decodes)
+        points += [Point("layer", label, layer_seconds(shape), shape), Point("head", label, head_seconds(shape), shape)]
+    for calls, blocks in ((1, 1), (1, 64), (1, 1024), (64, 64)):
+        nbytes = blocks * 100_000
+        points += [Point("copy", "", calls * 3e-6 + nbytes / 10e9, calls=calls, bytes_h2d=nbytes),
+                   Point("copy", "", calls * 3e-6 + nbytes / 8e9, calls=calls, bytes_d2h=nbytes)]
+    points.append(Point("bidirectional", "", 2 * 3e-6 + 2e8 / 12e9, calls=2, bytes_h2d=10**8, bytes_d2h=10**8))
+    shape = BatchShape.of(decodes=[256] * 16)
+    points.append(Point("contended", "", 1.3 * layer_seconds(shape), shape))
+    return points
+
+
+def test_relative_fit_recovers_known_coefficients():
+    shapes = [p.shape for p in synthetic_points() if p.fit == "layer"]
+    coefs = relative_fit([features(s, LAYER_TERMS) for s in shapes], [layer_seconds(s) for s in shapes])
+    assert coefs == pytest.approx([40e-6, 20e-6, 90e-6, 3e-9, 0.0], rel=1e-6, abs=1e-12)
+
+
+def test_relative_fit_keeps_costs_non_negative_and_needs_enough_points():
+    coefs = relative_fit([[1, 1], [1, 2], [1, 3]], [3.0, 2.0, 1.0])  # falling time: no negative slope
+    assert min(coefs) >= 0
+    with pytest.raises(ValueError, match="at least as many"):
+        relative_fit([[1, 1]], [1.0])
+
+
+def test_calibration_fit_recovers_compute_link_and_contention():
+    spec = dataclasses.replace(load_model(TINY), dtype_bytes=4)
+    run = Calibration(None, spec, torch.device("cpu"), Grid())
+    run.points = synthetic_points()
+    fit, link = run.fit()
+    assert link["h2d"] == pytest.approx(10e9, rel=1e-6) and link["d2h"] == pytest.approx(8e9, rel=1e-6)
+    assert link["latency"] == pytest.approx(3e-6, rel=1e-6)
+    assert link["bidirectional"] == pytest.approx(12e9, rel=1e-6)
+    assert fit.copy_slowdown_per_gb_s == pytest.approx(0.03, rel=1e-6)
+    mixed = BatchShape.of(prefills=[(100, 300)], decodes=[50, 900, 7])  # a shape the grid never had
+    assert fit.layer_time(mixed) == pytest.approx(layer_seconds(mixed), rel=1e-6)
+    assert fit.layer_time(mixed, 5e9) == pytest.approx(1.15 * layer_seconds(mixed), rel=1e-6)
+    assert fit.head_time(mixed) == pytest.approx(head_seconds(mixed), rel=1e-6)
+    assert all(abs(p.error) < 1e-6 for p in run.points)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny layers take ~0.2 ms; on a shared 2-core machine an OpenMP barrier whose partner thread lost its
+    core spins for milliseconds, which would swamp them. One thread has no barrier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_tiny_real_calibration_writes_a_profile_the_cost_model_predicts_with(tmp_path, capsys, one_thread):
+    out = tmp_path / "prof" / "tiny-cpu.toml"
+    assert pie_exec(["calibrate", "--model", str(TINY), "--batches", "1,2", "--contexts", "16,48",
+                     "--prefills", "8", "--copy-blocks", "1,4,8", "--repeats", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration points" in printed and "layer: max" in printed
+    hw = load_hardware(out)
+    assert hw.fit is not None and hw.link.copy_engines == 1 and hw.link.h2d_bandwidth > 0
+    assert "layer: max" in out.read_text()  # the residuals travel with the profile
+    model = load_model(out.parent / "tiny-opt-float32.toml")
+    cm = CostModel(hw, model)
+    with open(out.with_suffix(".csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["fit"] == "layer"]
+    assert len(rows) == 2 * 2 + 2 + 1  # decodes, prefills with no and the longest context, one mixed
+    errors = []
+    for row in rows:
+        shape = BatchShape(**{k: int(row[k]) for k in ("prefill_tokens", "decode_tokens", "attended_pairs",
+                                                         "kv_tokens_read", "sampled_tokens")})
+        predicted = cm.layer_time(shape)
+        assert predicted == pytest.approx(float(row["fitted_s"]), rel=1e-4)  # the file says what the fit said
+        errors.append(abs(predicted / float(row["measured_s"]) - 1))
+    assert sorted(errors)[len(errors) // 2] < 1.0  # loose: within 2x on a shared 2-core machine, tiny layers
+    with pytest.raises(CatalogError, match="calibrated for tiny-opt .*4-byte values.*2-byte values"):
+        CostModel(hw, load_model(TINY))  # the catalog's FP16 entry is another model
+
+
+FIT = """
+[fit]
+model = "tiny-opt"
+architecture = "opt, 2 layers, hidden 64, heads 4/4, ffn 256, vocab 1000, 2-byte values"
+layer_us = 10
+layer_us_per_prefill_token = 1
+layer_us_per_decode_token = 2
+layer_us_per_attended_pair = 0.001
+layer_us_per_kv_token_read = 0.01
+head_us = 50
+head_us_per_sampled_token = 3
+head_us_per_token = 0
+copy_slowdown_per_gb_s = 0.1
+"""
+
+
+def test_a_hand_written_fit_replaces_the_roofline(write):
+    hw = load_hardware(write("hw.toml", (DATA / "tiny-hw.toml").read_text() + FIT))
+    cm = CostModel(hw, load_model(TINY))
+    b = BatchShape.of(prefills=[(4, 0)], decodes=[10, 20])
+    assert cm.layer_time(b) == pytest.approx((10 + 4 + 2 * 2 + 0.001 * (10 + 11 + 21) + 0.01 * (4 + 11 + 21)) * 1e-6)
+    assert cm.layer_time(b, copy_bandwidth=5e9) == pytest.approx(1.5 * cm.layer_time(b))
+    assert cm.head_time(b) == pytest.approx((50 + 3 * 3) * 1e-6)
+    assert_decode_times_match_iteration_time(cm)
+
+
+def assert_decode_times_match_iteration_time(cm: CostModel) -> None:
+    """The simulator's array pricing of decode runs is `iteration_time` of each batch, to the last bit."""
+    contexts = [[5], [5, 17], [40, 3, 9], [1] * 7]
+    times = cm.decode_times(np.array([len(c) for c in contexts]), np.array([sum(c) + len(c) for c in contexts]))
+    assert times.tolist() == [cm.iteration_time(BatchShape.of(decodes=c)) for c in contexts]
+
+
+def test_decode_times_match_iteration_time_on_the_roofline():
+    assert_decode_times_match_iteration_time(CostModel(load_hardware(DATA / "tiny-hw.toml"), load_model(TINY)))
+    assert_decode_times_match_iteration_time(CostModel(load_hardware("gh200-96g"), load_model("opt-13b")))
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda t: t.replace("layer_us = 10", "layer_us = -1"), "field 'fit.layer_us' must not be negative"),
+    (lambda t: t.replace("head_us = 50", "head_ms = 50"), "unknown field 'fit.head_ms'"),
+    (lambda t: t.replace('architecture = "opt', 'arch = "opt'), "unknown field 'fit.arch'"),
+    (lambda t: t.replace("copy_slowdown_per_gb_s = 0.1", ""), "missing field 'fit.copy_slowdown_per_gb_s'"),
+    (lambda t: t.replace("head_us = 50", 'head_us = "fast"'), "field 'fit.head_us' must be a number"),
+])
+def test_a_bad_fit_is_refused_naming_file_and_field(write, edit, problem):
+    path = write("bad.toml", (DATA / "tiny-hw.toml").read_text() + edit(FIT))
+    with pytest.raises(CatalogError, match=f"{path}.*{problem}"):
+        load_hardware(path)
+
+
+@pytest.mark.parametrize("args, name, message", [
+    (["--model", "opt-7b"], "p.toml", "unknown model 'opt-7b'"),
+    (["--model", str(TINY), "--contexts", "16,128"], "p.toml", "--contexts must stay below"),
+    (["--model", str(TINY), "--contexts", "16", "--prefills", "8", "--repeats", "0"], "p.toml", "--repeats must be at least 1"),
+    (["--model", str(TINY), "--base", "no-such-host"], "p.toml", "unknown hardware 'no-such-host'"),
+    (["--model", str(TINY)], "p.txt", "a profile is a .toml file"),
+])
+def test_bad_input_is_refused_before_timing(tmp_path, capsys, args, name, message):
+    out = tmp_path / name
+    assert pie_exec(["calibrate", *args, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().out
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    assert pie_exec(["calibrate", "--device", "cuda", "--out", str(tmp_path / "p.toml")]) == 2
+    assert "no CUDA device here" in capsys.readouterr().out
