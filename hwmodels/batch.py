@@ -14,12 +14,18 @@ class BatchShape:
     attended_pairs: Σ over every new token of the positions it attends to (causal, itself included).
     kv_tokens_read: Σ over sequences of the tokens whose K and V attention reads (cached + new).
     sampled_tokens: tokens that go through the LM head (one per sequence in the batch).
+    padded_keys:    sequences × the longest sequence's keys, and
+    padded_pairs:   sequences × its most new tokens × its longest keys: what attention touches when every
+                    sequence is padded to the longest (the executor's one SDPA call per layer does that;
+                    a paged kernel does not, and the roofline leaves these out).
     """
     prefill_tokens: int = 0
     decode_tokens: int = 0
     attended_pairs: int = 0
     kv_tokens_read: int = 0
     sampled_tokens: int = 0
+    padded_keys: int = 0
+    padded_pairs: int = 0
 
     @property
     def tokens(self) -> int:
@@ -29,7 +35,7 @@ class BatchShape:
     def of(cls, prefills: Iterable[tuple[int, int]] = (), decodes: Iterable[int] = ()) -> "BatchShape":
         """From per-sequence lengths: `prefills` as (new tokens, tokens already cached), `decodes` as
         the number of tokens already cached for each decoding sequence."""
-        prefill_tokens = attended = read = sampled = 0
+        prefill_tokens = attended = read = sampled = most_new = most_keys = 0
         for new, cached in prefills:
             if new < 1 or cached < 0:
                 raise ValueError(f"prefill needs new >= 1 and cached >= 0 tokens, got ({new}, {cached})")
@@ -37,6 +43,7 @@ class BatchShape:
             attended += new * cached + new * (new + 1) // 2
             read += cached + new
             sampled += 1
+            most_new, most_keys = max(most_new, new), max(most_keys, cached + new)
         decode_tokens = 0
         for cached in decodes:
             if cached < 1:
@@ -45,4 +52,6 @@ class BatchShape:
             attended += cached + 1
             read += cached + 1
             sampled += 1
-        return cls(prefill_tokens, decode_tokens, attended, read, sampled)
+            most_new, most_keys = max(most_new, 1), max(most_keys, cached + 1)
+        return cls(prefill_tokens, decode_tokens, attended, read, sampled, sampled * most_keys,
+                   sampled * most_new * most_keys)

@@ -90,11 +90,12 @@ class CostModel:
         """Seconds for a whole forward pass with no copy in flight and no stall."""
         return self.model.num_layers * self.layer_time(batch) + self.head_time(batch)
 
-    def decode_times(self, sequences: np.ndarray, attended: np.ndarray) -> np.ndarray:
+    def decode_times(self, sequences: np.ndarray, attended: np.ndarray, padded: np.ndarray) -> np.ndarray:
         """`iteration_time` of decode-only iterations, one per entry: `sequences` decoding one token each,
-        attending to `attended` positions in all (Σ cached + 1). The same arithmetic, over arrays."""
+        attending to `attended` positions in all (Σ cached + 1), `padded` when padded to the longest. The
+        same arithmetic, over arrays."""
         batch = BatchShape(decode_tokens=sequences, attended_pairs=attended, kv_tokens_read=attended,
-                           sampled_tokens=sequences)  # of arrays: every cost below is elementwise
+                           sampled_tokens=sequences, padded_keys=padded, padded_pairs=padded)  # elementwise
         return self.model.num_layers * self._layer_seconds(batch, 0.0, np.maximum) + self._head_seconds(batch, np.maximum)
 
     def transfer_time(self, nbytes: int, calls: int = 1, direction: str = "h2d") -> float:

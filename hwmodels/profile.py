@@ -6,12 +6,15 @@ the roofline (the rest of the entry — memory, link — is used as ever). The f
 `BatchShape`, which is what a layer's work is linear in:
 
     layer_time = layer + per_prefill_token · prefill_tokens + per_decode_token · decode_tokens
-                 + per_attended_pair · attended_pairs + per_kv_token_read · kv_tokens_read,
+                 + per_attended_pair · attended_pairs + per_kv_token_read · kv_tokens_read
+                 + per_padded_key · padded_keys + per_padded_pair · padded_pairs,
                  × (1 + copy_slowdown_per_gb_s · copy GB/s in flight)
     head_time  = head + per_sampled_token · sampled_tokens + per_token · tokens
 
 Prefill and decode tokens get their own coefficient because a decode token is a sequence of its own in
-attention (per-sequence costs), while prefill tokens share one. `head_time` is everything of an iteration
+attention (per-sequence costs), while prefill tokens share one. The padded sums are there because the
+executor's attention pads every sequence to the batch's longest: with contexts of mixed length its work
+follows them, not the tokens actually attended. `head_time` is everything of an iteration
 outside its layers (binding the batch, embedding, LM head, sampling). Coefficients are in µs and belong to
 one model architecture at one dtype: a profile used with another model is refused.
 """
@@ -29,7 +32,8 @@ from .spec import UNITS, CatalogError, quantity, text
 
 # Coefficient field → the BatchShape sum it multiplies (None: a constant per layer or per iteration).
 LAYER_TERMS = {"layer": None, "per_prefill_token": "prefill_tokens", "per_decode_token": "decode_tokens",
-               "per_attended_pair": "attended_pairs", "per_kv_token_read": "kv_tokens_read"}
+               "per_attended_pair": "attended_pairs", "per_kv_token_read": "kv_tokens_read",
+               "per_padded_key": "padded_keys", "per_padded_pair": "padded_pairs"}
 HEAD_TERMS = {"head": None, "per_sampled_token": "sampled_tokens", "per_token": "tokens"}
 
 
@@ -46,6 +50,8 @@ class ComputeFit:
     per_decode_token: float = _us("layer_us_per_decode_token")
     per_attended_pair: float = _us("layer_us_per_attended_pair")
     per_kv_token_read: float = _us("layer_us_per_kv_token_read")
+    per_padded_key: float = _us("layer_us_per_padded_key")
+    per_padded_pair: float = _us("layer_us_per_padded_pair")
     head: float = _us("head_us")
     per_sampled_token: float = _us("head_us_per_sampled_token")
     per_token: float = _us("head_us_per_token")

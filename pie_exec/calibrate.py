@@ -84,6 +84,13 @@ class Grid:
                    if n + cached <= max_context]
         n, b, c = (sorted(v)[len(v) // 2] for v in (self.prefills, self.batches, self.contexts))
         points.append((f"prefill {n} + decode {b} x {c}", [(n, 0)], [c] * b))
+        # Mixed lengths, where padding to the longest costs more than the tokens attended (BatchShape).
+        short = min(self.contexts)
+        points += [(f"decode {b - 1} x {short} + 1 x {longest}", [], [short] * (b - 1) + [longest])
+                   for b in self.batches if b > 1]
+        few, most = min(self.prefills), max(self.prefills)
+        if few < most:
+            points.append((f"prefills {most} + {few}", [(most, 0), (few, 0)], []))
         return points
 
 

@@ -64,8 +64,10 @@ def plan(scheduler: Scheduler, first_iteration: int, horizon: int = HORIZON) -> 
     sequences = len(order) - gone
     before = np.concatenate(([0], np.cumsum(cached[by_end])))
     attended = (cached.sum() - before[gone]) + sequences * (steps + 1)  # Σ (cached + 1) over the batch
+    longest = np.maximum.accumulate(cached[by_end][::-1])[::-1]          # the longest among those still in
+    padded = sequences * (longest[np.minimum(gone, len(order) - 1)] + steps + 1)
     gpu_blocks = tables.pools[GPU].num_used + np.cumsum(taken[:last] - freed[:last])
-    run = DecodeRun(first_iteration, last, sequences, attended, gpu_blocks, scheduler.config.block_bytes)
+    run = DecodeRun(first_iteration, last, sequences, attended, padded, gpu_blocks, scheduler.config.block_bytes)
     return run, OpenRun(order, phases, remaining)
 
 

@@ -94,6 +94,7 @@ class DecodeRun:
     max_iterations: int
     sequences: np.ndarray        # sequences decoding in each iteration
     attended: np.ndarray         # Σ over them of the positions attended (cached tokens + 1)
+    padded: np.ndarray           # sequences × the longest one's positions (see BatchShape.padded_keys)
     gpu_blocks: np.ndarray       # GPU blocks held after each iteration (finished sequences freed)
     block_bytes: int             # bytes of one whole block (all layers)
 

@@ -44,7 +44,7 @@ class Timeline:
     def decode_run(self, run: DecodeRun, start: float, before: float) -> tuple[np.ndarray, np.ndarray]:
         """(seconds, end) of each iteration of `run` that starts before `before` (the next arrival; at least
         the first). Without copies each takes `CostModel.iteration_time` of its batch, stall-free."""
-        seconds = self.cost_model.decode_times(run.sequences, run.attended)
+        seconds = self.cost_model.decode_times(run.sequences, run.attended, run.padded)
         ends = start + np.cumsum(seconds)
         taken = 1 + int(np.searchsorted(ends[:-1], before, side="left"))
         self.links.advance(ends[taken - 1])

@@ -19,7 +19,8 @@ TINY = DATA / "tiny-opt.toml"
 
 def layer_seconds(b: BatchShape) -> float:
     """The costs the synthetic tests hide, written out independently of hwmodels.profile."""
-    return 40e-6 + 20e-6 * b.prefill_tokens + 90e-6 * b.decode_tokens + 3e-9 * b.attended_pairs + 0.0 * b.kv_tokens_read
+    return (40e-6 + 20e-6 * b.prefill_tokens + 90e-6 * b.decode_tokens + 3e-9 * b.attended_pairs + 0.0 * b.kv_tokens_read
+            + 5e-9 * b.padded_keys + 0.0 * b.padded_pairs)
 
 
 def head_seconds(b: BatchShape) -> float:
@@ -46,7 +47,7 @@ def synthetic_points() -> list[Point]:
 def test_relative_fit_recovers_known_coefficients():
     shapes = [p.shape for p in synthetic_points() if p.fit == "layer"]
     coefs = relative_fit([features(s, LAYER_TERMS) for s in shapes], [layer_seconds(s) for s in shapes])
-    assert coefs == pytest.approx([40e-6, 20e-6, 90e-6, 3e-9, 0.0], rel=1e-6, abs=1e-12)
+    assert coefs == pytest.approx([40e-6, 20e-6, 90e-6, 3e-9, 0.0, 5e-9, 0.0], rel=1e-6, abs=1e-12)
 
 
 def test_relative_fit_keeps_costs_non_negative_and_needs_enough_points():
@@ -95,11 +96,10 @@ def test_a_tiny_real_calibration_writes_a_profile_the_cost_model_predicts_with(t
     cm = CostModel(hw, model)
     with open(out.with_suffix(".csv")) as f:
         rows = [r for r in csv.DictReader(f) if r["fit"] == "layer"]
-    assert len(rows) == 2 * 2 + 2 + 1  # decodes, prefills with no and the longest context, one mixed
+    assert len(rows) == 2 * 2 + 2 + 1 + 1  # decodes, prefills with no and the longest context, one mixed, one skewed
     errors = []
     for row in rows:
-        shape = BatchShape(**{k: int(row[k]) for k in ("prefill_tokens", "decode_tokens", "attended_pairs",
-                                                         "kv_tokens_read", "sampled_tokens")})
+        shape = BatchShape(**{f.name: int(row[f.name]) for f in dataclasses.fields(BatchShape)})
         predicted = cm.layer_time(shape)
         assert predicted == pytest.approx(float(row["fitted_s"]), rel=1e-4)  # the file says what the fit said
         errors.append(abs(predicted / float(row["measured_s"]) - 1))
@@ -117,6 +117,8 @@ layer_us_per_prefill_token = 1
 layer_us_per_decode_token = 2
 layer_us_per_attended_pair = 0.001
 layer_us_per_kv_token_read = 0.01
+layer_us_per_padded_key = 0.02
+layer_us_per_padded_pair = 0.003
 head_us = 50
 head_us_per_sampled_token = 3
 head_us_per_token = 0
@@ -128,7 +130,9 @@ def test_a_hand_written_fit_replaces_the_roofline(write):
     hw = load_hardware(write("hw.toml", (DATA / "tiny-hw.toml").read_text() + FIT))
     cm = CostModel(hw, load_model(TINY))
     b = BatchShape.of(prefills=[(4, 0)], decodes=[10, 20])
-    assert cm.layer_time(b) == pytest.approx((10 + 4 + 2 * 2 + 0.001 * (10 + 11 + 21) + 0.01 * (4 + 11 + 21)) * 1e-6)
+    padded_keys, padded_pairs = 3 * 21, 3 * 4 * 21  # 3 sequences, at most 4 new tokens, 21 keys at most
+    assert cm.layer_time(b) == pytest.approx((10 + 4 + 2 * 2 + 0.001 * (10 + 11 + 21) + 0.01 * (4 + 11 + 21)
+                                              + 0.02 * padded_keys + 0.003 * padded_pairs) * 1e-6)
     assert cm.layer_time(b, copy_bandwidth=5e9) == pytest.approx(1.5 * cm.layer_time(b))
     assert cm.head_time(b) == pytest.approx((50 + 3 * 3) * 1e-6)
     assert_decode_times_match_iteration_time(cm)
@@ -137,7 +141,8 @@ def test_a_hand_written_fit_replaces_the_roofline(write):
 def assert_decode_times_match_iteration_time(cm: CostModel) -> None:
     """The simulator's array pricing of decode runs is `iteration_time` of each batch, to the last bit."""
     contexts = [[5], [5, 17], [40, 3, 9], [1] * 7]
-    times = cm.decode_times(np.array([len(c) for c in contexts]), np.array([sum(c) + len(c) for c in contexts]))
+    times = cm.decode_times(np.array([len(c) for c in contexts]), np.array([sum(c) + len(c) for c in contexts]),
+                            np.array([len(c) * (max(c) + 1) for c in contexts]))
     assert times.tolist() == [cm.iteration_time(BatchShape.of(decodes=c)) for c in contexts]
 
 
