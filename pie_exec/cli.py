@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from hwmodels import CatalogError, hardware_names, load_hardware, load_model
+from hwmodels import CatalogError, CostModel, hardware_names, load_hardware, load_model
 from pie_policy import POLICIES, ConfigError
 from pie_policy.sizing import add_engine_arguments, engine_config, engine_settings, make_policy, policy_share
 from traces import TraceError, load_workload
@@ -17,6 +17,7 @@ from traces import TraceError, load_workload
 from .calibrate import add_grid_arguments, calibrate, grid_from
 from .engine import Executor
 from .run import InputError, read_prompts, run, trace_prompts, write_outputs
+from .validate import compare_policy, report
 from .weights import ModelFolderError, load_hf_folder, random_transformer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -100,6 +101,34 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> None:
     calibrate(model.eval(), spec, device, grid, base, out, str(dtype).removeprefix("torch."), console)
 
 
+def cmd_validate(args: argparse.Namespace, console: Console) -> None:
+    device, dtype = _device_dtype(args)
+    hw = load_hardware(args.profile)
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown or not names:
+        raise InputError(f"--policies: unknown policy '{unknown[0] if unknown else ''}' (known: {', '.join(POLICIES)})")
+    model, spec = _catalog_model(args.model, args.seed, dtype, device)
+    CostModel(hw, spec)  # refuses a profile calibrated for another model before anything runs
+    workload = load_workload(args.trace, args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed,
+                             max_total_tokens=spec.max_context + 1)
+    prompts = trace_prompts(workload, spec.vocab_size, args.seed)
+    comparisons = [compare_policy(name, model.eval(), spec, device, hw, prompts, int(args.gpu_kv_gb * GiB),
+                                  int(args.cpu_kv_gb * GiB), args.share, engine_settings(args), console.is_terminal)
+                   for name in names]
+    report(comparisons, Path(args.out), console)
+    console.print(f"wrote {args.out}/validate.csv and validate.png")
+
+
+def _workload_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--rate", type=float, help="re-time arrivals at this rate (req/s; inf: all at once)")
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of re-timed gaps")
+    p.add_argument("--gpu-kv-gb", type=float, default=0.25, help="GPU KV pool (with the staging area), GiB")
+    p.add_argument("--cpu-kv-gb", type=float, default=1.0, help="CPU KV pool, GiB")
+    add_engine_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pie-exec", description="Pie's PyTorch executor.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,12 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     work = p.add_mutually_exclusive_group()
     work.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
     work.add_argument("--prompts", help="JSONL: {\"id\", \"prompt_token_ids\", \"max_new_tokens\"} per line")
-    p.add_argument("--num-requests", type=int, default=16)
-    p.add_argument("--rate", type=float, help="re-time arrivals at this rate (req/s; inf: all at once)")
-    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of re-timed gaps")
-    p.add_argument("--gpu-kv-gb", type=float, default=0.25, help="GPU KV pool (with the staging area), GiB")
-    p.add_argument("--cpu-kv-gb", type=float, default=1.0, help="CPU KV pool, GiB")
-    add_engine_arguments(p)
+    _workload_arguments(p)
     p.add_argument("--out", required=True, help="folder for requests.csv, iterations.csv, summary.json, tokens.jsonl")
     p.set_defaults(run=cmd_run)
     p = commands.add_parser("calibrate", help="time this machine and write a hardware profile for pie-sim --hw")
@@ -131,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_arguments(p)
     p.add_argument("--out", required=True, help="the profile (.toml); its points go to the same name .csv")
     p.set_defaults(run=cmd_calibrate)
+    p = commands.add_parser("validate", help="run the executor and the simulator on the same requests, compare")
+    p.add_argument("--profile", required=True, help="hardware profile from `pie-exec calibrate` on this machine")
+    p.add_argument("--model", default="opt-125m", help="catalog model or model TOML (the profile's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
+    p.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
+    p.add_argument("--policies", default="vllm,static,pie", help=", ".join(POLICIES))
+    _workload_arguments(p)
+    p.add_argument("--out", required=True, help="folder for validate.csv and validate.png")
+    p.set_defaults(run=cmd_validate)
     return parser
 
 

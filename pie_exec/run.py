@@ -10,11 +10,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from rich.progress import Progress
 
-from pie_policy import Policy, State
+from pie_policy import IterationStats, Plan, Policy, State
 from pie_policy.records import RunRecorder
 
 from .engine import Executor
@@ -79,8 +80,10 @@ def check_fits(policy: Policy, prompts: list[Prompt]) -> None:
                              f"{c.num_cpu_blocks} blocks of {c.block_size} tokens): raise --gpu-kv-gb")
 
 
-def run(executor: Executor, policy: Policy, prompts: list[Prompt], progress: bool = True):
-    """Serve `prompts` to the end; returns (requests, generated token ids per request, recorder, wall s)."""
+def run(executor: Executor, policy: Policy, prompts: list[Prompt], progress: bool = True,
+        on_iteration: Callable[[Plan, IterationStats], None] | None = None):
+    """Serve `prompts` to the end; returns (requests, generated token ids per request, recorder, wall s).
+    `on_iteration` sees every executed plan with its stats."""
     check_fits(policy, prompts)
     recorder = RunRecorder()
     tokens = {i: list(p.token_ids) for i, p in enumerate(prompts)}
@@ -103,6 +106,8 @@ def run(executor: Executor, policy: Policy, prompts: list[Prompt], progress: boo
                 tokens[seq.request_id].append(token)
             finished = policy.observe(plan, stats)
             recorder.iteration(plan, stats, policy)
+            if on_iteration:
+                on_iteration(plan, stats)
             bar.advance(task, len(finished))
     wall = time.perf_counter() - start
     assert all(r.state is State.FINISHED for r in requests)

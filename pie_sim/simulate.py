@@ -52,7 +52,8 @@ def simulate(policy, cost_model: CostModel, workload: pd.DataFrame, *, layer_eve
 
     def arrivals():
         for request_id, arrival, prompt, output in rows:
-            yield env.timeout(arrival - env.now)
+            if arrival > env.now:  # requests arriving together are all queued before the engine plans
+                yield env.timeout(arrival - env.now)
             requests.append(policy.add_request(request_id, arrival, prompt, output))
             if not wake[0].triggered:
                 wake[0].succeed()

@@ -1,0 +1,140 @@
+"""`pie-exec validate`: the executor measures, the simulator predicts, on the same requests.
+
+For each policy: the executor serves the prompts for real (arrivals at their times); then the simulator
+serves requests of the same lengths and arrival times with the same engine (pools, block size, limits:
+one `engine_config`) on the hardware profile `pie-exec calibrate` wrote. The report puts measured and
+predicted side by side with the relative error (predicted / measured - 1) of throughput, TTFT, TPOT, e2e
+latency, iteration time and bytes moved. The plot prices each measured iteration's own plan on the
+profile (`Timeline` replaying the executed plans at their measured starts): the per-iteration view of
+the same error. This is the one module where the two backends meet.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from hwmodels import CostModel, HardwareSpec, ModelSpec
+from pie_policy.records import write_csv
+from pie_policy.sizing import engine_config, make_policy, policy_share
+from pie_sim.simulate import simulate
+from pie_sim.timeline import Timeline
+
+from .engine import Executor
+from .run import Prompt, run
+
+# summary key → label; iteration_mean_s is added from the iterations
+METRICS = (("throughput_tok_s", "throughput tok/s"), ("ttft_mean_s", "TTFT mean s"), ("ttft_p50_s", "TTFT p50 s"),
+           ("ttft_p99_s", "TTFT p99 s"), ("tpot_mean_s", "TPOT mean s"), ("tpot_p99_s", "TPOT p99 s"),
+           ("e2e_mean_s", "e2e mean s"), ("e2e_p50_s", "e2e p50 s"), ("e2e_p99_s", "e2e p99 s"),
+           ("iteration_mean_s", "iteration mean s"), ("total_bytes_h2d", "bytes h2d"),
+           ("total_bytes_d2h", "bytes d2h"))
+
+
+@dataclasses.dataclass
+class Comparison:
+    policy: str
+    rows: list[tuple[str, float | None, float | None]]   # (metric, measured, predicted)
+    measured_iterations: np.ndarray                       # seconds of each executed iteration
+    replayed_iterations: np.ndarray                       # the profile's seconds for the same plans
+
+    def error(self, metric: str) -> float | None:
+        measured, predicted = next((m, p) for name, m, p in self.rows if name == metric)
+        return relative_error(measured, predicted)
+
+
+def relative_error(measured: float | None, predicted: float | None) -> float | None:
+    if measured is None or predicted is None or measured == 0:
+        return None
+    return predicted / measured - 1
+
+
+def workload_of(prompts: list[Prompt]) -> pd.DataFrame:
+    """The simulator's view of the executor's requests: ids as the executor numbers them, lengths, times."""
+    return pd.DataFrame({"request_id": range(len(prompts)), "arrival_s": [p.arrival_s for p in prompts],
+                         "prompt_tokens": [len(p.token_ids) for p in prompts],
+                         "output_tokens": [p.max_new_tokens for p in prompts]})
+
+
+def compare_policy(name: str, model, spec: ModelSpec, device, hw: HardwareSpec, prompts: list[Prompt],
+                   kv_pool_bytes: int, cpu_mem_bytes: int, share: float | None, settings: dict,
+                   progress: bool) -> Comparison:
+    """Serve `prompts` with policy `name` on the executor, then in the simulator; both summaries compared."""
+    share = policy_share(name, share)
+    config = engine_config(spec, name, kv_pool_bytes, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
+    cost_model = CostModel(hw, spec)
+    replay, measured_s, replayed_s = Timeline(cost_model), [], []
+
+    def price(plan, stats):  # the profile's time for the plan just executed, started when it started
+        predicted = replay.run(plan, stats.start_s)
+        measured_s.append(stats.end_s - stats.start_s)
+        replayed_s.append(predicted.end_s - predicted.start_s)
+
+    policy = make_policy(name, config, share)
+    executor = Executor(model, config, device, policy.staging_slots)
+    try:
+        requests, _, recorder, wall = run(executor, policy, prompts, progress=progress, on_iteration=price)
+    finally:
+        executor.close()
+    measured = recorder.summary(requests, wall)
+    simulated = simulate(make_policy(name, config, share), cost_model, workload_of(prompts))
+    predicted = simulated.recorder.summary(simulated.requests, simulated.wall_s)
+    for summary, its in ((measured, recorder.iterations), (predicted, simulated.recorder.iterations)):
+        summary["iteration_mean_s"] = float(np.mean(its["end_s"] - its["start_s"]))
+    rows = [(key, measured[key], predicted[key]) for key, _ in METRICS]
+    return Comparison(name, rows, np.array(measured_s), np.array(replayed_s))
+
+
+def report(comparisons: list[Comparison], out: Path, console: Console) -> None:
+    """Print the side-by-side table; write validate.csv and validate.png under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    view = Table(title="pie-exec validate: measured (executor) vs predicted (simulator); error = predicted / measured - 1")
+    view.add_column("metric")
+    for c in comparisons:
+        for header in ("measured", "predicted", "error"):
+            view.add_column(f"{c.policy}\n{header}", justify="right")
+    labels = dict(METRICS)
+    for i, (key, _, _) in enumerate(comparisons[0].rows):
+        cells = []
+        for c in comparisons:
+            _, m, p = c.rows[i]
+            e = relative_error(m, p)
+            cells += [_number(m), _number(p), "-" if e is None else f"{e:+.1%}"]
+        view.add_row(labels[key], *cells)
+    console.print(view)
+    records = [(c.policy, key, m, p, relative_error(m, p)) for c in comparisons for key, m, p in c.rows]
+    write_csv(out / "validate.csv", {name: np.array([r[i] for r in records], dtype=float if i > 1 else object)
+                                     for i, name in enumerate(("policy", "metric", "measured", "predicted",
+                                                               "relative_error"))})
+    plot_iterations(comparisons, out / "validate.png")
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
+
+
+def plot_iterations(comparisons: list[Comparison], path: Path) -> None:
+    import matplotlib  # here: only the plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    top = max(max(c.measured_iterations.max(), c.replayed_iterations.max()) for c in comparisons) * 1e3
+    for c in comparisons:
+        ax.plot(c.measured_iterations * 1e3, c.replayed_iterations * 1e3, ".", ms=4, alpha=0.6, label=c.policy)
+    ax.plot([0, top], [0, top], "k-", lw=0.8, label="predicted = measured")
+    ax.set_xlabel("measured iteration time (ms)")
+    ax.set_ylabel("predicted for the same plan (ms)")
+    ax.set_title("Each executed iteration, priced by the profile")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
