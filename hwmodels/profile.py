@@ -24,7 +24,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import nnls
 
 from .batch import BatchShape
 from .models import ModelSpec
@@ -106,6 +105,8 @@ def relative_fit(rows, seconds) -> np.ndarray:
     """Non-negative least squares of `seconds ≈ rows · x` that minimises the squared RELATIVE errors
     (each row divided by its measurement), so that millisecond points count as much as second ones and
     every coefficient stays a physical, non-negative cost."""
+    from scipy.optimize import nnls  # here: scipy costs every command ~0.3 s to import, and only calibrate fits
+
     a, t = np.asarray(rows, dtype=float), np.asarray(seconds, dtype=float)
     if len(t) < a.shape[1] or np.any(t <= 0):
         raise ValueError(f"a fit of {a.shape[1]} coefficients needs at least as many positive "
