@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .batch import BatchShape
 from .hardware import HardwareSpec
 from .models import ModelSpec
@@ -48,55 +46,56 @@ class CostModel:
         # off the model once, so costing an iteration is a few multiplications (exact: they are integers).
         empty, token = BatchShape(), BatchShape(decode_tokens=1)
         self._linear_flops = model.linear_flops(token)
-        self._weight_bytes, self._token_bytes = model.linear_bytes(empty), model.linear_bytes(token) - model.linear_bytes(empty)
+        self._weight_bytes = model.linear_bytes(empty)
+        self._token_bytes = model.linear_bytes(token) - self._weight_bytes
         self._pair_flops = model.attention_flops(BatchShape(attended_pairs=1))
         self._read_bytes = model.attention_bytes(BatchShape(kv_tokens_read=1))
         self._new_bytes = model.attention_bytes(token)
         sample = BatchShape(sampled_tokens=1)
         self._head_flops = model.head_flops(sample)
-        self._head_bytes, self._sample_bytes = model.head_bytes(empty), model.head_bytes(sample) - model.head_bytes(empty)
+        self._head_bytes = model.head_bytes(empty)
+        self._sample_bytes = model.head_bytes(sample) - self._head_bytes
         self._fit = hw.fit.check_model(model, hw.name) if hw.fit else None  # a calibrated profile's times
 
     def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
         """Seconds for one transformer layer. `copy_bandwidth` (bytes/s) of concurrent host↔GPU copies
         takes `compute_contention` of itself out of the HBM bandwidth left to compute."""
-        return self._layer_seconds(batch, copy_bandwidth, max)
-
-    def _layer_seconds(self, batch: BatchShape, copy_bandwidth: float, maximum):
-        """`layer_time`, elementwise over a batch of arrays with `maximum=np.maximum`."""
         if self._fit:
             return self._fit.layer_time(batch, copy_bandwidth)
-        tokens, pairs, read = batch.tokens, batch.attended_pairs, batch.kv_tokens_read
+        return self._roofline_layer(batch.tokens, batch.attended_pairs, batch.kv_tokens_read, copy_bandwidth)
+
+    def _roofline_layer(self, tokens: int, pairs: int, read: int, copy_bandwidth: float) -> float:
         hbm_rate = self._hbm_rate - self.hw.link.compute_contention * copy_bandwidth
         if hbm_rate <= 0:
             raise ValueError(f"copies at {copy_bandwidth:.3g} B/s leave no HBM bandwidth to compute")
         flops = self._flops_rate
-        linear = maximum(self._linear_flops * tokens / flops, (self._weight_bytes + self._token_bytes * tokens) / hbm_rate)
-        attention = maximum(self._pair_flops * pairs / flops, (self._read_bytes * read + self._new_bytes * tokens) / hbm_rate)
+        linear = max(self._linear_flops * tokens / flops, (self._weight_bytes + self._token_bytes * tokens) / hbm_rate)
+        attention = max(self._pair_flops * pairs / flops, (self._read_bytes * read + self._new_bytes * tokens) / hbm_rate)
         return linear + attention + self.hw.gpu.layer_overhead
 
     def head_time(self, batch: BatchShape) -> float:
         """Seconds for the LM head over the batch's sampled tokens (embedding lookup is negligible)."""
-        return self._head_seconds(batch, max)
-
-    def _head_seconds(self, batch: BatchShape, maximum):
         if self._fit:
             return self._fit.head_time(batch)
-        sampled = batch.sampled_tokens
-        return maximum(self._head_flops * sampled / self._flops_rate,
-                       (self._head_bytes + self._sample_bytes * sampled) / self._hbm_rate)
+        return self._roofline_head(batch.sampled_tokens)
+
+    def _roofline_head(self, sampled: int) -> float:
+        return max(self._head_flops * sampled / self._flops_rate, (self._head_bytes + self._sample_bytes * sampled) / self._hbm_rate)
 
     def iteration_time(self, batch: BatchShape) -> float:
         """Seconds for a whole forward pass with no copy in flight and no stall."""
         return self.model.num_layers * self.layer_time(batch) + self.head_time(batch)
 
-    def decode_times(self, sequences: np.ndarray, attended: np.ndarray, padded: np.ndarray) -> np.ndarray:
-        """`iteration_time` of decode-only iterations, one per entry: `sequences` decoding one token each,
-        attending to `attended` positions in all (Σ cached + 1), `padded` when padded to the longest. The
-        same arithmetic, over arrays."""
-        batch = BatchShape(decode_tokens=sequences, attended_pairs=attended, kv_tokens_read=attended,
-                           sampled_tokens=sequences, padded_keys=padded, padded_pairs=padded)  # elementwise
-        return self.model.num_layers * self._layer_seconds(batch, 0.0, np.maximum) + self._head_seconds(batch, np.maximum)
+    def decode_time(self, sequences: int, attended: int, padded: int) -> float:
+        """`iteration_time` of `sequences` decoding one token each, attending to `attended` positions in
+        all, `padded` when padded to the longest: the same arithmetic without building a BatchShape (the
+        simulator prices hundreds of thousands of these)."""
+        if self._fit:
+            return self.iteration_time(BatchShape(decode_tokens=sequences, attended_pairs=attended,
+                                                  kv_tokens_read=attended, sampled_tokens=sequences,
+                                                  padded_keys=padded, padded_pairs=padded))
+        layer = self._roofline_layer(sequences, attended, attended, 0.0)
+        return self.model.num_layers * layer + self._roofline_head(sequences)
 
     def transfer_time(self, nbytes: int, calls: int = 1, direction: str = "h2d") -> float:
         """Seconds to move `nbytes` in `calls` copies in one direction, alone on the link."""

@@ -57,18 +57,12 @@ class ComputeFit:
     # Fractional slow-down of a layer per GB/s of host↔device copies in flight while it computes.
     copy_slowdown_per_gb_s: float = quantity("copy_slowdown_per_gb_s", positive=False)
 
-    def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0):
-        """Seconds of one layer (elementwise when the batch's sums are arrays)."""
-        return self._linear(batch, LAYER_TERMS) * (1.0 + self.copy_slowdown_per_gb_s * copy_bandwidth / 1e9)
+    def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
+        alone = float(np.dot(self.coefficients(LAYER_TERMS), features(batch, LAYER_TERMS)))
+        return alone * (1.0 + self.copy_slowdown_per_gb_s * copy_bandwidth / 1e9)
 
-    def head_time(self, batch: BatchShape):
-        return self._linear(batch, HEAD_TERMS)
-
-    def _linear(self, batch: BatchShape, terms: dict):
-        total = 0.0
-        for coefficient, feature in zip(self.coefficients(terms), features(batch, terms)):
-            total = total + coefficient * feature
-        return total
+    def head_time(self, batch: BatchShape) -> float:
+        return float(np.dot(self.coefficients(HEAD_TERMS), features(batch, HEAD_TERMS)))
 
     def coefficients(self, terms: dict) -> list[float]:
         return [getattr(self, name) for name in terms]
@@ -97,8 +91,8 @@ def architecture(model: ModelSpec) -> str:
             f"{model.dtype_bytes}-byte values")
 
 
-def features(batch: BatchShape, terms: dict) -> list:
-    return [1.0 if attr is None else getattr(batch, attr) for attr in terms.values()]
+def features(batch: BatchShape, terms: dict) -> list[float]:
+    return [1.0 if attr is None else float(getattr(batch, attr)) for attr in terms.values()]
 
 
 def relative_fit(rows, seconds) -> np.ndarray:

@@ -10,8 +10,7 @@ the ordering of write-backs and prefetches relies on. Times are seconds, sizes b
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
+from typing import Iterator
 
 from hwmodels import BatchShape
 
@@ -85,17 +84,13 @@ class Plan:
 
 @dataclass(frozen=True)
 class DecodeRun:
-    """Up to `max_iterations` plain decode iterations planned at once because nothing but arithmetic
-    changes in them: every running sequence decodes one token, with no copies, no admission and no
-    preemption (see decode_runs.py). Iteration j is `Plan` number `first_iteration + j`; per iteration,
-    the arrays give its batch. A backend runs any prefix of it (the simulator stops at the next arrival)
-    and commits how many it ran."""
+    """Plain decode iterations planned at once because nothing but arithmetic changes in them: every
+    running sequence decodes one token, with no copies, no admission and no preemption (see
+    decode_runs.py). `steps` yields, lazily, (sequences, Σ positions attended, sequences × the longest
+    one's positions, GPU blocks held after) of iteration `first_iteration`, the next, ... until the run
+    must end. A backend runs a prefix of it (the simulator stops at the next arrival) and commits how many."""
     first_iteration: int
-    max_iterations: int
-    sequences: np.ndarray        # sequences decoding in each iteration
-    attended: np.ndarray         # Σ over them of the positions attended (cached tokens + 1)
-    padded: np.ndarray           # sequences × the longest one's positions (see BatchShape.padded_keys)
-    gpu_blocks: np.ndarray       # GPU blocks held after each iteration (finished sequences freed)
+    steps: Iterator[tuple[int, int, int, int]]
     block_bytes: int             # bytes of one whole block (all layers)
 
 

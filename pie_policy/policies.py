@@ -125,7 +125,7 @@ class Policy:
         """Account for the first len(ends) iterations of `run`, iteration j ending at ends[j]; returns the
         requests that finished. With no stall and nothing refused, the controller would only hold."""
         iterations = len(ends)
-        if self._open_run is None or run.first_iteration != self._iteration or not 1 <= iterations <= run.max_iterations:
+        if self._open_run is None or run.first_iteration != self._iteration or iterations < 1:
             raise ValueError(f"cannot commit {iterations} iterations of a run that is not the one open")
         opened, self._open_run = self._open_run, None
         self._iteration += iterations

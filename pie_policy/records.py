@@ -53,11 +53,10 @@ class RunRecorder:
         self._row_at.append(self._count)
         self._count, self._table = self._count + 1, None
 
-    def decode_run(self, run: DecodeRun, start: float, seconds: np.ndarray, ends: np.ndarray) -> None:
-        """Record the first len(ends) iterations of a committed decode run (each starts when the one before
-        ends; no copies, no stall, no CPU block)."""
-        k = len(ends)
-        self._runs.append((self._count, start, seconds, ends, run.sequences[:k], run.gpu_blocks[:k] * run.block_bytes))
+    def decode_run(self, run: DecodeRun, start: float, seconds: list, ends: list, sequences: list, blocks: list) -> None:
+        """Record the iterations of a committed decode run (each starts when the one before ends; no copies,
+        no stall, no CPU block), with each one's batch size and GPU blocks held after it."""
+        self._runs.append((self._count, start, seconds, ends, sequences, np.multiply(blocks, run.block_bytes)))
         self._count, self._table = self._count + len(ends), None
 
     @property

@@ -73,6 +73,11 @@ def _load(rate: float | None) -> str:
     return " all at once" if rate == float("inf") else f" at {rate:g}/s"
 
 
+# What `plot_runs` draws: only these go to the painter process.
+PLOTTED_REQUESTS = ("finish_s", "e2e_s", "output_tokens")
+PLOTTED_ITERATIONS = ("end_s", "gpu_kv_bytes", "cpu_kv_bytes", "cpu_share")
+
+
 def _import_plots() -> None:
     from . import plots  # noqa: F401  (in the painter process, while the main one simulates)
 
@@ -126,7 +131,8 @@ def _simulate(args: argparse.Namespace, names: list[str], console: Console):
                 result.requests, result.wall_s, backend="sim", policy=name, hw=hw.name, model=model.name,
                 trace=str(args.trace), rate=args.rate, seed=args.seed, events=result.events)
             summaries[name] = (summary, out / name if len(names) > 1 else out, result)
-            runs[name] = (request_table(result.requests), result.recorder.iterations)
+            requests, its = request_table(result.requests), result.recorder.iterations
+            runs[name] = ({k: requests[k] for k in PLOTTED_REQUESTS}, {k: its[k] for k in PLOTTED_ITERATIONS})
     return summaries, runs, f"{model.name} on {hw.name}, {args.trace}, {len(workload)} requests{_load(args.rate)}"
 
 

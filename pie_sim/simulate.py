@@ -64,10 +64,10 @@ def simulate(policy, cost_model: CostModel, workload: pd.DataFrame, *, layer_eve
             if run is not None:
                 upcoming = rows[len(requests)][1] if len(requests) < len(rows) else float("inf")
                 start = env.now
-                seconds, ends = backend.decode_run(run, start, upcoming)
+                seconds, ends, sequences, blocks = backend.decode_run(run, start, upcoming)
                 yield env.timeout(ends[-1] - start)
                 finished = policy.commit_run(run, ends)
-                recorder.decode_run(run, start, seconds, ends)
+                recorder.decode_run(run, start, seconds, ends, sequences, blocks)
                 if on_finish and finished:
                     on_finish(len(finished))
                 continue

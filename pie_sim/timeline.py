@@ -11,7 +11,6 @@ and one per decode run (`decode_run`: plain decode iterations, priced in one arr
 """
 from __future__ import annotations
 
-import numpy as np
 import simpy
 
 from hwmodels import CostModel
@@ -41,14 +40,23 @@ class Timeline:
         """Decode runs need the links idle (no copy in flight to slow compute) and the trace filled."""
         return self._counted["any"] >= self.traced_iterations and self.links.idle(at)
 
-    def decode_run(self, run: DecodeRun, start: float, before: float) -> tuple[np.ndarray, np.ndarray]:
-        """(seconds, end) of each iteration of `run` that starts before `before` (the next arrival; at least
-        the first). Without copies each takes `CostModel.iteration_time` of its batch, stall-free."""
-        seconds = self.cost_model.decode_times(run.sequences, run.attended, run.padded)
-        ends = start + np.cumsum(seconds)
-        taken = 1 + int(np.searchsorted(ends[:-1], before, side="left"))
-        self.links.advance(ends[taken - 1])
-        return seconds[:taken], ends[:taken]
+    def decode_run(self, run: DecodeRun, start: float, before: float) -> tuple[list, list, list, list]:
+        """(seconds, end, sequences, GPU blocks held after) of each iteration of `run` that starts before
+        `before` (the next arrival; at least the first). Without copies each takes `CostModel.iteration_time`
+        of its batch, stall-free."""
+        seconds, ends, sequences, blocks = [], [], [], []
+        end, price = start, self.cost_model.decode_time
+        for n, attended, padded, held in run.steps:
+            if ends and end >= before:
+                break
+            took = price(n, attended, padded)
+            end += took
+            seconds.append(took)
+            ends.append(end)
+            sequences.append(n)
+            blocks.append(held)
+        self.links.advance(end)
+        return seconds, ends, sequences, blocks
 
     def run(self, plan: Plan, start: float) -> IterationStats:
         cm, links = self.cost_model, self.links
