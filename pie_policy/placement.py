@@ -11,8 +11,9 @@ table order, or None when they do not fit (an admission also keeps `watermark` G
   because a copy call costs a fixed latency (8 µs on GH200, ~9 block-layers' worth of bytes): full
   prompt blocks are read-only, allocated together (consecutive CPU slots: one call per layer) and never
   written back, whereas a growing tail block on the CPU would be read and written back every layer of
-  every iteration, one call each. A running sequence that needs a block when the GPU is full takes it
-  on the CPU past the share rather than be preempted; the share bounds admissions only.
+  every iteration, one call each. A running sequence whose block the GPU cannot take gets it on the
+  CPU within the share, else preemption (letting it past the share traded preemptions for dirty tails'
+  stalls and lost, bench/notes-pie.md). No admission while the CPU holds more than the share.
 Live CPU blocks are also bounded by `cpu_capacity`, the blocks the GPU staging area can hold.
 """
 from __future__ import annotations
