@@ -84,22 +84,22 @@ class Scheduler:
     def _blocks_needed(self, request: Request, new_tokens: int) -> int:
         return self.config.blocks_for(request.computed + new_tokens) - len(self.tables.table(request.request_id))
 
-    def _grow(self, request: Request, blocks: int) -> bool:
-        """Append `blocks` blocks to the request's table, or none if they do not all fit."""
-        if self.placement.available() < blocks:
-            return False
-        if self.placement.gpu_first:  # the GPU while it has room, then the CPU: two bulk allocations
-            on_gpu = min(blocks, self.tables.pools[GPU].num_free)
-            self.tables.append(request.request_id, GPU, on_gpu)
-            self.tables.append(request.request_id, CPU, blocks - on_gpu)
-        else:
-            for _ in range(blocks):
-                self.tables.append(request.request_id, self.placement.choose())
-        return True
+    def _full_blocks(self, request: Request, new_tokens: int) -> int:
+        """Of the blocks a step of `new_tokens` adds, how many it fills (read-only from then on)."""
+        held = len(self.tables.table(request.request_id))
+        return max(0, (request.computed + new_tokens) // self.config.block_size - held)
 
-    def _note_refusal(self, out: Schedule, blocks: int) -> None:
-        if self.placement.available(unlimited=True) >= blocks > self.placement.available():
-            out.limited = True
+    def _place(self, request: Request, new_tokens: int, admitting: bool, unlimited: bool = False):
+        return self.placement.place(self._blocks_needed(request, new_tokens), self._full_blocks(request, new_tokens),
+                                    admitting, unlimited)
+
+    def _grow(self, request: Request, new_tokens: int, admitting: bool = False) -> bool:
+        """Append the blocks a step of `new_tokens` needs where the placement puts them, or none if they
+        do not all fit."""
+        runs = self._place(request, new_tokens, admitting)
+        for tier, count in runs or ():
+            self.tables.append(request.request_id, tier, count)
+        return runs is not None
 
     def _run(self, out: Schedule, budget: int) -> int:
         queue = deque(sorted(self.running, key=FCFS))
@@ -107,9 +107,7 @@ class Scheduler:
         while queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = queue.popleft()
             new = min(request.uncomputed, budget)
-            needed = self._blocks_needed(request, new)
-            while not self._grow(request, needed):
-                self._note_refusal(out, needed)
+            while not self._grow(request, new):
                 victim = queue.pop() if queue else request
                 self._preempt(victim, out)
                 if victim is request:
@@ -144,7 +142,7 @@ class Scheduler:
                 break
             self.swapped.popleft()
             out.swap_in += self.tables.move(request.request_id, CPU, GPU)
-            self._grow(request, self._blocks_needed(request, 1))
+            self._grow(request, 1)
             request.state = State.RUNNING
             self.running.append(request)
             out.work.append((request, 1))
@@ -158,12 +156,10 @@ class Scheduler:
             new = request.uncomputed if not c.chunked_prefill else min(request.uncomputed, budget)
             if new == 0 or new > budget:
                 break
-            needed = self._blocks_needed(request, new)
-            if self.placement.available() - needed < c.watermark_blocks:
-                self._note_refusal(out, needed + c.watermark_blocks)
+            if not self._grow(request, new, admitting=True):
+                out.limited |= self._place(request, new, True, unlimited=True) is not None
                 break
             self.waiting.popleft()
-            self._grow(request, needed)
             request.state = State.RUNNING
             self.running.append(request)
             out.work.append((request, new))

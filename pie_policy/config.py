@@ -27,12 +27,15 @@ class EngineConfig:
     chunked_prefill: bool = False
     prefetch_depth: int = 1         # layers prefetched ahead of the one computing
     dirty_only_writeback: bool = True
+    coalesce_gap: int = 0           # free CPU slots a prefetch may span to join two runs (layerswap.py)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "block_bytes_layer", "num_gpu_blocks", "block_size", "max_num_seqs",
                      "max_num_batched_tokens", "max_model_len", "prefetch_depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.coalesce_gap < 0:
+            raise ConfigError(f"coalesce_gap must not be negative, got {self.coalesce_gap}")
         if self.num_cpu_blocks < 0:
             raise ConfigError(f"num_cpu_blocks must not be negative, got {self.num_cpu_blocks}")
         for name in ("max_num_batched_tokens", "max_model_len"):

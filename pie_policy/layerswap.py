@@ -14,7 +14,10 @@ on across iterations (layer l of the k-th plan uses slot (k·L + l) mod (depth +
 Slots are reused first-in first-out: a prefetch lands in the slot the layer before the reaching one just
 left, so it is ordered after that slot's last write-back. With `dirty_only`, only blocks this iteration
 wrote into (its new tokens) are written back — the CPU copy of every other block is still valid.
-Blocks with consecutive CPU slots (the allocator hands out the lowest free slot) go in one call.
+Blocks with consecutive CPU slots (the allocator hands out the lowest free slot) go in one call. A
+prefetch also spans gaps of at most `coalesce_gap` slots between two runs (their rows land in staging
+rows no layer reads): one call instead of two, worth it while the gap's bytes take less time on the link
+than a call's fixed latency. Write-backs never span gaps (they would overwrite other blocks' CPU copies).
 """
 from __future__ import annotations
 
@@ -23,6 +26,16 @@ from typing import Container
 
 from .blocks import CPU
 from .plan import D2H, H2D, LAYER_KV, Copy, LayerStep, SeqWork
+
+
+def span_gaps(slots: list[int], gap: int) -> list[int]:
+    """Sorted `slots` plus the free slots of every gap of at most `gap` between two of them."""
+    out = slots[:1]
+    for slot in slots[1:]:
+        if slot - out[-1] - 1 <= gap:
+            out.extend(range(out[-1] + 1, slot))
+        out.append(slot)
+    return out
 
 
 def runs(pairs) -> list[tuple[int, int, int]]:
@@ -39,10 +52,10 @@ def runs(pairs) -> list[tuple[int, int, int]]:
 
 class FifoLayerSwap:
     def __init__(self, num_layers: int, depth: int, capacity: int, block_bytes_layer: int,
-                 block_size: int, dirty_only: bool, op_ids: count):
+                 block_size: int, dirty_only: bool, op_ids: count, coalesce_gap: int = 0):
         self.num_layers, self.depth, self.capacity = num_layers, min(depth, num_layers), capacity
         self.block_bytes_layer, self.block_size, self.dirty_only = block_bytes_layer, block_size, dirty_only
-        self.ring = self.depth + 1
+        self.ring, self.coalesce_gap = self.depth + 1, coalesce_gap
         self._ids = op_ids
         self._first_layer = 0                  # global index of the next plan's layer 0
         self._last_evict: dict[int, int] = {}  # staging slot → id of the last write-back reading it
@@ -61,6 +74,8 @@ class FifoLayerSwap:
 
     def _copies(self, direction: str, slots: list[int]):
         """A maker of this plan's copies of `slots` (pairs and calls worked out once, not per layer)."""
+        if direction == H2D:
+            slots = span_gaps(slots, self.coalesce_gap)
         pairs = tuple((s, s) for s in slots)
         nbytes, calls = len(slots) * self.block_bytes_layer, len(runs(pairs))
 

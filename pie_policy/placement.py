@@ -1,9 +1,19 @@
-"""Where a sequence's next KV block goes: the one decision that tells Pie, static offload and vLLM apart.
+"""Where a sequence's new KV blocks go: the one decision that tells Pie, static offload and vLLM apart.
+
+The scheduler asks `place(blocks, full, admitting)` for a step's new blocks, `full` of which (the first
+ones) the step fills completely and are read-only from then on; the answer is (tier, count) runs in
+table order, or None when they do not fit (an admission also keeps `watermark` GPU blocks free).
 
 - `GpuOnly` (vllm, vllm-swap): every live block on the GPU.
 - `StaticShare` (static): keep a fixed share of the live blocks on the CPU, whatever the load.
-- `Expanding` (pie): the GPU first; the CPU once the GPU is full, up to the share the expansion
-  controller currently allows.
+- `Expanding` (pie): the GPU first. An admission the GPU cannot take whole keeps its full blocks in CPU
+  memory, up to the share the expansion controller allows, and its partial tail on the GPU. By role,
+  because a copy call costs a fixed latency (8 µs on GH200, ~9 block-layers' worth of bytes): full
+  prompt blocks are read-only, allocated together (consecutive CPU slots: one call per layer) and never
+  written back, whereas a growing tail block on the CPU would be read and written back every layer of
+  every iteration, one call each. A running sequence whose block the GPU cannot take gets it on the
+  CPU within the share, else preemption (letting it past the share traded preemptions for dirty tails'
+  stalls and lost, bench/notes-pie.md). No admission while the CPU holds more than the share.
 Live CPU blocks are also bounded by `cpu_capacity`, the blocks the GPU staging area can hold.
 """
 from __future__ import annotations
@@ -16,8 +26,8 @@ class GpuOnly:
     live_cpu = False
     gpu_first = True  # a new block goes to the GPU while it has room
 
-    def __init__(self, tables: BlockTables):
-        self.tables = tables
+    def __init__(self, tables: BlockTables, watermark: int = 0):
+        self.tables, self.watermark = tables, watermark
 
     def cpu_room(self, unlimited: bool = False) -> int:
         """Live CPU blocks that could still be placed; `unlimited` ignores a controller's share."""
@@ -27,9 +37,11 @@ class GpuOnly:
         """Blocks that could still be placed."""
         return self.tables.pools[GPU].num_free + self.cpu_room(unlimited)
 
-    def choose(self) -> str | None:
-        """The tier of one more block, or None when there is no room."""
-        return GPU if self.tables.pools[GPU].num_free else None
+    def place(self, blocks: int, full: int = 0, admitting: bool = False,
+              unlimited: bool = False) -> list[tuple[str, int]] | None:
+        """(tier, count) runs for `blocks` new blocks in table order, or None when they do not fit."""
+        keep = self.watermark if admitting else 0
+        return [(GPU, blocks)] if self.tables.pools[GPU].num_free - blocks >= keep else None
 
     @property
     def guaranteed(self) -> int:
@@ -40,21 +52,30 @@ class GpuOnly:
 class StaticShare(GpuOnly):
     live_cpu = True
 
-    def __init__(self, tables: BlockTables, share: float, cpu_capacity: int):
-        super().__init__(tables)
+    def __init__(self, tables: BlockTables, watermark: int, share: float, cpu_capacity: int):
+        super().__init__(tables, watermark)
         self.share, self.cpu_capacity = share, cpu_capacity
 
     def cpu_room(self, unlimited: bool = False) -> int:
         cpu = self.tables.pools[CPU]
         return min(cpu.num_free, self.cpu_capacity - cpu.num_used)
 
-    def choose(self) -> str | None:
-        gpu, cpu = self.tables.pools[GPU], self.tables.pools[CPU]
-        wants_cpu = cpu.num_used < self.share * (gpu.num_used + cpu.num_used + 1)
-        for tier in ((CPU, GPU) if wants_cpu else (GPU, CPU)):
-            if (gpu.num_free if tier == GPU else self.cpu_room()) > 0:
-                return tier
-        return None
+    def place(self, blocks, full=0, admitting=False, unlimited=False):
+        """Block by block, the CPU while it holds less than `share` of the live blocks."""
+        if self.available() - blocks < (self.watermark if admitting else 0):
+            return None
+        gpu, cpu = self.tables.pools[GPU].num_free, self.cpu_room()
+        used_gpu, used_cpu, out = self.tables.pools[GPU].num_used, self.tables.pools[CPU].num_used, []
+        for _ in range(blocks):
+            wants_cpu = used_cpu < self.share * (used_gpu + used_cpu + 1)
+            tier = CPU if (wants_cpu and cpu) or not gpu else GPU
+            gpu, cpu = gpu - (tier == GPU), cpu - (tier == CPU)
+            used_gpu, used_cpu = used_gpu + (tier == GPU), used_cpu + (tier == CPU)
+            if out and out[-1][0] == tier:
+                out[-1] = (tier, out[-1][1] + 1)
+            else:
+                out.append((tier, 1))
+        return out
 
     @property
     def guaranteed(self) -> int:
@@ -67,22 +88,38 @@ class StaticShare(GpuOnly):
 
 class Expanding(StaticShare):
     gpu_first = True
-    def __init__(self, tables: BlockTables, controller: ExpansionController, cpu_capacity: int):
-        GpuOnly.__init__(self, tables)
+
+    def __init__(self, tables: BlockTables, watermark: int, controller: ExpansionController, cpu_capacity: int):
+        GpuOnly.__init__(self, tables, watermark)
         self.controller, self.cpu_capacity = controller, cpu_capacity
 
     def cpu_room(self, unlimited: bool = False) -> int:
         room = super().cpu_room()
         if unlimited:
             return room
-        share = self.controller.share  # cpu / (gpu + cpu) <= share with the GPU full
-        allowed = int(share / (1 - share) * self.tables.pools[GPU].capacity) - self.tables.pools[CPU].num_used
-        return max(0, min(room, allowed))
+        return max(0, min(room, self.allowed - self.tables.pools[CPU].num_used))
 
-    def choose(self) -> str | None:
-        if self.tables.pools[GPU].num_free:
-            return GPU
-        return CPU if self.cpu_room() > 0 else None
+    @property
+    def allowed(self) -> int:
+        """CPU blocks the share allows: cpu / (gpu + cpu) <= share with the GPU full."""
+        share = self.controller.share
+        return int(share / (1 - share) * self.tables.pools[GPU].capacity)
+
+    def place(self, blocks, full=0, admitting=False, unlimited=False):
+        """All on the GPU while they fit it (an admission keeping the watermark); else an admission puts
+        its full blocks on the CPU and the rest on the GPU, a running sequence its full blocks and as many
+        more as the GPU lacks room for; the CPU blocks within the share unless `unlimited`. No admission
+        while the CPU holds more than the share (after a cut), so the cut takes effect as sequences end."""
+        free = self.tables.pools[GPU].num_free
+        if admitting and not unlimited and self.cpu_room() == 0 and self.tables.pools[CPU].num_used > self.allowed:
+            return None
+        keep = self.watermark if admitting else 0
+        if free - blocks >= keep:
+            return [(GPU, blocks)]
+        on_cpu = full if admitting else max(full, blocks - free)
+        if on_cpu == 0 or on_cpu > self.cpu_room(unlimited) or free - (blocks - on_cpu) < keep:
+            return None
+        return [(CPU, on_cpu), (GPU, blocks - on_cpu)]
 
     @property
     def guaranteed(self) -> int:

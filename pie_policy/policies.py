@@ -46,18 +46,19 @@ class Policy:
         self.tables = BlockTables(config.num_gpu_blocks, config.num_cpu_blocks)
         self._ids = count()
         self.controller = None
+        keep = config.watermark_blocks
         if name in ("vllm", "vllm-swap"):
-            placement = GpuOnly(self.tables)
+            placement = GpuOnly(self.tables, keep)
         elif name == "static":
-            placement = StaticShare(self.tables, check_share("cpu_share", cpu_share), config.num_cpu_blocks)
+            placement = StaticShare(self.tables, keep, check_share("cpu_share", cpu_share), config.num_cpu_blocks)
         else:
             self.controller = controller or ExpansionController()
-            placement = Expanding(self.tables, self.controller, config.num_cpu_blocks)
+            placement = Expanding(self.tables, keep, self.controller, config.num_cpu_blocks)
         if name == "vllm-swap" and config.num_cpu_blocks == 0:
             raise ConfigError("vllm-swap needs CPU swap space: num_cpu_blocks must be at least 1")
         self.swapper = FifoLayerSwap(config.num_layers, config.prefetch_depth, config.num_cpu_blocks,
                                      config.block_bytes_layer, config.block_size, config.dirty_only_writeback,
-                                     self._ids) if placement.live_cpu else None
+                                     self._ids, config.coalesce_gap) if placement.live_cpu else None
         self.scheduler = Scheduler(config, self.tables, placement, swap_preemption=name == "vllm-swap")
         self._iteration = 0  # the next plan's number
         self._open_run: tuple | None = None
@@ -145,6 +146,7 @@ class Policy:
     def observe(self, plan: Plan, stats: IterationStats) -> list[Request]:
         """Account for an executed plan; returns the requests that finished in it."""
         schedule = self._pending.pop(plan.iteration)
-        if self.controller is not None:
+        if self.controller is not None and len(schedule.work) == len(self.scheduler.running):
+            # only a batch of every running sequence streams all the CPU-resident KV it measures
             self.controller.observe(stats, schedule.limited, self.cpu_share)
         return self.scheduler.complete(schedule, stats.end_s)

@@ -4,14 +4,15 @@ executor build identical engines.
 The KV pool (the cost model's memory budget in the simulator, an explicit size in the executor) holds
 `G` GPU blocks plus, for the layer-swapping policies, the staging area: `(depth + 1)` slots of `C`
 blocks of one layer, where `C`, the most live CPU blocks, is `share / (1 - share)` of the GPU blocks
-(static's fixed share, pie's largest) and at most what `cpu_mem_bytes` holds. vllm-swap uses all of
+(static's fixed share, pie's largest: in a simulated system the link's bandwidth bound,
+`link_bound_share`) and at most what `cpu_mem_bytes` holds. vllm-swap uses all of
 `cpu_mem_bytes` as swap space; vllm uses none.
 """
 from __future__ import annotations
 
 import argparse
 
-from hwmodels import CostModel, ModelSpec
+from hwmodels import BatchShape, CostModel, ModelSpec
 
 from .config import ConfigError, EngineConfig, check_share
 from .expansion import ExpansionController
@@ -48,6 +49,28 @@ def engine_config(model: ModelSpec, policy: str, kv_pool_bytes: int, *, cpu_mem_
                         max_model_len=model.max_context, **options)
 
 
+def link_bound_share(cost_model: CostModel, pool_bytes: int, context: int) -> float:
+    """The largest CPU share (in steps of 0.01, at most 0.5) at which decodes of `context` tokens filling
+    the KV pool and its CPU part stream a layer's CPU-resident KV over the host→device link in no more
+    time than the layer computes (the preview's bound, in one contiguous call). Per-call latency and
+    prefills only lower what the link carries, so pie's controller never needs more, and the staging
+    area sized for it is a few times smaller than one sized for 0.5."""
+    m = cost_model.model
+    for share in [k / 100 for k in range(50, 0, -1)]:
+        batch = max(1, int(pool_bytes / (1 - share) // (context * m.kv_bytes_per_token)))
+        layer = cost_model.layer_time(BatchShape.of(decodes=[context] * batch))
+        if cost_model.transfer_time(int(share * batch * context * m.kv_bytes_per_token_layer)) <= layer:
+            return share
+    return 0.0
+
+
+def coalesce_gap(cost_model: CostModel, block_size: int) -> int:
+    """Free block-layers whose bytes cross the host→device link in less time than one call's latency."""
+    block_layer = block_size * cost_model.model.kv_bytes_per_token_layer
+    latency = cost_model.transfer_time(0, calls=1)
+    return int(latency / (cost_model.transfer_time(block_layer, calls=1) - latency))
+
+
 def make_policy(name: str, config: EngineConfig, share: float | None = None) -> Policy:
     """vllm, vllm-swap, static or pie over `config`; `share` as in engine_config (defaults per policy)."""
     share = policy_share(name, share)
@@ -69,16 +92,21 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
     if name == "flexgen":
         output = min(mean_output, m.max_context - mean_prompt)
         return FlexGenPolicy(cost_model, search(cost_model, mean_prompt, output, gpu_mem_util))
-    share = policy_share(name, share)
     tokens = settings.get("max_num_batched_tokens") or max(2048, m.max_context)
     pool = cost_model.memory_budget(gpu_mem_util, tokens, settings.get("max_num_seqs", 256)).kv_pool_bytes
+    if name == "pie" and share is None:
+        share = link_bound_share(cost_model, pool, mean_prompt + mean_output)
+    share = policy_share(name, share)
+    if name in ("static", "pie"):
+        settings.setdefault("coalesce_gap", coalesce_gap(cost_model, settings.get("block_size", 16)))
     config = engine_config(m, name, pool, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
     return make_policy(name, config, share)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine options both command lines take (see `engine_settings`)."""
-    parser.add_argument("--share", type=float, help="static: CPU share (default 0.2); pie: largest share (default 0.5)")
+    parser.add_argument("--share", type=float, help="static: CPU share (default 0.2); pie: largest share (default: the link's bound "
+                        "in pie-sim, 0.5 in pie-exec)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--chunked-prefill", action="store_true")

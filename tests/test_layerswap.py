@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pie_policy.blocks import CPU, GPU, BlockRef
-from pie_policy.layerswap import FifoLayerSwap, runs
+from pie_policy.layerswap import FifoLayerSwap, runs, span_gaps
 from pie_policy.plan import D2H, H2D, LAYER_KV, Copy, SeqWork
 
 ALL = range(100)  # every sequence of these tests may hold CPU blocks
@@ -112,3 +112,24 @@ def test_staging_never_exceeds_its_bound(num_layers, depth, iterations, cpu_bloc
             for copy in step.evict:
                 pending_evict[copy.staging] = copy.op_id
     assert most <= swap.depth + 1
+
+
+def test_prefetches_span_small_gaps_write_backs_do_not():
+    """The hand-worked batch above (CPU slots 3 | 7, 8; dirty 3 and 8) with coalesce_gap 3: the prefetch
+    spans free slots 4-6 (600 B, 1 call instead of 2); the write-back still moves only 3 and 8 (2 calls).
+    With a gap of 2 nothing is spanned."""
+    batch = (seq(0, 1, 40, [(GPU, 0), (CPU, 7), (CPU, 8)]), seq(1, 1, 10, [(CPU, 3)]))
+    swap = FifoLayerSwap(4, 1, 9, 100, 16, dirty_only=True, op_ids=count(), coalesce_gap=3)
+    prologue, steps, _ = swap.plan(batch, ALL)
+    fetch = tuple((s, s) for s in range(3, 9))
+    assert (prologue[0].pairs, prologue[0].nbytes, prologue[0].calls) == (fetch, 600, 1)
+    assert all((s.issue[0].pairs, s.issue[0].nbytes, s.issue[0].calls) == (fetch, 600, 1) for s in steps)
+    assert all((s.evict[0].pairs, s.evict[0].nbytes, s.evict[0].calls) == (((3, 3), (8, 8)), 200, 2) for s in steps)
+    swap = FifoLayerSwap(4, 1, 9, 100, 16, dirty_only=True, op_ids=count(), coalesce_gap=2)
+    assert swap.plan(batch, ALL)[0][0].calls == 2
+
+
+def test_span_gaps():
+    assert span_gaps([], 4) == [] and span_gaps([5], 4) == [5]
+    assert span_gaps([1, 2, 5, 11, 12], 2) == [1, 2, 3, 4, 5, 11, 12]
+    assert span_gaps([1, 3], 0) == [1, 3]
