@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("compare", help="simulate several policies on the same requests")
     _workload_options(p, lambda q: q.add_argument("--policies", default=",".join(ALL_POLICIES)))
-    p.set_defaults(rate=20.0)
+    # The default is a KV-limited serving load: GH200 with half its HBM for the engine, where vLLM preempts.
+    p.set_defaults(rate=20.0, gpu_mem_util=0.5, num_requests=600)
     p.add_argument("--out", default="out/compare", help="folder for compare.csv, runs.png and per-policy files")
     p.set_defaults(run=cmd_compare)
     return parser
