@@ -56,6 +56,7 @@ class CostModel:
         self._head_bytes = model.head_bytes(empty)
         self._sample_bytes = model.head_bytes(sample) - self._head_bytes
         self._fit = hw.fit.check_model(model, hw.name) if hw.fit else None  # a calibrated profile's times
+        self._per_batch_size: dict[int, tuple[float, float, float]] = {}  # decode_time's parts per batch size
 
     def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
         """Seconds for one transformer layer. `copy_bandwidth` (bytes/s) of concurrent host↔GPU copies
@@ -88,14 +89,21 @@ class CostModel:
 
     def decode_time(self, sequences: int, attended: int, padded: int) -> float:
         """`iteration_time` of `sequences` decoding one token each, attending to `attended` positions in
-        all, `padded` when padded to the longest: the same arithmetic without building a BatchShape (the
-        simulator prices hundreds of thousands of these)."""
+        all, `padded` when padded to the longest: the same arithmetic without building a BatchShape, and
+        the parts that depend on the batch size alone computed once per size (the simulator prices
+        hundreds of thousands of these)."""
         if self._fit:
             return self.iteration_time(BatchShape(decode_tokens=sequences, attended_pairs=attended,
                                                   kv_tokens_read=attended, sampled_tokens=sequences,
                                                   padded_keys=padded, padded_pairs=padded))
-        layer = self._roofline_layer(sequences, attended, attended, 0.0)
-        return self.model.num_layers * layer + self._roofline_head(sequences)
+        known = self._per_batch_size.get(sequences)
+        if known is None:
+            linear = max(self._linear_flops * sequences / self._flops_rate,
+                         (self._weight_bytes + self._token_bytes * sequences) / self._hbm_rate)
+            known = self._per_batch_size[sequences] = (linear, self._new_bytes * sequences, self._roofline_head(sequences))
+        linear, new_bytes, head = known
+        attention = max(self._pair_flops * attended / self._flops_rate, (self._read_bytes * attended + new_bytes) / self._hbm_rate)
+        return self.model.num_layers * (linear + attention + self.hw.gpu.layer_overhead) + head
 
     def transfer_time(self, nbytes: int, calls: int = 1, direction: str = "h2d") -> float:
         """Seconds to move `nbytes` in `calls` copies in one direction, alone on the link."""
