@@ -16,7 +16,8 @@ attention (per-sequence costs), while prefill tokens share one. The padded sums 
 executor's attention pads every sequence to the batch's longest: with contexts of mixed length its work
 follows them, not the tokens actually attended. `head_time` is everything of an iteration
 outside its layers (binding the batch, embedding, LM head, sampling). Coefficients are in µs and belong to
-one model architecture at one dtype: a profile used with another model is refused.
+one model architecture at one dtype: a profile used with another model is refused. `threads` is the
+host's torch thread count during calibration: CPU times depend on it, so `pie-exec validate` runs with it.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def _us(key: str):
 class ComputeFit:
     model: str = text("model")
     architecture: str = text("architecture")
+    threads: int = quantity("threads", whole=True)
     layer: float = _us("layer_us")
     per_prefill_token: float = _us("layer_us_per_prefill_token")
     per_decode_token: float = _us("layer_us_per_decode_token")

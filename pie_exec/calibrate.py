@@ -7,8 +7,8 @@ What is timed (each point: one warm-up, then the median of `repeats`):
   mixed batch; each gives the mean time of a layer and the time outside the layers (the "head");
 - contention: the widest decode batch at a middle context again, while the copier keeps copying host→device;
 - copies: the executor's copier (a thread on the CPU, one stream a direction on CUDA) moving layer-KV
-  blocks each way, in one call and in one call per block, timed by the copier's own busy clock; then both
-  directions at once, timed on the wall.
+  blocks each way, in one call and in a few, a layer's worth of copies (one per layer) issued
+  together and timed on the wall from issue to done, as the engine pays them; then both directions at once.
 
 Fits (least squares of relative errors, non-negative; `hwmodels.profile.relative_fit`): layer and head
 as `hwmodels.profile` describes; copies as calls · latency + bytes / bandwidth per direction, with one
@@ -44,6 +44,7 @@ from pie_policy.plan import D2H, H2D, LAYER_KV, SeqWork
 from .engine import Executor
 
 GB = 1e9
+RUNS = 4  # calls of the multi-call copies timed: layer copies of OPT-125M on azure-conv have 1-10, mostly 1-5
 
 
 @dataclass
@@ -67,8 +68,8 @@ class Point:
 class Grid:
     batches: tuple[int, ...] = (1, 4, 16)
     contexts: tuple[int, ...] = (64, 256, 1024)
-    prefills: tuple[int, ...] = (32, 128, 512)
-    copy_blocks: tuple[int, ...] = (1, 16, 256, 1024)
+    prefills: tuple[int, ...] = (32, 128, 512, 2048)  # up to the engine's token budget: no extrapolation
+    copy_blocks: tuple[int, ...] = (1, 16, 64, 256)  # what layer copies move (blocks of one layer)
     repeats: int = 5
 
     def batches_of(self, max_context: int) -> list[tuple[str, list, list]]:
@@ -144,6 +145,7 @@ class Calibration:
         self.block_size, self.cuda = block_size, device.type == "cuda"
         self.block_bytes = block_size * spec.kv_bytes_per_token_layer  # one block of one layer
         self.points: list[Point] = []
+        self.copies_per_point = spec.num_layers
         self._op = 0
 
     def _executor(self, num_layers: int, gpu_blocks: int, cpu_blocks: int, staging_slots: int) -> Executor:
@@ -179,11 +181,11 @@ class Calibration:
             executor.close()
 
     # ---- copies
-    def _copy(self, direction: str, first: int, blocks: int, stride: int) -> Copy:
-        """`blocks` blocks of layer 0 from row `first`, every `stride`-th row (one call each unless 1)."""
-        pairs = tuple((first + i * stride,) * 2 for i in range(blocks))
-        return self._fresh(Copy(0, direction, LAYER_KV, 0, pairs, blocks * self.block_bytes, len(runs(pairs)),
-                                (), 0))
+    def _copy(self, direction: str, first: int, blocks: int, calls: int = 1, layer: int = 0) -> Copy:
+        """`blocks` blocks of `layer` from row `first` in `calls` runs (one call each) a row apart."""
+        pairs = tuple((first + i + i * calls // blocks,) * 2 for i in range(blocks))
+        return self._fresh(Copy(0, direction, LAYER_KV, layer, pairs, blocks * self.block_bytes,
+                                len(runs(pairs)), (), 0))
 
     def _fresh(self, copy: Copy) -> Copy:
         """`copy` again under a new id (the copier tracks copies by id)."""
@@ -202,26 +204,32 @@ class Calibration:
         self._finish(executor, copies)
         return time.perf_counter() - start
 
-    def _busy(self, executor: Executor, copy: Copy) -> float:
-        """Median of the copier's busy seconds for `copy` (after a warm-up)."""
-        busy = []
-        for _ in range(self.grid.repeats + 1):
-            self._run_copies(executor, [self._fresh(copy)])
-            busy.append(executor.copier.take_busy()[copy.direction])
-        return statistics.median(busy[1:])
+    def _batch(self, executor: Executor, copy: Copy) -> float:
+        """Median wall seconds of `copy` in each of `copies_per_point` layers, issued together, from the
+        first issue to the last done (after a warm-up): what the executor pays, the copier's per-copy
+        handoff (queue, thread wake-up, GIL) included — its own busy clock leaves that out. A layer each,
+        as a plan's copies are, so that the source is not still in the CPU's cache from the last copy."""
+        walls = [self._run_copies(executor, [self._fresh(dataclasses.replace(copy, layer=layer))
+                                             for layer in range(self.copies_per_point)])
+                 for _ in range(self.grid.repeats + 1)]
+        executor.copier.take_busy()
+        return statistics.median(walls[1:])
 
     def time_copies(self) -> None:
-        """Each direction in one call and in a call a block; then both at once (the largest, half each)."""
+        """Each direction in one call and in `RUNS`, a layer's worth of copies at a time (one per layer, as
+        a plan issues them); then both at once (the largest, half each). The per-copy handoff has no term
+        of its own in the simulator: the fit spreads it over the calls of copies of 1 and `RUNS` calls,
+        the range layer copies have (their blocks' runs)."""
         sizes = sorted(self.grid.copy_blocks)
-        strided = sizes[:-1] if len(sizes) > 1 else sizes
-        executor = self._executor(1, 1, max(sizes[-1], 2 * strided[-1]), 1)
+        n = self.copies_per_point
+        executor = self._executor(n, 1, sizes[-1] + RUNS, 1)
         try:
             for direction in (H2D, D2H):
-                for blocks, stride in [(n, 1) for n in sizes] + [(n, 2) for n in strided if n > 1]:
-                    copy = self._copy(direction, 0, blocks, stride)
-                    self.points.append(Point("copy", f"{direction} {blocks} blocks in {copy.calls} calls",
-                                             self._busy(executor, copy), calls=copy.calls,
-                                             **{f"bytes_{direction}": copy.nbytes}))
+                for blocks, calls in [(b, 1) for b in sizes] + [(b, RUNS) for b in sizes if b >= RUNS]:
+                    copy = self._copy(direction, 0, blocks, calls)
+                    self.points.append(Point("copy", f"{direction} {n} x {blocks} blocks in {copy.calls} calls",
+                                             self._batch(executor, copy), calls=n * copy.calls,
+                                             **{f"bytes_{direction}": n * copy.nbytes}))
             half = max(1, sizes[-1] // 2)
             walls = [self._run_copies(executor, [self._copy(H2D, 0, half, 1), self._copy(D2H, half, half, 1)])
                      for _ in range(self.grid.repeats + 1)]
@@ -277,7 +285,8 @@ class Calibration:
         link = {"h2d": 1 / per_h2d, "d2h": 1 / per_d2h, "latency": latency,
                 "bidirectional": (both.bytes_h2d + both.bytes_d2h) / max(both.measured - 2 * latency, 1e-9)}
         both.fitted = 2 * latency + (both.bytes_h2d + both.bytes_d2h) / link["bidirectional"]
-        fit = ComputeFit(self.spec.name, architecture(self.spec), **fits, copy_slowdown_per_gb_s=0.0)
+        fit = ComputeFit(self.spec.name, architecture(self.spec), torch.get_num_threads(), **fits,
+                         copy_slowdown_per_gb_s=0.0)
         contended = next((p for p in self.points if p.fit == "contended"), None)
         if contended:
             alone = fit.layer_time(contended.shape)

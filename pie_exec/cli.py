@@ -52,7 +52,17 @@ def _catalog_model(name: str, seed: int, dtype: torch.dtype, device: torch.devic
     return random_transformer(spec, seed, dtype=dtype, device=device), spec
 
 
+def _set_threads(threads: int | None) -> None:
+    """torch's intra-op threads (default: torch's own choice). CPU timings depend on it, so a profile
+    records it and validate runs with it."""
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> None:
+    _set_threads(args.threads)
     device, dtype = _device_dtype(args)
     if args.model_path:
         model, spec, _ = load_hf_folder(Path(args.model_path), dtype=dtype, device=device)
@@ -83,6 +93,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> None:
+    _set_threads(args.threads)
     device, dtype = _device_dtype(args)
     base = args.base or ("cpu-host" if device.type == "cpu" else None)
     if base is None:
@@ -104,6 +115,11 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> None:
 def cmd_validate(args: argparse.Namespace, console: Console) -> None:
     device, dtype = _device_dtype(args)
     hw = load_hardware(args.profile)
+    calibrated = hw.fit.threads if hw.fit else None  # a catalog entry has no thread count
+    if None not in (args.threads, calibrated) and args.threads != calibrated:
+        raise InputError(f"--threads {args.threads}: the profile was calibrated with {calibrated} threads, and "
+                         f"times depend on it; validate with its count (the default) or calibrate again")
+    _set_threads(calibrated if args.threads is None else args.threads)
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     unknown = [n for n in names if n not in POLICIES]
     if unknown or not names:
@@ -129,6 +145,10 @@ def _workload_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
 
 
+def _threads_argument(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--threads", type=int, help=f"torch CPU threads (default {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pie-exec", description="Pie's PyTorch executor.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
     work.add_argument("--prompts", help="JSONL: {\"id\", \"prompt_token_ids\", \"max_new_tokens\"} per line")
     _workload_arguments(p)
+    _threads_argument(p, "torch's")
     p.add_argument("--out", required=True, help="folder for requests.csv, iterations.csv, summary.json, tokens.jsonl")
     p.set_defaults(run=cmd_run)
     p = commands.add_parser("calibrate", help="time this machine and write a hardware profile for pie-sim --hw")
@@ -153,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="hardware entry whose memory and roofline figures the profile keeps "
                                   "(default cpu-host on cpu)")
     add_grid_arguments(p)
+    _threads_argument(p, "torch's; recorded in the profile")
     p.add_argument("--out", required=True, help="the profile (.toml); its points go to the same name .csv")
     p.set_defaults(run=cmd_calibrate)
     p = commands.add_parser("validate", help="run the executor and the simulator on the same requests, compare")
@@ -163,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
     p.add_argument("--policies", default="vllm,static,pie", help=", ".join(POLICIES))
     _workload_arguments(p)
+    _threads_argument(p, "the profile's; another count is refused")
     p.add_argument("--out", required=True, help="folder for validate.csv and validate.png")
     p.set_defaults(run=cmd_validate)
     return parser

@@ -10,6 +10,7 @@ from hwmodels import BatchShape, CatalogError, CostModel, load_hardware, load_mo
 from hwmodels.profile import LAYER_TERMS, features, relative_fit
 from pie_exec.calibrate import Calibration, Grid, Point
 from pie_exec.cli import main as pie_exec
+from pie_exec.weights import random_transformer
 
 from .conftest import DATA
 
@@ -33,7 +34,7 @@ def synthetic_points() -> list[Point]:
     for label, prefills, decodes in Grid().batches_of(2048):
         shape = BatchShape.of(prefills, decodes)
         points += [Point("layer", label, layer_seconds(shape), shape), Point("head", label, head_seconds(shape), shape)]
-    for calls, blocks in ((1, 1), (1, 64), (1, 1024), (64, 64)):
+    for calls, blocks in ((12, 12), (12, 12 * 64), (12, 12 * 1024), (48, 12 * 64)):  # a layer's worth: 12 copies
         nbytes = blocks * 100_000
         points += [Point("copy", "", calls * 3e-6 + nbytes / 10e9, calls=calls, bytes_h2d=nbytes),
                    Point("copy", "", calls * 3e-6 + nbytes / 8e9, calls=calls, bytes_d2h=nbytes)]
@@ -85,11 +86,13 @@ def one_thread():
 def test_a_tiny_real_calibration_writes_a_profile_the_cost_model_predicts_with(tmp_path, capsys, one_thread):
     out = tmp_path / "prof" / "tiny-cpu.toml"
     assert pie_exec(["calibrate", "--model", str(TINY), "--batches", "1,2", "--contexts", "16,48",
-                     "--prefills", "8", "--copy-blocks", "1,4,8", "--repeats", "3", "--out", str(out)]) == 0
+                     "--prefills", "8", "--copy-blocks", "1,4,8", "--repeats", "3", "--threads", "1",
+                     "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "calibration points" in printed and "layer: max" in printed
     hw = load_hardware(out)
     assert hw.fit is not None and hw.link.copy_engines == 1 and hw.link.h2d_bandwidth > 0
+    assert hw.fit.threads == 1  # what it was timed with, for validate to run with
     assert "layer: max" in out.read_text()  # the residuals travel with the profile
     model = load_model(out.parent / "tiny-opt-float32.toml")
     cm = CostModel(hw, model)
@@ -111,6 +114,7 @@ FIT = """
 [fit]
 model = "tiny-opt"
 architecture = "opt, 2 layers, hidden 64, heads 4/4, ffn 256, vocab 1000, 2-byte values"
+threads = 1
 layer_us = 10
 layer_us_per_prefill_token = 1
 layer_us_per_decode_token = 2
@@ -154,6 +158,7 @@ def test_decode_time_is_iteration_time_on_the_roofline():
     (lambda t: t.replace("head_us = 50", "head_ms = 50"), "unknown field 'fit.head_ms'"),
     (lambda t: t.replace('architecture = "opt', 'arch = "opt'), "unknown field 'fit.arch'"),
     (lambda t: t.replace("copy_slowdown_per_gb_s = 0.1", ""), "missing field 'fit.copy_slowdown_per_gb_s'"),
+    (lambda t: t.replace("threads = 1", "threads = 1.5"), "field 'fit.threads' must be a whole number"),
     (lambda t: t.replace("head_us = 50", 'head_us = "fast"'), "field 'fit.head_us' must be a number"),
 ])
 def test_a_bad_fit_is_refused_naming_file_and_field(write, edit, problem):
@@ -168,6 +173,7 @@ def test_a_bad_fit_is_refused_naming_file_and_field(write, edit, problem):
     (["--model", str(TINY), "--contexts", "16", "--prefills", "8", "--repeats", "0"], "p.toml", "--repeats must be at least 1"),
     (["--model", str(TINY), "--base", "no-such-host"], "p.toml", "unknown hardware 'no-such-host'"),
     (["--model", str(TINY)], "p.txt", "a profile is a .toml file"),
+    (["--model", str(TINY), "--threads", "0"], "p.toml", "--threads must be at least 1"),
 ])
 def test_bad_input_is_refused_before_timing(tmp_path, capsys, args, name, message):
     out = tmp_path / name
@@ -180,3 +186,18 @@ def test_bad_input_is_refused_before_timing(tmp_path, capsys, args, name, messag
 def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
     assert pie_exec(["calibrate", "--device", "cuda", "--out", str(tmp_path / "p.toml")]) == 2
     assert "no CUDA device here" in capsys.readouterr().out
+
+
+def test_the_copy_fit_prices_the_copiers_handoff_per_call(tmp_path, one_thread):
+    """Timed as the engine pays them, a layer's worth of tiny copies costs the copier's handoff (queue,
+    thread wake-up, GIL: tens of µs a copy here), not only the bytes; the fit must not call it free."""
+    spec = dataclasses.replace(load_model(TINY), dtype_bytes=4)
+    model = random_transformer(spec, 0, dtype=torch.float32, device=torch.device("cpu"))
+    run = Calibration(model, spec, torch.device("cpu"), Grid(copy_blocks=(1, 4, 16), repeats=3))
+    run.time_copies()
+    one_block = next(p for p in run.points if p.fit == "copy" and p.bytes_h2d == run.copies_per_point * run.block_bytes)
+    assert one_block.calls == run.copies_per_point == spec.num_layers
+    run.points += [p for p in synthetic_points() if p.fit in ("layer", "head")]  # fit() fits compute too
+    _, link = run.fit()
+    assert link["latency"] > 1e-6  # a block of this model is 1 KiB: its bytes alone take well under 1 µs
+    assert link["latency"] * one_block.calls < 2 * one_block.measured

