@@ -110,31 +110,13 @@ def report(comparisons: list[Comparison], out: Path, console: Console) -> None:
     write_csv(out / "validate.csv", {name: np.array([r[i] for r in records], dtype=float if i > 1 else object)
                                      for i, name in enumerate(("policy", "metric", "measured", "predicted",
                                                                "relative_error"))})
-    plot_iterations(comparisons, out / "validate.png")
+    from pie_sim.plots import plot_iteration_check  # here: matplotlib takes half a second to import
+
+    plot_iteration_check({c.policy: (c.measured_iterations, c.replayed_iterations) for c in comparisons},
+                         out / "validate.png")
 
 
 def _number(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
-
-
-def plot_iterations(comparisons: list[Comparison], path: Path) -> None:
-    import matplotlib  # here: only the plot needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    top = max(max(c.measured_iterations.max(), c.replayed_iterations.max()) for c in comparisons) * 1e3
-    for c in comparisons:
-        ax.plot(c.measured_iterations * 1e3, c.replayed_iterations * 1e3, ".", ms=4, alpha=0.6, label=c.policy)
-    ax.plot([0, top], [0, top], "k-", lw=0.8, label="predicted = measured")
-    ax.set_xlabel("measured iteration time (ms)")
-    ax.set_ylabel("predicted for the same plan (ms)")
-    ax.set_title("Each executed iteration, priced by the profile")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

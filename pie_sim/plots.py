@@ -26,9 +26,25 @@ def plot_preview(shares, rows, curves, path: Path) -> None:
     for row, curve in zip(rows, curves):
         line, = ax.plot(shares * 100, curve, label=f"{row.hw} / {row.model}")
         ax.plot(row.best_cpu_share * 100, row.pooled_tok_s, "o", color=line.get_color())
-    ax.set_xlabel("share of KV cache in CPU memory (%)")
-    ax.set_ylabel("steady-state decode throughput (tokens/s)")
-    ax.set_title("Cost-model preview: CPU pooling vs stall (dots: best share)")
+    _finish(fig, ax, "share of KV cache in CPU memory (%)", "steady-state decode throughput (tokens/s)",
+            "Cost-model preview: CPU pooling vs stall (dots: best share)", path)
+
+
+def plot_iteration_check(series: dict, path: Path) -> None:
+    """Per policy (name → measured seconds, predicted seconds of the same iterations): one dot each."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    top = max(max(measured.max(), predicted.max()) for measured, predicted in series.values()) * 1e3
+    for name, (measured, predicted) in series.items():
+        ax.plot(measured * 1e3, predicted * 1e3, ".", ms=4, alpha=0.6, label=name)
+    ax.plot([0, top], [0, top], "k-", lw=0.8, label="predicted = measured")
+    _finish(fig, ax, "measured iteration time (ms)", "predicted for the same plan (ms)",
+            "Each executed iteration, priced by the profile", path)
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
