@@ -186,7 +186,7 @@ class Scheduler:
         c, head = self.config, self.waiting[0]
         if len(self.running) >= c.max_num_seqs or head.uncomputed > c.max_num_batched_tokens:
             return False
-        return self.placement.available(unlimited=True) >= self._blocks_needed(head, head.uncomputed) + c.watermark_blocks
+        return self._place(head, head.uncomputed, admitting=True, unlimited=True) is not None
 
     def complete(self, schedule: Schedule, now: float) -> list[Request]:
         """Advance every scheduled request by its step; free and return the ones that finished."""

@@ -13,7 +13,7 @@ table order, or None when they do not fit (an admission also keeps `watermark` G
   written back, whereas a growing tail block on the CPU would be read and written back every layer of
   every iteration, one call each. A running sequence whose block the GPU cannot take gets it on the
   CPU within the share, else preemption (letting it past the share traded preemptions for dirty tails'
-  stalls and lost, bench/notes-pie.md). No admission while the CPU holds more than the share.
+  stalls and lost, bench/RESULTS.md). No admission while the CPU holds more than the share.
 Live CPU blocks are also bounded by `cpu_capacity`, the blocks the GPU staging area can hold.
 """
 from __future__ import annotations

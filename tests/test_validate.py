@@ -1,7 +1,7 @@
 """`pie-exec validate` on a tiny model: the loop runs end to end, the simulator makes the executor's very
 plans (same bytes moved), and its timing of serving with and without layer copies stays within loose
 bounds (a 2-core machine timing millisecond iterations; the figures and where they disagree are in
-bench/notes-validate.md). It runs with the profile's thread count, and refuses another."""
+bench/RESULTS.md). It runs with the profile's thread count, and refuses another."""
 import csv
 
 import pytest
