@@ -34,14 +34,16 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
     assert {p for p, _ in rows} == {"vllm", "static"}
     moved = rows["static", "total_bytes_h2d"]
     assert float(moved["measured"]) > 0 and float(moved["relative_error"]) == 0  # the very same copies
-    for metric, bound in (("throughput_tok_s", 1.0), ("e2e_mean_s", 0.5), ("iteration_mean_s", 0.5)):
-        # throughput: 1.0, for the tiny fit came out +59% and +67% in 2 of 9 runs on the shared 2-core VM
-        assert abs(float(rows["vllm", metric]["relative_error"])) < bound, metric
-    # static: each layer with staged blocks costs the executor ~0.2 ms of Python (issue, wait, gather from
-    # staging) that the profile has no term for, as much as a tiny layer computes: it is predicted 30-50%
-    # too fast here (~1-2% on OPT-125M). Bounded all the same, against gross mispricing either way.
-    assert -0.5 < float(rows["static", "throughput_tok_s"]["relative_error"]) < 1.5
-    assert -0.6 < float(rows["static", "iteration_mean_s"]["relative_error"]) < 0.5
+    # Bounds as factors (predicted / measured), measured over 16 runs on the shared 2-core VM: vllm's
+    # iteration and mean e2e within 0.64-1.20x, its throughput within 0.93-1.71x. static: each layer with
+    # staged blocks costs the executor ~0.2 ms of Python (issue, wait, gather from staging) that the profile
+    # has no term for, as much as a tiny layer computes, so it is predicted 1.2-3x too fast here (~1-2% on
+    # OPT-125M); bounded all the same, against gross mispricing either way.
+    for policy, metrics, factor in (("vllm", ("e2e_mean_s", "iteration_mean_s"), 2.0), ("vllm", ("throughput_tok_s",), 2.5),
+                                    ("static", ("throughput_tok_s", "e2e_mean_s", "iteration_mean_s"), 4.0)):
+        for metric in metrics:
+            ratio = 1 + float(rows[policy, metric]["relative_error"])
+            assert 1 / factor < ratio < factor, (policy, metric, ratio)
     assert pie_exec(["validate", "--profile", str(profile), "--model", str(tmp_path / "tiny-opt-float32.toml"),
                      "--threads", "2", "--out", str(out)]) == 2
     assert "calibrated with 1 threads" in capsys.readouterr().out
