@@ -17,12 +17,12 @@ from rich.progress import Progress
 from hwmodels import CatalogError, CostModel, load_hardware, load_model
 from pie_policy import ConfigError
 from pie_policy.records import request_table
-from pie_policy.sizing import ALL_POLICIES, add_engine_arguments, build_policy, engine_settings
-from traces import TraceError, load_trace, load_workload
+from pie_policy.sizing import ALL_POLICIES, add_engine_arguments
+from traces import TraceError, load_trace
 
 from .chrome_trace import write_chrome_trace
 from .preview import SHARES, preview_all
-from .simulate import simulate
+from .scenario import Scenario, simulate_scenario, workload_of
 
 GiB = 1024**3
 
@@ -105,35 +105,32 @@ def _simulate_policies(args: argparse.Namespace, names: list[str], console: Cons
     return {name: summary for name, (summary, _, _) in summaries.items()}
 
 
+def scenario_of(args: argparse.Namespace, policy: str) -> Scenario:
+    """The run a command line's workload and engine options name, for `policy`."""
+    return Scenario.from_options({name: getattr(args, name) for name in Scenario.options() if name != "policy"}
+                                 | {"policy": policy})
+
+
 def _simulate(args: argparse.Namespace, names: list[str], console: Console):
     """({policy: (summary, its folder, result)}, what the plot needs, the plot's title)."""
     unknown = [n for n in names if n not in ALL_POLICIES]
     if unknown:
         raise ConfigError(f"unknown policy '{unknown[0]}' (known: {', '.join(ALL_POLICIES)})")
-    hw, model = load_hardware(args.hw), load_model(args.model)
-    cm = CostModel(hw, model)
-    # Requests too long for the model stay in: the policy rejects them, with the reason, in requests.csv.
-    workload = load_workload(args.trace, args.num_requests or None, rate=args.rate, cv=args.cv, seed=args.seed)
-    cpu_bytes = int(args.cpu_mem_gb * GiB) if args.cpu_mem_gb is not None else min(240 * GiB, hw.host.memory_bytes)
     out = Path(args.out)
     summaries, runs = {}, {}
     with Progress(console=console, transient=True) as bar:
         for name in names:
-            policy = build_policy(name, cm, share=args.share, gpu_mem_util=args.gpu_mem_util, cpu_mem_bytes=cpu_bytes,
-                                  mean_prompt=int(workload.prompt_tokens.mean()),
-                                  mean_output=int(workload.output_tokens.mean()), **engine_settings(args))
-            task = bar.add_task(f"{name:9s}", total=len(workload))
-            result = simulate(policy, cm, workload, layer_events=args.layer_events,
-                              traced_iterations=args.trace_iterations,
-                              on_finish=lambda n, task=task: bar.advance(task, n))
+            scenario = scenario_of(args, name)
+            task = bar.add_task(f"{name:9s}", total=len(workload_of(scenario)))
+            summary, result = simulate_scenario(scenario, layer_events=args.layer_events,
+                                                traced_iterations=args.trace_iterations,
+                                                on_finish=lambda n, task=task: bar.advance(task, n))
             bar.update(task, visible=False)
-            summary = result.recorder.summary(
-                result.requests, result.wall_s, backend="sim", policy=name, hw=hw.name, model=model.name,
-                trace=str(args.trace), rate=args.rate, seed=args.seed, events=result.events)
             summaries[name] = (summary, out / name if len(names) > 1 else out, result)
             requests, its = request_table(result.requests), result.recorder.iterations
             runs[name] = ({k: requests[k] for k in PLOTTED_REQUESTS}, {k: its[k] for k in PLOTTED_ITERATIONS})
-    return summaries, runs, f"{model.name} on {hw.name}, {args.trace}, {len(workload)} requests{_load(args.rate)}"
+    return summaries, runs, (f"{summary['model']} on {summary['hw']}, {args.trace}, {len(result.requests)} "
+                             f"requests{_load(args.rate)}")
 
 
 SUMMARY_COLUMNS = (("throughput_tok_s", "output tok/s", "{:,.0f}"), ("throughput_req_s", "req/s", "{:.2f}"),

@@ -1,0 +1,90 @@
+"""One simulated point named by plain options: what `run`, `compare`, `capacity`, `sweep` and `reproduce`
+share, so that a point of a sweep or a step of a bisection is exactly the run `pie-sim run` would make."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+from hwmodels import CostModel, load_hardware, load_model
+from pie_policy import ConfigError
+from pie_policy.sizing import build_policy
+from traces import load_workload
+
+from .simulate import SimResult, simulate
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything that decides a simulated run's results (with `seed`, bit for bit)."""
+    hw: str = "gh200-96g"
+    model: str = "opt-13b"
+    trace: str = "sharegpt"
+    num_requests: int = 500          # 0: the whole trace
+    rate: float | None = None        # Poisson (Gamma with cv) re-timing, req/s; inf: all at 0; None: the trace's
+    cv: float = 1.0
+    policy: str = "pie"
+    share: float | None = None       # static's CPU share / pie's largest (None: the policy's default)
+    gpu_mem_util: float = 0.9
+    cpu_mem_gb: float | None = None  # None: 240 GiB or the host's memory
+    block_size: int = 16
+    max_num_seqs: int = 256
+    chunked_prefill: bool = False
+    prefetch_depth: int = 1
+    seed: int = 0
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: dict) -> "Scenario":
+        """A scenario from a mapping (a sweep's grid point, a command line's options); names it does not
+        know are refused with the ones it does."""
+        unknown = sorted(set(options) - set(cls.options()))
+        if unknown:
+            raise ConfigError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)} "
+                              f"(known: {', '.join(cls.options())})")
+        return cls(**options)
+
+    def replace(self, **changes) -> "Scenario":
+        return dataclasses.replace(self, **changes)
+
+
+@lru_cache(maxsize=8)
+def _workload(trace: str, num_requests: int, rate: float | None, cv: float, seed: int):
+    """Kept between the runs of a bisection or a comparison, which re-use the same requests."""
+    return load_workload(trace, num_requests or None, rate=rate, cv=cv, seed=seed)
+
+
+def workload_of(s: Scenario):
+    return _workload(s.trace, s.num_requests, s.rate, s.cv, s.seed)
+
+
+def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterations: int = 0,
+                      on_finish: Callable[[int], None] | None = None) -> tuple[dict, SimResult]:
+    """Run `s`: (its summary, the whole result). Requests too long for the model stay in: the policy
+    rejects them, with the reason, in requests.csv."""
+    hw, model = load_hardware(s.hw), load_model(s.model)
+    cm = CostModel(hw, model)
+    workload = workload_of(s)
+    cpu_bytes = int(s.cpu_mem_gb * GiB) if s.cpu_mem_gb is not None else min(240 * GiB, hw.host.memory_bytes)
+    policy = build_policy(s.policy, cm, share=s.share, gpu_mem_util=s.gpu_mem_util, cpu_mem_bytes=cpu_bytes,
+                          mean_prompt=int(workload.prompt_tokens.mean()),
+                          mean_output=int(workload.output_tokens.mean()), block_size=s.block_size,
+                          max_num_seqs=s.max_num_seqs, chunked_prefill=s.chunked_prefill,
+                          prefetch_depth=s.prefetch_depth)
+    result = simulate(policy, cm, workload, layer_events=layer_events, traced_iterations=traced_iterations,
+                      on_finish=on_finish)
+    summary = result.recorder.summary(result.requests, result.wall_s, backend="sim", policy=s.policy, hw=hw.name,
+                                      model=model.name, trace=str(s.trace), rate=s.rate, seed=s.seed,
+                                      events=result.events)
+    return summary, result
+
+
+def summarize(s: Scenario) -> dict:
+    """`s`'s summary alone (small and picklable: what a worker process sends back)."""
+    return simulate_scenario(s)[0]
