@@ -22,6 +22,9 @@ from traces import TraceError, load_trace
 
 from .chrome_trace import write_chrome_trace
 from .preview import SHARES, preview_all
+from .capacity import Answer, max_rate, min_gpu_mem
+from .capacity_report import capacity_row, capacity_table, write_rows
+from .parallel import run_parallel
 from .scenario import Scenario, simulate_scenario, workload_of
 
 GiB = 1024**3
@@ -175,6 +178,36 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {out}/compare.csv, {out}/runs.png and each policy's files in {out}/<policy>/")
 
 
+def _capacity_search(job: tuple) -> Answer:
+    scenario, slo, tolerance, min_hbm = job
+    return (min_gpu_mem if min_hbm else max_rate)(scenario, slo, tolerance)
+
+
+def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
+    """The capacity question for every system x policy, searched in parallel; capacity.csv and probes.csv."""
+    if args.min_hbm != (args.rate is not None):
+        raise ConfigError("--min-hbm needs --rate (the req/s the least HBM must sustain); without --min-hbm "
+                          "the rate is what capacity searches")
+    pairs = [(hw, policy) for hw in _names(args.hw) for policy in _names(args.policy)]
+    jobs = [(scenario_of(args, policy).replace(hw=hw), args.slo_normalized_latency, args.tolerance, args.min_hbm)
+            for hw, policy in pairs]
+    answers = run_parallel(_capacity_search, jobs, console, "capacity searches", args.workers)
+    rows = [capacity_row(job[0], answer, args.min_hbm) for job, answer in zip(jobs, answers)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(out / "capacity.csv", rows)
+    write_rows(out / "probes.csv", [dict(hw=job[0].hw, policy=job[0].policy, **dataclasses.asdict(p))
+                                    for job, answer in zip(jobs, answers) for p in answer.probes])
+    question = (f"least HBM for {args.rate:g} req/s" if args.min_hbm else "highest request rate") + \
+        f" within {args.slo_normalized_latency:g} s/token normalized latency"
+    console.print(capacity_table(rows, f"pie-sim capacity: {question}; {args.model}, {args.trace}, "
+                                       f"{args.num_requests} requests, tolerance {args.tolerance:.0%}"))
+    for row in rows:
+        if row["bound"] != "found":
+            console.print(f"[yellow]{row['hw']} {row['policy']}:[/] {row['note']}")
+    console.print(f"wrote {out}/capacity.csv and {out}/probes.csv")
+
+
 def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
     p.add_argument("--hw", default="gh200-96g", help="system name or TOML file")
     p.add_argument("--model", default="opt-13b", help="model name or TOML file")
@@ -215,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(rate=20.0, gpu_mem_util=0.5, num_requests=600)
     p.add_argument("--out", default="out/compare", help="folder for compare.csv, runs.png and per-policy files")
     p.set_defaults(run=cmd_compare)
+
+    p = commands.add_parser("capacity", help="highest request rate within an SLO, or least HBM for a rate")
+    _workload_options(p, lambda q: q.add_argument("--policy", default="pie,vllm",
+                                                  help="comma-separated policies (default pie,vllm)"))
+    p.set_defaults(num_requests=1000, hw="gh200-96g,h100-pcie5,h200-pcie5")
+    p.add_argument("--slo-normalized-latency", type=float, default=0.2,
+                   help="SLO on mean end-to-end latency per output token, s/token (default 0.2)")
+    p.add_argument("--tolerance", type=float, default=0.02, help="relative bisection tolerance (default 0.02)")
+    p.add_argument("--min-hbm", action="store_true", help="search the least HBM (gpu_mem_util) that sustains --rate")
+    p.add_argument("--workers", type=int, help="parallel searches (default: one per CPU core)")
+    p.add_argument("--out", default="out/capacity", help="folder for capacity.csv and probes.csv")
+    p.set_defaults(run=cmd_capacity)
     return parser
 
 
