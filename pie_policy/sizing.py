@@ -11,8 +11,9 @@ blocks of one layer, where `C`, the most live CPU blocks, is `share / (1 - share
 from __future__ import annotations
 
 import argparse
+from functools import lru_cache
 
-from hwmodels import BatchShape, CostModel, ModelSpec
+from hwmodels import BatchShape, CostModel, HardwareSpec, ModelSpec
 
 from .config import ConfigError, EngineConfig, check_share
 from .expansion import ExpansionController
@@ -91,7 +92,7 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
                           f"{hw.host.memory_bytes / 1024**3:.1f} GiB")
     if name == "flexgen":
         output = min(mean_output, m.max_context - mean_prompt)
-        return FlexGenPolicy(cost_model, search(cost_model, mean_prompt, output, gpu_mem_util))
+        return FlexGenPolicy(cost_model, _flexgen_placement(hw, m, mean_prompt, output, gpu_mem_util))
     tokens = settings.get("max_num_batched_tokens") or max(2048, m.max_context)
     pool = cost_model.memory_budget(gpu_mem_util, tokens, settings.get("max_num_seqs", 256)).kv_pool_bytes
     if name == "pie" and share is None:
@@ -101,6 +102,12 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
         settings.setdefault("coalesce_gap", coalesce_gap(cost_model, settings.get("block_size", 16)))
     config = engine_config(m, name, pool, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
     return make_policy(name, config, share)
+
+
+@lru_cache(maxsize=16)
+def _flexgen_placement(hw: HardwareSpec, model: ModelSpec, prompt: int, output: int, gpu_mem_util: float):
+    """FlexGen's LP search (seconds) once per system and shape: a sweep over rates re-uses it."""
+    return search(CostModel(hw, model), prompt, output, gpu_mem_util)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -208,6 +208,27 @@ def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {out}/capacity.csv and {out}/probes.csv")
 
 
+def cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
+    from . import reproduce
+    from .reproduce_report import plot_curves, write_report, write_tables
+
+    grid = reproduce.QUICK if args.quick else reproduce.FULL
+    panels = reproduce.run(grid, args.hw, console, args.workers)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables(panels, out)
+    plot_curves(panels, out / "latency_vs_rate.png")
+    claims = write_report(panels, grid, args.quick, out / "report.md")
+    view = Table(title=f"Pie's published claims beside the simulator ({args.hw}, {grid.num_requests} requests a run)")
+    for header in ("claim", "published", "simulated", "panel"):
+        view.add_column(header)
+    for row in claims:
+        view.add_row(*row)
+    console.print(view)
+    console.print(f"wrote {out}/report.md (with the reasons), latency_vs_rate.png, offline.csv, curves.csv, "
+                  f"searches.csv")
+
+
 def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
     p.add_argument("--hw", default="gh200-96g", help="system name or TOML file")
     p.add_argument("--model", default="opt-13b", help="model name or TOML file")
@@ -260,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="parallel searches (default: one per CPU core)")
     p.add_argument("--out", default="out/capacity", help="folder for capacity.csv and probes.csv")
     p.set_defaults(run=cmd_capacity)
+
+    p = commands.add_parser("reproduce", help="the Pie paper's experiments in simulation, with a report")
+    p.add_argument("--quick", action="store_true", help="fewer requests and rates (about a minute)")
+    p.add_argument("--hw", default="gh200-96g", help="system (the paper's: gh200-96g)")
+    p.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
+    p.add_argument("--out", default="out/reproduce", help="folder for report.md, plots and tables")
+    p.set_defaults(run=cmd_reproduce)
     return parser
 
 
