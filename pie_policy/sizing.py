@@ -83,7 +83,8 @@ def make_policy(name: str, config: EngineConfig, share: float | None = None) -> 
 def build_policy(name: str, cost_model: CostModel, *, share: float | None = None, mean_prompt: int = 512,
                  mean_output: int = 128, gpu_mem_util: float = 0.9, cpu_mem_bytes: int = 0, **settings):
     """Any policy sized for a simulated system: the KV pool from the cost model's memory budget, CPU
-    memory checked against the host. FlexGen sizes its block for `mean_prompt` + `mean_output` tokens."""
+    memory checked against the host. FlexGen sizes its block for `mean_prompt` + `mean_output` tokens and
+    keeps what it offloads within `cpu_mem_bytes` of CPU memory (0: the host's) and the disk, if any."""
     m, hw = cost_model.model, cost_model.hw
     if name not in ALL_POLICIES:
         raise ConfigError(f"unknown policy '{name}' (known: {', '.join(ALL_POLICIES)})")
@@ -92,7 +93,8 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
                           f"{hw.host.memory_bytes / 1024**3:.1f} GiB")
     if name == "flexgen":
         output = min(mean_output, m.max_context - mean_prompt)
-        return FlexGenPolicy(cost_model, _flexgen_placement(hw, m, mean_prompt, output, gpu_mem_util))
+        placement = _flexgen_placement(hw, m, mean_prompt, output, gpu_mem_util, cpu_mem_bytes or None)
+        return FlexGenPolicy(cost_model, placement)
     tokens = settings.get("max_num_batched_tokens") or max(2048, m.max_context)
     pool = cost_model.memory_budget(gpu_mem_util, tokens, settings.get("max_num_seqs", 256)).kv_pool_bytes
     if name == "pie" and share is None:
@@ -105,9 +107,10 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
 
 
 @lru_cache(maxsize=16)
-def _flexgen_placement(hw: HardwareSpec, model: ModelSpec, prompt: int, output: int, gpu_mem_util: float):
+def _flexgen_placement(hw: HardwareSpec, model: ModelSpec, prompt: int, output: int, gpu_mem_util: float,
+                       cpu_mem_bytes: int | None):
     """FlexGen's LP search (seconds) once per system and shape: a sweep over rates re-uses it."""
-    return search(CostModel(hw, model), prompt, output, gpu_mem_util)
+    return search(CostModel(hw, model), prompt, output, gpu_mem_util, cpu_mem_bytes=cpu_mem_bytes)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

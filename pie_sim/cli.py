@@ -238,7 +238,8 @@ def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
                                               "default: the trace's own timestamps")
     p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of the gaps (Gamma when != 1)")
     policy_option(p)
-    p.add_argument("--cpu-mem-gb", type=float, help="CPU memory for KV, GiB (default: 240 or the host's memory)")
+    p.add_argument("--cpu-mem-gb", type=float, help="CPU memory for KV (flexgen: for all it offloads), GiB "
+                   "(default: 240 or the host's memory)")
     p.add_argument("--gpu-mem-util", type=float, default=0.9)
     add_engine_arguments(p)
     p.add_argument("--layer-events", action="store_true",

@@ -9,6 +9,8 @@ Rules (shared with the SimPy per-layer mode in `layer_events.py`, which checks t
   moves its bytes.
 - A direction moves bytes at its own bandwidth; while both directions move bytes at once, each runs at
   its bandwidth · min(1, bidirectional / (h2d + d2h)). Rates change only when a transfer starts or ends.
+- A disk (the hardware's optional `[disk]`, FlexGen's third tier) has a stream for reads into CPU memory
+  and one for writes from it, each at its own bandwidth and per-call latency, independent of the link.
 
 When the cap covers both directions at full speed (NVLink-C2C), or one stream serves both, no rate ever
 changes and a copy's start and end follow from its issue: `FixedRateLinks`, O(1) a copy. Otherwise
@@ -20,21 +22,47 @@ from collections import deque
 from dataclasses import dataclass
 
 from hwmodels import HardwareSpec
-from pie_policy.plan import D2H, H2D, Copy
+from pie_policy.plan import D2H, DISK_READ, DISK_WRITE, H2D, Copy
 
 EPSILON = 1e-15
 
 
+def full_rates(hw: HardwareSpec) -> dict[str, float]:
+    """Each direction's bandwidth when it moves alone: the link's two and, where there is a disk, its two."""
+    link, disk = hw.link, hw.disk
+    rates = {H2D: link.h2d_bandwidth, D2H: link.d2h_bandwidth}
+    if disk is not None:
+        rates |= {DISK_READ: disk.read_bandwidth, DISK_WRITE: disk.write_bandwidth}
+    return rates
+
+
 def byte_rates(hw: HardwareSpec, moving: set[str]) -> dict[str, float]:
     """Bytes/s of each direction in `moving` (the directions transferring bytes right now)."""
-    link = hw.link
-    full = {H2D: link.h2d_bandwidth, D2H: link.d2h_bandwidth}
-    shared = min(1.0, link.bidirectional_bandwidth / (full[H2D] + full[D2H])) if len(moving) == 2 else 1.0
-    return {d: full[d] * shared for d in moving}
+    full, link = full_rates(hw), hw.link
+    both = H2D in moving and D2H in moving
+    shared = min(1.0, link.bidirectional_bandwidth / (full[H2D] + full[D2H])) if both else 1.0
+    return {d: full[d] * (shared if d in (H2D, D2H) else 1.0) for d in moving}
+
+
+def link_rate(rates: dict[str, float]) -> float:
+    """Bytes/s crossing the host↔GPU link: what compute's HBM contention is charged on (disk traffic
+    only touches CPU memory)."""
+    return rates.get(H2D, 0.0) + rates.get(D2H, 0.0)
 
 
 def stream_of(hw: HardwareSpec, copy: Copy) -> str:
+    if copy.direction in (DISK_READ, DISK_WRITE):
+        if hw.disk is None:
+            raise ValueError(f"copy {copy.op_id} moves {copy.kind} by {copy.direction}, but {hw.name} has no "
+                             f"[disk] section")
+        return copy.direction
     return copy.direction if hw.link.copy_engines >= 2 else "both"
+
+
+def setup_time(hw: HardwareSpec, copy: Copy) -> float:
+    """The copy's per-call latencies, paid before it moves a byte."""
+    on_disk = copy.direction in (DISK_READ, DISK_WRITE)
+    return copy.calls * (hw.disk.transfer_latency if on_disk else hw.link.transfer_latency)
 
 
 @dataclass
@@ -59,14 +87,14 @@ class FixedRateLinks:
         self.free: dict[str, float] = {}                 # stream → when its last copy ends
         self.started: dict[int, float] = {}
         self.done: dict[int, float] = {}
-        self.busy = {H2D: 0.0, D2H: 0.0}
+        self.bandwidth = full_rates(hw)
+        self.busy = dict.fromkeys(self.bandwidth, 0.0)
         self.windows: dict[str, deque] = {}              # stream → (bytes start, end, direction), by time
-        self.bandwidth = {H2D: hw.link.h2d_bandwidth, D2H: hw.link.d2h_bandwidth}
 
     def issue(self, copy: Copy, at: float) -> None:
         stream = stream_of(self.hw, copy)
         start = max([at, self.free.get(stream, 0.0)] + [self.done[op] for op in copy.after])
-        moving = start + copy.calls * self.hw.link.transfer_latency
+        moving = start + setup_time(self.hw, copy)
         end = moving + copy.nbytes / self.bandwidth[copy.direction]
         self.started[copy.op_id], self.done[copy.op_id], self.free[stream] = start, end, end
         self.busy[copy.direction] += end - start
@@ -96,7 +124,7 @@ class FluidLinks:
         self.active: dict[str, _Active] = {}
         self.started: dict[int, float] = {}   # op id → start time
         self.done: dict[int, float] = {}      # op id → completion time
-        self.busy = {H2D: 0.0, D2H: 0.0}      # seconds each direction spent on copies (setup + bytes)
+        self.busy = dict.fromkeys(full_rates(hw), 0.0)  # seconds each direction spent on copies (setup + bytes)
 
     def issue(self, copy: Copy, at: float) -> None:
         if at < self.now - EPSILON:
@@ -140,8 +168,7 @@ class FluidLinks:
                 if at <= self.now + EPSILON and all(op in self.done for op in copy.after):
                     queue.popleft()
                     self.started[copy.op_id] = self.now
-                    latency = copy.calls * self.hw.link.transfer_latency
-                    self.active[stream] = _Active(copy, self.now + latency, float(copy.nbytes))
+                    self.active[stream] = _Active(copy, self.now + setup_time(self.hw, copy), float(copy.nbytes))
                     started = True
             self._finish()
 
