@@ -40,6 +40,8 @@ TOKEN_ID_BYTES = 8
 
 
 def activation_bytes(cost_model: CostModel, plan: MicroBatchPlan) -> int:
+    """What a stage sends the next for a plan: vLLM's intermediate tensors, per token the hidden states
+    (and, for Llama, the residual)."""
     m = cost_model.model
     return plan.shape.tokens * m.hidden_size * m.dtype_bytes * (2 if m.family == "llama" else 1)
 
