@@ -52,8 +52,12 @@ class DiskSpec:
 
 @dataclass(frozen=True)
 class ServerSpec:
+    """The GPUs of one server and the PCIe tree between them and host memory."""
     num_gpus: int = quantity("num_gpus", whole=True)
     gpus_per_switch: int = quantity("gpus_per_switch", whole=True)
+    # Per direction, the uplink from one PCIe switch to the CPU, shared by its `gpus_per_switch` GPUs;
+    # None (no `switch_uplink_gb_s`): each GPU's link reaches the CPU alone.
+    switch_uplink_bandwidth: float | None = quantity("switch_uplink_gb_s", "GB/s", default=None)
 
 
 @dataclass(frozen=True)

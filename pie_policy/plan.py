@@ -83,11 +83,16 @@ class Plan:
 
     def bytes_moved(self) -> tuple[int, int]:
         """Bytes the plan's copies move host→device and device→host (disk reads and writes stay off the link)."""
-        moved = {H2D: 0, D2H: 0}
-        for copy in self.copies():
-            if copy.direction in moved:
-                moved[copy.direction] += copy.nbytes
-        return moved[H2D], moved[D2H]
+        return bytes_by_direction(self.copies())
+
+
+def bytes_by_direction(copies) -> tuple[int, int]:
+    """Bytes `copies` move host→device and device→host (disk reads and writes stay off the link)."""
+    moved = {H2D: 0, D2H: 0}
+    for copy in copies:
+        if copy.direction in moved:
+            moved[copy.direction] += copy.nbytes
+    return moved[H2D], moved[D2H]
 
 
 @dataclass(frozen=True)

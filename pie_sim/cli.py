@@ -16,8 +16,9 @@ from rich.progress import Progress
 
 from hwmodels import CatalogError, CostModel, load_hardware, load_model
 from pie_policy import ConfigError
+from pie_policy.pipeline import PIPELINE_POLICIES
 from pie_policy.records import request_table
-from pie_policy.sizing import ALL_POLICIES, add_engine_arguments
+from pie_policy.sizing import ALL_POLICIES, KNOWN_POLICIES, add_engine_arguments
 from traces import TraceError, load_trace
 
 from .chrome_trace import write_chrome_trace
@@ -116,9 +117,9 @@ def scenario_of(args: argparse.Namespace, policy: str) -> Scenario:
 
 def _simulate(args: argparse.Namespace, names: list[str], console: Console):
     """({policy: (summary, its folder, result)}, what the plot needs, the plot's title)."""
-    unknown = [n for n in names if n not in ALL_POLICIES]
+    unknown = [n for n in names if n not in KNOWN_POLICIES]
     if unknown:
-        raise ConfigError(f"unknown policy '{unknown[0]}' (known: {', '.join(ALL_POLICIES)})")
+        raise ConfigError(f"unknown policy '{unknown[0]}' (known: {', '.join(KNOWN_POLICIES)})")
     out = Path(args.out)
     summaries, runs = {}, {}
     with Progress(console=console, transient=True) as bar:
@@ -162,7 +163,8 @@ def _show(summaries: dict, console: Console, title: str) -> None:
 def cmd_run(args: argparse.Namespace, console: Console) -> None:
     summaries = _simulate_policies(args, [args.policy], console)
     _show(summaries, console, f"pie-sim run: {args.model} on {args.hw}")
-    console.print(f"wrote {args.out}/requests.csv, iterations.csv, summary.json, timeline.json, runs.png")
+    trace = "" if args.policy in PIPELINE_POLICIES else " timeline.json,"
+    console.print(f"wrote {args.out}/requests.csv, iterations.csv, summary.json,{trace} runs.png")
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> None:
@@ -242,6 +244,8 @@ def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
                    "(default: 240 or the host's memory)")
     p.add_argument("--gpu-mem-util", type=float, default=0.9)
     add_engine_arguments(p)
+    p.add_argument("--micro-batches", type=int, help="pp-vllm, pipemax: micro-batches in the pipeline "
+                                                     "(default: one per GPU of --hw)")
     p.add_argument("--layer-events", action="store_true",
                    help="one SimPy event per layer and copy instead of the recurrence (slow; for checking)")
     p.add_argument("--trace-iterations", type=int, default=3, help="iterations to draw in timeline.json")
@@ -260,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_preview)
 
     p = commands.add_parser("run", help="simulate one policy on a workload")
-    _workload_options(p, lambda q: q.add_argument("--policy", default="pie", help=", ".join(ALL_POLICIES)))
+    _workload_options(p, lambda q: q.add_argument("--policy", default="pie", help=", ".join(KNOWN_POLICIES)))
     p.add_argument("--out", required=True, help="folder for the run's files")
     p.set_defaults(run=cmd_run)
 
