@@ -10,9 +10,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
-
-from rich.progress import Progress
 
 from hwmodels import CatalogError, CostModel, load_hardware, load_model
 from pie_policy import ConfigError
@@ -27,6 +26,7 @@ from .capacity import Answer, max_rate, min_gpu_mem
 from .capacity_report import capacity_row, capacity_table, write_rows
 from .parallel import run_parallel
 from .scenario import Scenario, simulate_scenario, workload_of
+from .sweep import BACKENDS, load_grid, run_sweep, todo, varying_options, write_results
 
 GiB = 1024**3
 
@@ -231,6 +231,40 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
                   f"searches.csv")
 
 
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    """Exit status 1 when a point failed (its error is in the table), 130 when interrupted."""
+    if args.address and args.backend != "ray":
+        raise ConfigError("--address names a Ray cluster: it needs --backend ray")
+    points, out = load_grid(args.grid), Path(args.out)
+    remaining, axes = todo(points, out), varying_options(points)
+
+    def say(text: str) -> None:  # unwrapped: paths and errors stay whole for grep
+        console.print(text, highlight=False, soft_wrap=True)
+
+    def report(record: dict) -> None:
+        bar.advance(task)
+        if record["error"]:
+            point = " ".join(f"{k}={record['options'][k]}" for k in axes) or record["point"]
+            say(f"[red]failed[/] {point}: {record['error']}")
+
+    say(f"{len(points)} points in {args.grid}; skipped {len(points) - len(remaining)} already finished; "
+        f"running {len(remaining)} ({args.backend})")
+    try:
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console,
+                      transient=True) as bar:
+            task = bar.add_task("sweep", total=len(remaining))
+            run_sweep(remaining, out, backend=args.backend, workers=args.workers, address=args.address,
+                      on_record=report)
+    except KeyboardInterrupt:
+        write_results(points, out)
+        say(f"interrupted: the finished points are saved in {out / 'points'}; run the same command to go on")
+        return 130
+    failed = int((write_results(points, out)["status"] == "error").sum())
+    say(f"{len(points) - failed} points ok, {failed} failed; wrote {out / 'results.parquet'} and "
+        f"{out / 'results.csv'}")
+    return 1 if failed else 0
+
+
 def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
     p.add_argument("--hw", default="gh200-96g", help="system name or TOML file")
     p.add_argument("--model", default="opt-13b", help="model name or TOML file")
@@ -293,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
     p.add_argument("--out", default="out/reproduce", help="folder for report.md, plots and tables")
     p.set_defaults(run=cmd_reproduce)
+
+
+    p = commands.add_parser("sweep", help="run every combination of a grid's options, resumably")
+    p.add_argument("grid", help="GRID.toml: run options, a list for each axis (format: pie_sim/sweep.py)")
+    p.add_argument("--out", required=True, help="folder for points/ and results.parquet, results.csv")
+    p.add_argument("--workers", type=int, help="local: processes (default: the CPU count); ray: most points "
+                                               "in flight (default: all)")
+    p.add_argument("--backend", choices=BACKENDS, default="local")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or a new local Ray)")
+    p.set_defaults(run=cmd_sweep)
     return parser
 
 
@@ -300,11 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(width=max(Console().width, 120))
     try:
-        args.run(args, console)
+        return args.run(args, console) or 0
     except (CatalogError, TraceError, ConfigError, ValueError) as e:
         console.print(f"[red]pie-sim: error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
