@@ -219,7 +219,7 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_tables(panels, out)
-    plot_curves(panels, out / "latency_vs_rate.png")
+    plot_curves(panels, grid, out / "latency_vs_rate.png")
     claims = write_report(panels, grid, args.quick, out / "report.md")
     view = Table(title=f"Pie's published claims beside the simulator ({args.hw}, {grid.num_requests} requests a run)")
     for header in ("claim", "published", "simulated", "panel"):

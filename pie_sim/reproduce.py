@@ -4,8 +4,9 @@ and Alpaca), measured the way its claims are stated:
 - latency vs load: normalized latency (mean e2e / output tokens) against Poisson request rate for every
   policy, rates scaled per panel by vLLM's offline throughput (the most it serves);
 - throughput at equal latency: the highest rate meeting an SLO, for pie and vllm (`capacity.max_rate`),
-  the SLO being `slo_factor` x vLLM's normalized latency at light load (`rate_factors[0]`);
-- GPU memory at equal performance: the least HBM with which pie, and vllm, meet the same SLO at the rate
+  each SLO being a factor (`slo_factors`) x vLLM's normalized latency at light load (`rate_factors[0]`):
+  a tight one before the knee of the curves and, in the full grid, a loose one past it, where vLLM preempts;
+- GPU memory at equal performance: the least HBM with which pie, and vllm, meet the tight SLO at the rate
   vLLM sustains with the paper's 0.9 of HBM (`capacity.min_gpu_mem`);
 - FlexGen: offline throughput (every request at once, its best case) and latency, pie against flexgen.
 
@@ -27,22 +28,28 @@ from .scenario import Scenario, summarize, workload_of
 
 GiB = 1024**3
 MODELS, TRACES = ("opt-13b", "opt-30b"), ("sharegpt", "alpaca")
-POLICIES = (("vllm", None), ("vllm-swap", None), ("static", 0.1), ("static", 0.2), ("static", 0.3),
-            ("pie", None), ("flexgen", None))
 SEARCHED = ("vllm", "pie")
 PAPER_GPU_MEM_UTIL = 0.9
 
 
 @dataclass(frozen=True)
 class Grid:
-    """How much of the experiment to run: `quick` is for a minute on a laptop, the default for a report."""
+    """How much of the experiment to run: `QUICK` is for a minute on a laptop, `FULL` for a report."""
     num_requests: int
-    rate_factors: tuple[float, ...]   # of vLLM's offline req/s; the first is the light load setting the SLO
+    rate_factors: tuple[float, ...]   # of vLLM's offline req/s; the first is the light load setting the SLOs
     tolerance: float
-    slo_factor: float = 1.5
+    slo_factors: tuple[float, ...] = (1.5, 5.0)   # the first (tight) also sets the GPU-memory question
+    static_shares: tuple[float, ...] = (0.1, 0.2, 0.3)
+
+    @property
+    def policies(self) -> tuple[tuple[str, float | None], ...]:
+        """(policy, share) of every curve."""
+        return (("vllm", None), ("vllm-swap", None), *(("static", s) for s in self.static_shares), ("pie", None),
+                ("flexgen", None))
 
 
-QUICK = Grid(200, (0.1, 0.4, 0.7, 1.0, 1.3), tolerance=0.1)
+# quick: fewer requests, rates and static shares, and no loose SLO (200 requests never reach its knee)
+QUICK = Grid(100, (0.1, 0.5, 1.0, 1.3), tolerance=0.1, slo_factors=(1.5,), static_shares=(0.2,))
 FULL = Grid(1000, (0.1, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.7), tolerance=0.02)
 
 
@@ -59,13 +66,18 @@ class Panel:
     offline: dict          # label → summary at rate inf
     curves: dict           # label → [summary per rate factor]
     rates: tuple[float, ...] = ()
-    slo: float | None = None
-    max_rates: dict | None = None       # policy → Answer
-    min_hbm: dict | None = None         # policy → Answer (at vLLM's max rate)
+    slos: tuple[float, ...] = ()        # s/token, per grid SLO factor
+    max_rates: tuple[dict, ...] = ()    # per SLO: policy → Answer
+    min_hbm: dict | None = None         # policy → Answer (at vLLM's max rate, tight SLO)
 
     @property
     def name(self) -> str:
         return f"{self.model} / {self.trace}"
+
+    @property
+    def slo(self) -> float:
+        """The tight SLO: the one the GPU-memory question uses."""
+        return self.slos[0]
 
 
 def _search(job: tuple) -> Answer:
@@ -77,28 +89,30 @@ def run(grid: Grid, hw: str, console: Console, workers: int | None = None) -> li
     """Every run of the grid on `hw`, in four parallel stages (each needs the one before)."""
     panels = [Panel(m, t, Scenario(hw=hw, model=m, trace=t, num_requests=grid.num_requests,
                                    gpu_mem_util=PAPER_GPU_MEM_UTIL), {}, {}) for m in MODELS for t in TRACES]
-    jobs = [(p, label(*ps), p.base.replace(policy=ps[0], share=ps[1], rate=math.inf)) for p in panels for ps in POLICIES]
+    jobs = [(p, label(*ps), p.base.replace(policy=ps[0], share=ps[1], rate=math.inf))
+            for p in panels for ps in grid.policies]
     for (p, name, _), summary in zip(jobs, run_parallel(summarize, [j[2] for j in jobs], console,
                                                          "offline runs", workers)):
         p.offline[name] = summary
     jobs = []
     for p in panels:
         p.rates = tuple(f * p.offline["vllm"]["throughput_req_s"] for f in grid.rate_factors)
-        jobs += [(p, label(*ps), p.base.replace(policy=ps[0], share=ps[1], rate=r)) for ps in POLICIES for r in p.rates]
+        jobs += [(p, label(*ps), p.base.replace(policy=ps[0], share=ps[1], rate=r)) for ps in grid.policies for r in p.rates]
     for (p, name, _), summary in zip(jobs, run_parallel(summarize, [j[2] for j in jobs], console,
                                                          "latency vs rate", workers)):
         p.curves.setdefault(name, []).append(summary)
     for p in panels:
-        p.slo = grid.slo_factor * p.curves["vllm"][0]["normalized_latency_s"]
-    searches = [("rate", p.base.replace(policy=name), p.slo, grid.tolerance) for p in panels for name in SEARCHED]
-    answers = iter(run_parallel(_search, searches, console, "throughput at the SLO", workers))
+        p.slos = tuple(f * p.curves["vllm"][0]["normalized_latency_s"] for f in grid.slo_factors)
+    searches = [("rate", p.base.replace(policy=name), slo, grid.tolerance)
+                for p in panels for slo in p.slos for name in SEARCHED]
+    answers = iter(run_parallel(_search, searches, console, "throughput at the SLOs", workers))
     for p in panels:
-        p.max_rates = {name: next(answers) for name in SEARCHED}
-    searches = [("hbm", p.base.replace(policy=name, rate=p.max_rates["vllm"].value), p.slo, grid.tolerance)
-                for p in panels for name in SEARCHED if _finite(p.max_rates["vllm"].value)]
+        p.max_rates = tuple({name: next(answers) for name in SEARCHED} for _ in p.slos)
+    searches = [("hbm", p.base.replace(policy=name, rate=p.max_rates[0]["vllm"].value), p.slo, grid.tolerance)
+                for p in panels for name in SEARCHED if _finite(p.max_rates[0]["vllm"].value)]
     answers = iter(run_parallel(_search, searches, console, "GPU memory at the SLO", workers))
     for p in panels:
-        if _finite(p.max_rates["vllm"].value):
+        if _finite(p.max_rates[0]["vllm"].value):
             p.min_hbm = {name: next(answers) for name in SEARCHED}
     return panels
 
@@ -114,7 +128,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 @dataclass(frozen=True)
 class Findings:
     """The four claimed figures, per panel (None where the grid cannot say)."""
-    throughput: float | None          # pie's max rate / vllm's, at the SLO
+    throughput: tuple[float | None, ...]  # pie's max rate / vllm's, per SLO
     latency: float | None             # vllm's normalized latency / pie's, best rate of the curve
     gpu_memory: float | None          # HBM vllm needs / HBM pie needs, same rate and SLO
     flexgen: float | None             # pie's offline tokens/s / flexgen's
@@ -124,7 +138,7 @@ def findings(p: Panel) -> Findings:
     latency = [_ratio(v["normalized_latency_s"], q["normalized_latency_s"])
                for v, q in zip(p.curves["vllm"], p.curves["pie"])]
     memory = p.min_hbm and _ratio(p.min_hbm["vllm"].value, p.min_hbm["pie"].value)
-    return Findings(_ratio(p.max_rates["pie"].value, p.max_rates["vllm"].value),
+    return Findings(tuple(_ratio(rates["pie"].value, rates["vllm"].value) for rates in p.max_rates),
                     max((r for r in latency if r is not None), default=None), memory,
                     _ratio(p.offline["pie"]["throughput_tok_s"], p.offline["flexgen"]["throughput_tok_s"]))
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 from hwmodels import load_hardware
 
 from .capacity_report import write_rows
-from .reproduce import PAPER_GPU_MEM_UTIL, POLICIES, SEARCHED, Findings, Grid, Panel, facts, findings, label
+from .reproduce import PAPER_GPU_MEM_UTIL, SEARCHED, Findings, Grid, Panel, facts, findings, label
 
 GiB = 1024**3
-CLAIMS = (("throughput", "Throughput at equal latency, pie / vLLM", "up to 1.9x"),
-          ("latency", "Normalized latency at equal rate, vLLM / pie", "up to 2x"),
-          ("gpu_memory", "GPU memory at equal performance, vLLM / pie", "up to 1.67x"),
-          ("flexgen", "Throughput, pie / FlexGen", "9.4x"))
+
+
+def claims_of(grid: Grid) -> list[tuple[str, str, Callable[[Findings], float | None]]]:
+    """(claim, published figure, the panel's simulated figure from its Findings), one throughput row per SLO."""
+    throughput = [(f"Throughput at equal latency (SLO {factor:g}x), pie / vLLM", "up to 1.9x",
+                   lambda f, i=i: f.throughput[i]) for i, factor in enumerate(grid.slo_factors)]
+    return throughput + [("Normalized latency at equal rate, vLLM / pie", "up to 2x", lambda f: f.latency),
+                         ("GPU memory at equal performance, vLLM / pie", "up to 1.67x", lambda f: f.gpu_memory),
+                         ("Throughput, pie / FlexGen", "9.4x", lambda f: f.flexgen)]
 
 
 def write_tables(panels: list[Panel], out: Path) -> None:
@@ -25,9 +31,10 @@ def write_tables(panels: list[Panel], out: Path) -> None:
                                     for s in runs])
     rows = []
     for p in panels:
-        for kind, answers in (("max_rate_req_s", p.max_rates), ("min_gpu_mem_util", p.min_hbm or {})):
+        searches = [("max_rate_req_s", slo, rates) for slo, rates in zip(p.slos, p.max_rates)]
+        for kind, slo, answers in searches + [("min_gpu_mem_util", p.slo, p.min_hbm or {})]:
             for name, a in answers.items():
-                rows.append(dict(zip(keys, (p.model, p.trace, name)), slo_s=p.slo, search=kind, value=a.value,
+                rows.append(dict(zip(keys, (p.model, p.trace, name)), slo_s=slo, search=kind, value=a.value,
                                  bound=a.bound, probes=len(a.probes)))
     write_rows(out / "searches.csv", rows)
 
@@ -37,17 +44,18 @@ def _row(p: Panel, name: str, summary: dict) -> dict:
     return dict(model=p.model, trace=p.trace, policy=name) | {k: v for k, v in summary.items() if k != "policy"}
 
 
-def plot_curves(panels: list[Panel], path: Path) -> None:
+def plot_curves(panels: list[Panel], grid: Grid, path: Path) -> None:
     from .plots import plt  # matplotlib on demand
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for ax, p in zip(axes.flat, panels):
-        for policy, share in POLICIES:
+        for policy, share in grid.policies:
             name = label(policy, share)
             latency = [s["normalized_latency_s"] for s in p.curves[name]]
             ax.plot(p.rates, latency, "o-" if policy in SEARCHED else ".--", ms=4, label=name,
                     lw=2 if policy == "pie" else 1)
-        ax.axhline(p.slo, color="k", lw=0.8, ls=":", label="SLO")
+        for factor, slo, style in zip(grid.slo_factors, p.slos, (":", "-.")):
+            ax.axhline(slo, color="k", lw=0.8, ls=style, label=f"SLO {factor:g}x")
         ax.set_yscale("log")
         ax.set_title(p.name)
         ax.set_xlabel("request rate (req/s)")
@@ -90,39 +98,45 @@ def write_report(panels: list[Panel], grid: Grid, quick: bool, path: Path) -> li
     found = [findings(p) for p in panels]
     hw = load_hardware(panels[0].base.hw)
     claims = []
-    for key, claim, published in CLAIMS:
-        values = [(getattr(f, key), p.name) for f, p in zip(found, panels) if getattr(f, key) is not None]
+    for claim, published, figure in claims_of(grid):
+        values = [(figure(f), p.name) for f, p in zip(found, panels) if figure(f) is not None]
         best = max(values, default=(None, "-"))
-        claims.append((claim, published, _x(best[0]), best[1], [_x(getattr(f, key)) for f in found]))
+        claims.append((claim, published, _x(best[0]), best[1], [_x(figure(f)) for f in found]))
     lines = [f"# Pie's published claims beside the simulator ({'`pie-sim reproduce --quick`' if quick else '`pie-sim reproduce`'})",
              "",
              f"System `{hw.name}` ({hw.description}); OPT-13B and OPT-30B; ShareGPT and Alpaca (synthetic, the "
              f"published means); {grid.num_requests} requests per run, Poisson arrivals, seed "
              f"{panels[0].base.seed}, {PAPER_GPU_MEM_UTIL:g} of HBM for the engine. Rates: "
-             f"{', '.join(f'{f:g}' for f in grid.rate_factors)} x vLLM's offline throughput per panel. SLO: "
-             f"{grid.slo_factor:g} x vLLM's normalized latency at the lightest rate. Searches bisect to "
+             f"{', '.join(f'{f:g}' for f in grid.rate_factors)} x vLLM's offline throughput per panel. SLOs: "
+             f"{' and '.join(f'{f:g}' for f in grid.slo_factors)} x vLLM's normalized latency at the lightest "
+             f"rate. Static at shares {', '.join(f'{s:g}' for s in grid.static_shares)}. Searches bisect to "
              f"{grid.tolerance:.0%}.",
              "",
+             *([f"A smoke run: {grid.num_requests} requests rarely exhaust vLLM's KV pool, so pie and vLLM mostly "
+                "coincide; `pie-sim reproduce` runs the grid that answers the claims.", ""] if quick else []),
              "| claim (Pie, arXiv 2411.09317) | published | simulated, best panel | panel | "
              + " | ".join(p.name for p in panels) + " |",
              "|---|---|---|---|" + "---|" * len(panels)]
     for claim, published, best, where, per in claims:
         lines.append(f"| {claim} | {published} | {best} | {where} | " + " | ".join(per) + " |")
     lines += ["", "Definitions: throughput at equal latency is the highest Poisson rate at which the policy "
-              "meets the SLO; latency is the largest ratio over the rates of the curve; GPU memory is the "
-              "least HBM with which each policy meets the SLO at the rate vLLM sustains with "
+              "meets the SLO (a tight one before the knee of the curves; in the full grid also a loose one past "
+              "it, where vLLM preempts); latency is the largest ratio over the rates of the curve; GPU memory "
+              "is the least HBM with which each policy meets the tight SLO at the rate vLLM sustains with "
               f"{PAPER_GPU_MEM_UTIL:g} of HBM; FlexGen's throughput is offline (every request at once, "
               "its best case), as is pie's it is compared with.", "",
               "## Why the simulator finds what it finds", ""]
     lines += [f"- {_why(p, facts(p))}" for p in panels]
     lines += ["", GENERAL_REASONS, "", "## Per panel", "",
-              "| panel | SLO s/token | max rate vllm | max rate pie | least HBM vllm GiB | least HBM pie GiB "
-              "| offline tok/s vllm | pie | flexgen |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| panel | " + " | ".join(f"SLO {f:g}x s/token | max rate vllm | max rate pie" for f in grid.slo_factors)
+              + " | least HBM vllm GiB | least HBM pie GiB | offline tok/s vllm | pie | flexgen |",
+              "|---|" + "---:|" * (3 * len(grid.slo_factors) + 5)]
     for p in panels:
         hbm = {n: (p.min_hbm[n].value * hw.gpu.hbm_bytes / GiB if p.min_hbm and p.min_hbm[n].value else None)
                for n in SEARCHED}
-        lines.append(f"| {p.name} | {p.slo:.4f} | {_num(p.max_rates['vllm'].value, '{:.2f}')} | "
-                     f"{_num(p.max_rates['pie'].value, '{:.2f}')} | {_num(hbm['vllm'], '{:.1f}')} | "
+        searched = "".join(f"{slo:.4f} | {_num(rates['vllm'].value, '{:.2f}')} | {_num(rates['pie'].value, '{:.2f}')} | "
+                           for slo, rates in zip(p.slos, p.max_rates))
+        lines.append(f"| {p.name} | {searched}{_num(hbm['vllm'], '{:.1f}')} | "
                      f"{_num(hbm['pie'], '{:.1f}')} | " + " | ".join(
                          f"{p.offline[n]['throughput_tok_s']:,.0f}" for n in ("vllm", "pie", "flexgen")) + " |")
     lines += ["", "Files: `offline.csv`, `curves.csv` (every run's summary), `searches.csv` (every search's "
