@@ -74,13 +74,19 @@ class Timeline:
         for copy in plan.prologue:
             links.issue(copy, start)
         t, computes, stalls = start, [], []
+        prices: dict[float, float] = {}  # copy bandwidth → layer time: the batch is the same in every layer
         for layer in range(cm.model.num_layers):
             step = plan.step(layer)
             for copy in step.issue:
                 links.issue(copy, t)
-            begin = max([t] + [links.completion(op) for op in step.wait])
+            begin = t
+            for op in step.wait:
+                begin = max(begin, links.completion(op))
             links.advance(begin)
-            took = cm.layer_time(plan.shape, copy_bandwidth=sum(links.rates().values()))
+            bandwidth = links.moving_rate()
+            took = prices.get(bandwidth)
+            if took is None:
+                took = prices[bandwidth] = cm.layer_time(plan.shape, copy_bandwidth=bandwidth)
             stalls.append(begin - t)
             computes.append(took)
             for kind in traced:
