@@ -41,9 +41,23 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class DiskSpec:
+    """Optional `[disk]`: a local SSD reached through CPU memory (FlexGen's third tier). Reads and writes
+    queue separately, each at its own bandwidth, and take none of the host↔GPU link's."""
+    capacity_bytes: int = quantity("capacity_gib", "GiB")
+    read_bandwidth: float = quantity("read_gb_s", "GB/s")
+    write_bandwidth: float = quantity("write_gb_s", "GB/s")
+    transfer_latency: float = quantity("transfer_latency_us", "us", positive=False)
+
+
+@dataclass(frozen=True)
 class ServerSpec:
+    """The GPUs of one server and the PCIe tree between them and host memory."""
     num_gpus: int = quantity("num_gpus", whole=True)
     gpus_per_switch: int = quantity("gpus_per_switch", whole=True)
+    # Per direction, the uplink from one PCIe switch to the CPU, shared by its `gpus_per_switch` GPUs;
+    # None (no `switch_uplink_gb_s`): each GPU's link reaches the CPU alone.
+    switch_uplink_bandwidth: float | None = quantity("switch_uplink_gb_s", "GB/s", default=None)
 
 
 @dataclass(frozen=True)
@@ -55,16 +69,19 @@ class HardwareSpec:
     link: LinkSpec = section("link", LinkSpec)
     server: ServerSpec = section("server", ServerSpec)
     fit: ComputeFit | None = None  # optional `[fit]`: measured compute times (a `pie-exec calibrate` profile)
+    disk: DiskSpec | None = None   # optional `[disk]`: an SSD behind CPU memory (None: no disk tier)
 
 
 def load_hardware(name_or_path: str | Path) -> HardwareSpec:
     """A built-in system by name (see `hardware_names()`) or a user's TOML file of the same shape."""
     path = resolve(name_or_path, HARDWARE_DIR, "hardware")
     table = read_toml(path)
-    fit = table.pop("fit", None)
+    fit, disk = table.pop("fit", None), table.pop("disk", None)
     if fit is not None:
         fit = parse(ComputeFit, fit, path, "fit")
-    return parse(HardwareSpec, table, path, name=path.stem, fit=fit)
+    if disk is not None:
+        disk = parse(DiskSpec, disk, path, "disk")
+    return parse(HardwareSpec, table, path, name=path.stem, fit=fit, disk=disk)
 
 
 def hardware_names() -> list[str]:

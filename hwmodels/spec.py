@@ -30,15 +30,16 @@ class CatalogError(ValueError):
 
 
 def quantity(key: str, unit: str = "", *, whole: bool = False, positive: bool = True,
-             at_most: float | None = None) -> Any:
-    """A required numeric field read from TOML key `key`, written in `unit` (a key of UNITS).
+             at_most: float | None = None, default: Any = dataclasses.MISSING) -> Any:
+    """A numeric field read from TOML key `key`, written in `unit` (a key of UNITS); required unless it
+    has a `default` (stored as given, in SI units), which lets a section grow without breaking files.
 
     `positive` refuses zero as well as negatives; `at_most` bounds the TOML value (e.g. 1 for an
     efficiency fraction); `whole` requires a whole number (a count). A field annotated `int`
     (bytes, counts) is stored rounded to an int, any other as a float.
     """
-    return dataclasses.field(metadata=dict(key=key, unit=UNITS[unit], whole=whole,
-                                           positive=positive, at_most=at_most))
+    return dataclasses.field(default=default, metadata=dict(key=key, unit=UNITS[unit], whole=whole,
+                                                            positive=positive, at_most=at_most))
 
 
 def text(key: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -80,6 +81,9 @@ def parse(cls: type[T], table: Any, path: Path, prefix: str = "", **given: Any) 
     for f in fields:
         key = f.metadata["key"]
         if key not in table:
+            if f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+                continue
             raise CatalogError(f"{path}: missing field '{where}{key}'")
         if "section" in f.metadata:
             values[f.name] = parse(f.metadata["section"], table[key], path, where + key)

@@ -16,6 +16,7 @@ from traces import TraceError, load_workload
 
 from .calibrate import add_grid_arguments, calibrate, grid_from
 from .engine import Executor
+from .pipeline import serve
 from .run import InputError, read_prompts, run, trace_prompts, write_outputs
 from .validate import compare_policy, report
 from .weights import ModelFolderError, load_hf_folder, random_transformer
@@ -64,10 +65,12 @@ def _set_threads(threads: int | None) -> None:
 def cmd_run(args: argparse.Namespace, console: Console) -> None:
     _set_threads(args.threads)
     device, dtype = _device_dtype(args)
+    stages = args.pipeline_stages
+    build_on = device if stages == 1 else torch.device("cpu")  # a pipeline's ranks move their parts to their GPUs
     if args.model_path:
-        model, spec, _ = load_hf_folder(Path(args.model_path), dtype=dtype, device=device)
+        model, spec, _ = load_hf_folder(Path(args.model_path), dtype=dtype, device=build_on)
     else:
-        model, spec = _catalog_model(args.model, args.seed, dtype, device)
+        model, spec = _catalog_model(args.model, args.seed, dtype, build_on)
     model.eval()
     if args.prompts:
         prompts = read_prompts(Path(args.prompts), spec.vocab_size, spec.max_context)
@@ -79,13 +82,18 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
     config = engine_config(spec, args.policy, int(args.gpu_kv_gb * GiB), cpu_mem_bytes=int(args.cpu_kv_gb * GiB),
                            share=share, **engine_settings(args))
     policy = make_policy(args.policy, config, share)
-    executor = Executor(model, config, device, policy.staging_slots)
-    try:
-        requests, generated, recorder, wall = run(executor, policy, prompts, progress=console.is_terminal)
-    finally:
-        executor.close()
+    if stages == 1:
+        executor = Executor(model, config, device, policy.staging_slots)
+        try:
+            requests, generated, recorder, wall = run(executor, policy, prompts, progress=console.is_terminal)
+        finally:
+            executor.close()
+    else:
+        requests, generated, recorder, wall = serve(model, policy, prompts, stages, device.type, args.threads,
+                                                    progress=console.is_terminal)
     summary = recorder.summary(requests, wall, backend="exec", policy=args.policy, model=spec.name,
-                               device=str(device), dtype=args.dtype or str(dtype).removeprefix("torch."))
+                               device=str(device), dtype=args.dtype or str(dtype).removeprefix("torch."),
+                               pipeline_stages=stages)
     out = Path(args.out)
     write_outputs(out, prompts, requests, generated, recorder, summary)
     console.print(f"{len(requests)} requests, {summary['throughput_tok_s']:.1f} output tok/s, "
@@ -164,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
     work.add_argument("--prompts", help="JSONL: {\"id\", \"prompt_token_ids\", \"max_new_tokens\"} per line")
     _workload_arguments(p)
-    _threads_argument(p, "torch's")
+    _threads_argument(p, "torch's; with --pipeline-stages, a stage's, default the cores shared out")
+    p.add_argument("--pipeline-stages", type=int, default=1,
+                   help="split the layers over this many processes (one GPU each on cuda; gloo on cpu)")
     p.add_argument("--out", required=True, help="folder for requests.csv, iterations.csv, summary.json, tokens.jsonl")
     p.set_defaults(run=cmd_run)
     p = commands.add_parser("calibrate", help="time this machine and write a hardware profile for pie-sim --hw")

@@ -7,6 +7,9 @@ staging [slots, C, ...], each slot mirroring one layer of the CPU pool (a block 
 row). A sequence's block on the GPU is read in place; a block on the CPU is read from the staging slot
 the plan names for the layer, where the plan's prefetch put it, and new tokens written there go back to
 the CPU by the plan's write-back.
+
+A pipeline stage holds the pools of its own layers only (`layers`, a slice of the model's): the pools'
+first dimension counts those, and `row(layer)` finds a layer of the model in them.
 """
 from __future__ import annotations
 
@@ -18,13 +21,18 @@ from pie_policy.blocks import CPU
 
 class PagedKV:
     def __init__(self, config: EngineConfig, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, staging_slots: int):
+                 device: torch.device, staging_slots: int, layers: range | None = None):
         block = (2, config.block_size, kv_heads, head_dim)
         self.config, self.device = config, device
-        self.gpu = torch.zeros((config.num_layers, config.num_gpu_blocks, *block), dtype=dtype, device=device)
+        self.layers = range(config.num_layers) if layers is None else layers
+        self.gpu = torch.zeros((len(self.layers), config.num_gpu_blocks, *block), dtype=dtype, device=device)
         pin = device.type == "cuda"
-        self.cpu = torch.zeros((config.num_layers, config.num_cpu_blocks, *block), dtype=dtype, pin_memory=pin)
+        self.cpu = torch.zeros((len(self.layers), config.num_cpu_blocks, *block), dtype=dtype, pin_memory=pin)
         self.staging = torch.zeros((staging_slots, config.num_cpu_blocks, *block), dtype=dtype, device=device)
+
+    def row(self, layer: int) -> int:
+        """Where the model's `layer` is in the pools' first dimension."""
+        return layer - self.layers.start
 
     def bind(self, plan: Plan) -> "BatchLayout":
         return BatchLayout(self, plan)
@@ -76,7 +84,7 @@ class BatchLayout:
 
     def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         staging = self.kv.staging[self.staging_slots[layer]] if self.staging_slots else None
-        return self.kv.gpu[layer], staging
+        return self.kv.gpu[self.kv.row(layer)], staging
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the new tokens' K and V ([T, kv_heads, head_dim]) where their blocks live this layer."""

@@ -15,6 +15,8 @@ from typing import Iterator
 from hwmodels import BatchShape
 
 H2D, D2H = "h2d", "d2h"
+# FlexGen's third tier: a disk reached through CPU memory, read into it and written from it (one queue each).
+DISK_READ, DISK_WRITE = "disk-read", "disk-write"
 # What a copy moves. A layer-KV copy moves one layer of some blocks between the CPU pool and a GPU
 # staging slot, where a block keeps its CPU slot number as its row (pairs: CPU slot ↔ the same row);
 # a block-KV copy moves whole blocks (all layers)
@@ -26,7 +28,7 @@ LAYER_KV, BLOCK_KV, WEIGHTS, ACTIVATIONS = "layer-kv", "block-kv", "weights", "a
 @dataclass(frozen=True)
 class Copy:
     op_id: int
-    direction: str                       # H2D or D2H
+    direction: str                       # H2D, D2H, DISK_READ or DISK_WRITE
     kind: str                            # LAYER_KV, BLOCK_KV, WEIGHTS or ACTIVATIONS
     layer: int | None                    # the layer whose data moves; None for all layers
     pairs: tuple[tuple[int, int], ...]   # (source, destination) slots, see `kind`
@@ -63,9 +65,14 @@ class Plan:
     prologue: tuple[Copy, ...] = ()      # issued before layer 0 (whole-block swaps, first prefetches)
     layers: tuple[LayerStep, ...] = ()   # one per layer, or empty when no layer has copies
     staging_slots: tuple[int, ...] = ()  # per layer, the staging slot its CPU blocks are read from
+    gpu_batches: tuple[BatchShape, ...] = ()  # FlexGen: `shape` split into batches computed one after another
 
     def step(self, layer: int) -> LayerStep:
         return self.layers[layer] if self.layers else NO_OPS
+
+    def batches(self) -> tuple[BatchShape, ...]:
+        """What each layer computes, batch after batch (each reads the layer's weights again)."""
+        return self.gpu_batches or (self.shape,)
 
     def copies(self):
         """Every copy of the plan, in issue order."""
@@ -75,11 +82,17 @@ class Plan:
             yield from step.evict
 
     def bytes_moved(self) -> tuple[int, int]:
-        """Bytes the plan's copies move host→device and device→host."""
-        moved = {H2D: 0, D2H: 0}
-        for copy in self.copies():
+        """Bytes the plan's copies move host→device and device→host (disk reads and writes stay off the link)."""
+        return bytes_by_direction(self.copies())
+
+
+def bytes_by_direction(copies) -> tuple[int, int]:
+    """Bytes `copies` move host→device and device→host (disk reads and writes stay off the link)."""
+    moved = {H2D: 0, D2H: 0}
+    for copy in copies:
+        if copy.direction in moved:
             moved[copy.direction] += copy.nbytes
-        return moved[H2D], moved[D2H]
+    return moved[H2D], moved[D2H]
 
 
 @dataclass(frozen=True)

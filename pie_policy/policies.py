@@ -37,6 +37,18 @@ from .request import Request
 POLICIES = ("vllm", "vllm-swap", "static", "pie")
 
 
+def work_of(work, tables: BlockTables) -> tuple[SeqWork, ...]:
+    """SeqWork for each (request, tokens to compute) with its block table after this step's allocation."""
+    return tuple(SeqWork(r.request_id, new, r.computed, r.computed + new == r.context, tuple(tables.table(r.request_id)))
+                 for r, new in work)
+
+
+def shape_of(seqs) -> BatchShape:
+    """The batch shape of `seqs`: a sequence with one new token and some cached is a decode."""
+    return BatchShape.of(prefills=[(s.new_tokens, s.cached_tokens) for s in seqs if s.new_tokens > 1 or s.cached_tokens == 0],
+                         decodes=[s.cached_tokens for s in seqs if s.new_tokens == 1 and s.cached_tokens > 0])
+
+
 class Policy:
     def __init__(self, name: str, config: EngineConfig, cpu_share: float = 0.0,
                  controller: ExpansionController | None = None):
@@ -97,11 +109,8 @@ class Policy:
         schedule = self.scheduler.schedule()
         if not schedule.work:
             return None
-        seqs = tuple(SeqWork(r.request_id, new, r.computed, r.computed + new == r.context,
-                             tuple(self.tables.table(r.request_id))) for r, new in schedule.work)
-        shape = BatchShape.of(prefills=[(s.new_tokens, s.cached_tokens) for s in seqs
-                                        if s.new_tokens > 1 or s.cached_tokens == 0],
-                              decodes=[s.cached_tokens for s in seqs if s.new_tokens == 1 and s.cached_tokens > 0])
+        seqs = work_of(schedule.work, self.tables)
+        shape = shape_of(seqs)
         swaps = self._block_swaps(schedule)
         prologue, layers, staging = self.swapper.plan(seqs, self.tables.cpu_holders) if self.swapper else ((), (), ())
         if swaps:  # vLLM swaps before the model runs: layer 0 waits for them

@@ -94,6 +94,7 @@ class RunRecorder:
         its = self.iterations
         summary = dict(context, requests=len(requests), finished=int(done.sum()),
                        rejected=int((table["status"] == State.REJECTED.value).sum()),
+                       preemptions=int(table["preemptions"].sum()),
                        throughput_req_s=int(done.sum()) / span,
                        throughput_tok_s=int(table["output_tokens"][done].sum()) / span,
                        normalized_latency_s=float(np.mean(table["e2e_s"][done] / table["output_tokens"][done]))

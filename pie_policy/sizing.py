@@ -7,20 +7,31 @@ blocks of one layer, where `C`, the most live CPU blocks, is `share / (1 - share
 (static's fixed share, pie's largest: in a simulated system the link's bandwidth bound,
 `link_bound_share`) and at most what `cpu_mem_bytes` holds. vllm-swap uses all of
 `cpu_mem_bytes` as swap space; vllm uses none.
+
+The pipeline policies (pp-vllm, pipemax) split the model over the server's GPUs (pipeline_layout.py): the
+node holds as many pipeline blocks as its tightest GPU, pipemax's after two staging slots sized for a
+typical decode window and the activations of a slot's worth of streamed tokens (pipemax.py), shared
+equally by the micro-batches' engines; pipemax streams from `cpu_mem_bytes`.
 """
 from __future__ import annotations
 
 import argparse
+from functools import lru_cache
 
-from hwmodels import BatchShape, CostModel, ModelSpec
+from hwmodels import BatchShape, CapacityError, CostModel, HardwareSpec, ModelSpec
 
 from .config import ConfigError, EngineConfig, check_share
 from .expansion import ExpansionController
 from .flexgen import FlexGenPolicy
 from .flexgen_lp import search
+from .pipeline import PIPELINE_POLICIES, PipelinePolicy, check_micro_batches
+from .pipeline_layout import stage_layout
+from .pipemax import SLOTS, Streamer, copy_bandwidth_share, slot_blocks
+from .plan import H2D
 from .policies import POLICIES, Policy
 
 ALL_POLICIES = POLICIES + ("flexgen",)
+KNOWN_POLICIES = ALL_POLICIES + PIPELINE_POLICIES  # the pipeline ones run on the pipeline simulator
 DEFAULT_SHARE = {"static": 0.2, "pie": 0.5}
 
 
@@ -82,16 +93,23 @@ def make_policy(name: str, config: EngineConfig, share: float | None = None) -> 
 def build_policy(name: str, cost_model: CostModel, *, share: float | None = None, mean_prompt: int = 512,
                  mean_output: int = 128, gpu_mem_util: float = 0.9, cpu_mem_bytes: int = 0, **settings):
     """Any policy sized for a simulated system: the KV pool from the cost model's memory budget, CPU
-    memory checked against the host. FlexGen sizes its block for `mean_prompt` + `mean_output` tokens."""
+    memory checked against the host. FlexGen sizes its block for `mean_prompt` + `mean_output` tokens and
+    keeps what it offloads within `cpu_mem_bytes` of CPU memory (0: the host's) and the disk, if any.
+    `micro_batches` applies to the pipeline policies only (None: their default)."""
     m, hw = cost_model.model, cost_model.hw
-    if name not in ALL_POLICIES:
-        raise ConfigError(f"unknown policy '{name}' (known: {', '.join(ALL_POLICIES)})")
+    if name not in KNOWN_POLICIES:
+        raise ConfigError(f"unknown policy '{name}' (known: {', '.join(KNOWN_POLICIES)})")
     if cpu_mem_bytes > hw.host.memory_bytes:
         raise ConfigError(f"cpu_mem_bytes {cpu_mem_bytes / 1024**3:.1f} GiB exceeds {hw.name}'s host memory "
                           f"{hw.host.memory_bytes / 1024**3:.1f} GiB")
+    micro_batches = settings.pop("micro_batches", None)
+    if name in PIPELINE_POLICIES:
+        return build_pipeline_policy(name, cost_model, micro_batches=micro_batches, gpu_mem_util=gpu_mem_util,
+                                     cpu_mem_bytes=cpu_mem_bytes, context=mean_prompt + mean_output // 2, **settings)
     if name == "flexgen":
         output = min(mean_output, m.max_context - mean_prompt)
-        return FlexGenPolicy(cost_model, search(cost_model, mean_prompt, output, gpu_mem_util))
+        placement = _flexgen_placement(hw, m, mean_prompt, output, gpu_mem_util, cpu_mem_bytes or None)
+        return FlexGenPolicy(cost_model, placement)
     tokens = settings.get("max_num_batched_tokens") or max(2048, m.max_context)
     pool = cost_model.memory_budget(gpu_mem_util, tokens, settings.get("max_num_seqs", 256)).kv_pool_bytes
     if name == "pie" and share is None:
@@ -101,6 +119,44 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
         settings.setdefault("coalesce_gap", coalesce_gap(cost_model, settings.get("block_size", 16)))
     config = engine_config(m, name, pool, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
     return make_policy(name, config, share)
+
+
+def build_pipeline_policy(name: str, cost_model: CostModel, *, micro_batches: int | None = None,
+                          gpu_mem_util: float = 0.9, cpu_mem_bytes: int = 0, context: int = 576, block_size: int = 16,
+                          max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                          **options) -> PipelinePolicy:
+    """pp-vllm or pipemax over every GPU of the cost model's server; `context` (a request's mean context
+    while it decodes) sizes pipemax's staging slots. Micro-batches default to one per GPU (vLLM's virtual
+    engines); more split the resident KV among more engines (pipemax.py)."""
+    m, hw = cost_model.model, cost_model.hw
+    stages = hw.server.num_gpus
+    tokens = max_num_batched_tokens or max(2048, m.max_context)
+    micro_batches = check_micro_batches(stages if micro_batches is None else micro_batches, stages)
+    layout = stage_layout(cost_model, stages, gpu_mem_util, tokens, max_num_seqs, block_size)
+    blocks, block_bytes = layout.blocks_held(), block_size * m.kv_bytes_per_token
+    if name == "pipemax":
+        bandwidth = copy_bandwidth_share(hw, stages)
+        batch = max(1, blocks // micro_batches * block_size // context)
+        slot = slot_blocks(cost_model, bandwidth[H2D], batch, context, block_size, blocks)
+        # a plan's streamed group (at most a slot's tokens and sequences) comes on top of the engine's limits
+        activations = m.activation_bytes(tokens + slot * block_size, max_num_seqs + slot) - \
+            m.activation_bytes(tokens, max_num_seqs)
+        blocks = layout.blocks_held(tuple(SLOTS * slot * layout.block_bytes(s) + activations for s in range(stages)))
+    if blocks < micro_batches:
+        raise CapacityError(f"{m.name} over {stages} x {hw.name}: {blocks} KV blocks cannot be shared by "
+                            f"{micro_batches} micro-batches ({name})")
+    config = engine_config(m, "vllm", blocks // micro_batches * block_bytes, block_size=block_size,
+                           max_num_seqs=max_num_seqs, max_num_batched_tokens=tokens, **options)
+    streamer = Streamer(config, layout, cost_model, cpu_mem_bytes // block_bytes, slot, bandwidth) \
+        if name == "pipemax" else None
+    return PipelinePolicy(name, config, layout, micro_batches, cost_model, streamer)
+
+
+@lru_cache(maxsize=16)
+def _flexgen_placement(hw: HardwareSpec, model: ModelSpec, prompt: int, output: int, gpu_mem_util: float,
+                       cpu_mem_bytes: int | None):
+    """FlexGen's LP search (seconds) once per system and shape: a sweep over rates re-uses it."""
+    return search(CostModel(hw, model), prompt, output, gpu_mem_util, cpu_mem_bytes=cpu_mem_bytes)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

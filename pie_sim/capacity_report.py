@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from rich.table import Table
@@ -59,7 +60,7 @@ def capacity_table(rows: list[dict], title: str) -> Table:
     for r in rows:
         base, value = baseline.get(r["hw"]), r[key]
         ratio = None
-        if base and value and r["policy"] != BASELINE:
+        if base and value and math.isfinite(base) and math.isfinite(value) and r["policy"] != BASELINE:
             ratio = base / value if min_hbm else value / base
         view.add_row(r["hw"], r["policy"], _cell(value, "{:.2f}"), _cell(r["gpu_mem_util"], "{:.3f}"),
                      _cell(r["throughput_tok_s"], "{:,.0f}"), _cell(r["normalized_latency_s"], "{:.4f}"),

@@ -6,19 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pie_policy.plan import H2D
+from pie_policy.plan import D2H, DISK_READ, DISK_WRITE, H2D
 
 from .timeline import Timeline
 
-TRACKS = {"compute": 1, "h2d": 2, "d2h": 3}
+COMPUTE = 1
+COPIES = {H2D: (2, "host→device copies"), D2H: (3, "device→host copies"),
+          DISK_READ: (4, "disk→host reads"), DISK_WRITE: (5, "host→disk writes")}
 
 
 def write_chrome_trace(timeline: Timeline, path: Path) -> None:
-    events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": name}}
-              for name, tid in (("GPU compute", 1), ("host→device copies", 2), ("device→host copies", 3))]
+    tracks = [(COMPUTE, "GPU compute")] + [COPIES[d] for d in timeline.links.busy]  # the hardware's directions
+    events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": name}} for tid, name in tracks]
     computes, copies = timeline.trace["copying"] if timeline.trace["copying"][0] else timeline.trace["any"]
     for iteration, layer, start, seconds in computes:
-        events.append({"name": f"layer {layer}", "ph": "X", "pid": 0, "tid": TRACKS["compute"],
+        events.append({"name": f"layer {layer}", "ph": "X", "pid": 0, "tid": COMPUTE,
                        "ts": start * 1e6, "dur": seconds * 1e6, "args": {"iteration": iteration}})
     links = timeline.links
     for iteration, copy in copies:
@@ -26,7 +28,7 @@ def write_chrome_trace(timeline: Timeline, path: Path) -> None:
             continue  # still in flight when the run ended
         start = links.started[copy.op_id]
         events.append({"name": f"{copy.kind} L{copy.layer}" if copy.layer is not None else copy.kind, "ph": "X",
-                       "pid": 0, "tid": TRACKS["h2d" if copy.direction == H2D else "d2h"],
+                       "pid": 0, "tid": COPIES[copy.direction][0],
                        "ts": start * 1e6, "dur": (links.done[copy.op_id] - start) * 1e6,
                        "args": {"iteration": iteration, "bytes": copy.nbytes, "calls": copy.calls}})
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))

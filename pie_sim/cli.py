@@ -10,14 +10,14 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
-
-from rich.progress import Progress
 
 from hwmodels import CatalogError, CostModel, load_hardware, load_model
 from pie_policy import ConfigError
+from pie_policy.pipeline import PIPELINE_POLICIES
 from pie_policy.records import request_table
-from pie_policy.sizing import ALL_POLICIES, add_engine_arguments
+from pie_policy.sizing import ALL_POLICIES, KNOWN_POLICIES, add_engine_arguments
 from traces import TraceError, load_trace
 
 from .chrome_trace import write_chrome_trace
@@ -26,6 +26,7 @@ from .capacity import Answer, max_rate, min_gpu_mem
 from .capacity_report import capacity_row, capacity_table, write_rows
 from .parallel import run_parallel
 from .scenario import Scenario, simulate_scenario, workload_of
+from .sweep import BACKENDS, load_grid, run_sweep, todo, varying_options, write_results
 
 GiB = 1024**3
 
@@ -116,9 +117,9 @@ def scenario_of(args: argparse.Namespace, policy: str) -> Scenario:
 
 def _simulate(args: argparse.Namespace, names: list[str], console: Console):
     """({policy: (summary, its folder, result)}, what the plot needs, the plot's title)."""
-    unknown = [n for n in names if n not in ALL_POLICIES]
+    unknown = [n for n in names if n not in KNOWN_POLICIES]
     if unknown:
-        raise ConfigError(f"unknown policy '{unknown[0]}' (known: {', '.join(ALL_POLICIES)})")
+        raise ConfigError(f"unknown policy '{unknown[0]}' (known: {', '.join(KNOWN_POLICIES)})")
     out = Path(args.out)
     summaries, runs = {}, {}
     with Progress(console=console, transient=True) as bar:
@@ -162,7 +163,8 @@ def _show(summaries: dict, console: Console, title: str) -> None:
 def cmd_run(args: argparse.Namespace, console: Console) -> None:
     summaries = _simulate_policies(args, [args.policy], console)
     _show(summaries, console, f"pie-sim run: {args.model} on {args.hw}")
-    console.print(f"wrote {args.out}/requests.csv, iterations.csv, summary.json, timeline.json, runs.png")
+    trace = "" if args.policy in PIPELINE_POLICIES else " timeline.json,"
+    console.print(f"wrote {args.out}/requests.csv, iterations.csv, summary.json,{trace} runs.png")
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> None:
@@ -208,6 +210,61 @@ def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {out}/capacity.csv and {out}/probes.csv")
 
 
+def cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
+    from . import reproduce
+    from .reproduce_report import plot_curves, write_report, write_tables
+
+    grid = reproduce.QUICK if args.quick else reproduce.FULL
+    panels = reproduce.run(grid, args.hw, console, args.workers)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables(panels, out)
+    plot_curves(panels, out / "latency_vs_rate.png")
+    claims = write_report(panels, grid, args.quick, out / "report.md")
+    view = Table(title=f"Pie's published claims beside the simulator ({args.hw}, {grid.num_requests} requests a run)")
+    for header in ("claim", "published", "simulated", "panel"):
+        view.add_column(header)
+    for row in claims:
+        view.add_row(*row)
+    console.print(view)
+    console.print(f"wrote {out}/report.md (with the reasons), latency_vs_rate.png, offline.csv, curves.csv, "
+                  f"searches.csv")
+
+
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    """Exit status 1 when a point failed (its error is in the table), 130 when interrupted."""
+    if args.address and args.backend != "ray":
+        raise ConfigError("--address names a Ray cluster: it needs --backend ray")
+    points, out = load_grid(args.grid), Path(args.out)
+    remaining, axes = todo(points, out), varying_options(points)
+
+    def say(text: str) -> None:  # unwrapped: paths and errors stay whole for grep
+        console.print(text, highlight=False, soft_wrap=True)
+
+    def report(record: dict) -> None:
+        bar.advance(task)
+        if record["error"]:
+            point = " ".join(f"{k}={record['options'][k]}" for k in axes) or record["point"]
+            say(f"[red]failed[/] {point}: {record['error']}")
+
+    say(f"{len(points)} points in {args.grid}; skipped {len(points) - len(remaining)} already finished; "
+        f"running {len(remaining)} ({args.backend})")
+    try:
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console,
+                      transient=True) as bar:
+            task = bar.add_task("sweep", total=len(remaining))
+            run_sweep(remaining, out, backend=args.backend, workers=args.workers, address=args.address,
+                      on_record=report)
+    except KeyboardInterrupt:
+        write_results(points, out)
+        say(f"interrupted: the finished points are saved in {out / 'points'}; run the same command to go on")
+        return 130
+    failed = int((write_results(points, out)["status"] == "error").sum())
+    say(f"{len(points) - failed} points ok, {failed} failed; wrote {out / 'results.parquet'} and "
+        f"{out / 'results.csv'}")
+    return 1 if failed else 0
+
+
 def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
     p.add_argument("--hw", default="gh200-96g", help="system name or TOML file")
     p.add_argument("--model", default="opt-13b", help="model name or TOML file")
@@ -217,9 +274,12 @@ def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
                                               "default: the trace's own timestamps")
     p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of the gaps (Gamma when != 1)")
     policy_option(p)
-    p.add_argument("--cpu-mem-gb", type=float, help="CPU memory for KV, GiB (default: 240 or the host's memory)")
+    p.add_argument("--cpu-mem-gb", type=float, help="CPU memory for KV (flexgen: for all it offloads), GiB "
+                   "(default: 240 or the host's memory)")
     p.add_argument("--gpu-mem-util", type=float, default=0.9)
     add_engine_arguments(p)
+    p.add_argument("--micro-batches", type=int, help="pp-vllm, pipemax: micro-batches in the pipeline "
+                                                     "(default: one per GPU of --hw)")
     p.add_argument("--layer-events", action="store_true",
                    help="one SimPy event per layer and copy instead of the recurrence (slow; for checking)")
     p.add_argument("--trace-iterations", type=int, default=3, help="iterations to draw in timeline.json")
@@ -238,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_preview)
 
     p = commands.add_parser("run", help="simulate one policy on a workload")
-    _workload_options(p, lambda q: q.add_argument("--policy", default="pie", help=", ".join(ALL_POLICIES)))
+    _workload_options(p, lambda q: q.add_argument("--policy", default="pie", help=", ".join(KNOWN_POLICIES)))
     p.add_argument("--out", required=True, help="folder for the run's files")
     p.set_defaults(run=cmd_run)
 
@@ -260,6 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="parallel searches (default: one per CPU core)")
     p.add_argument("--out", default="out/capacity", help="folder for capacity.csv and probes.csv")
     p.set_defaults(run=cmd_capacity)
+
+    p = commands.add_parser("reproduce", help="the Pie paper's experiments in simulation, with a report")
+    p.add_argument("--quick", action="store_true", help="fewer requests and rates (about a minute)")
+    p.add_argument("--hw", default="gh200-96g", help="system (the paper's: gh200-96g)")
+    p.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
+    p.add_argument("--out", default="out/reproduce", help="folder for report.md, plots and tables")
+    p.set_defaults(run=cmd_reproduce)
+
+
+    p = commands.add_parser("sweep", help="run every combination of a grid's options, resumably")
+    p.add_argument("grid", help="GRID.toml: run options, a list for each axis (format: pie_sim/sweep.py)")
+    p.add_argument("--out", required=True, help="folder for points/ and results.parquet, results.csv")
+    p.add_argument("--workers", type=int, help="local: processes (default: the CPU count); ray: most points "
+                                               "in flight (default: all)")
+    p.add_argument("--backend", choices=BACKENDS, default="local")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or a new local Ray)")
+    p.set_defaults(run=cmd_sweep)
     return parser
 
 
@@ -267,11 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(width=max(Console().width, 120))
     try:
-        args.run(args, console)
+        return args.run(args, console) or 0
     except (CatalogError, TraceError, ConfigError, ValueError) as e:
         console.print(f"[red]pie-sim: error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from hwmodels import CostModel
 from pie_policy import IterationStats, Plan
 from pie_policy.plan import D2H, H2D, Copy
 
-from .links import byte_rates, stream_of
+from .links import byte_rates, full_rates, link_rate, setup_time, stream_of
+from .timeline import head_seconds, layer_seconds
 
 
 class LayerEvents:
@@ -24,7 +25,7 @@ class LayerEvents:
         self.done: dict[int, simpy.Event] = {}
         self.moving: dict[str, str] = {}          # stream → direction moving bytes
         self.engines: dict[str, tuple[simpy.Store, simpy.Process]] = {}
-        self.busy = {H2D: 0.0, D2H: 0.0}
+        self.busy = dict.fromkeys(full_rates(self.hw), 0.0)
 
     def _issue(self, copy: Copy) -> None:
         self.done[copy.op_id] = self.env.event()
@@ -45,7 +46,7 @@ class LayerEvents:
             copy = yield store.get()
             yield simpy.AllOf(env, [self.done[op] for op in copy.after if op in self.done])
             began = env.now
-            yield env.timeout(copy.calls * self.hw.link.transfer_latency)
+            yield env.timeout(setup_time(self.hw, copy))
             remaining = float(copy.nbytes)
             self.moving[stream] = copy.direction
             self._rate_changed(stream)
@@ -89,12 +90,12 @@ class LayerEvents:
             yield simpy.AllOf(env, [self.done[op] for op in step.wait])
             stalls.append(env.now - reached)
             moving = byte_rates(self.hw, set(self.moving.values()))
-            took = cm.layer_time(plan.shape, copy_bandwidth=sum(moving.values()))
+            took = layer_seconds(cm, plan, link_rate(moving))
             computes.append(took)
             yield env.timeout(took)
             for copy in step.evict:
                 self._issue(copy)
-        head = cm.head_time(plan.shape)
+        head = head_seconds(cm, plan)
         yield env.timeout(head)
         return IterationStats(
             plan.iteration, start, env.now, sum(computes) + head, sum(stalls), *plan.bytes_moved(),

@@ -9,6 +9,8 @@ Rules (shared with the SimPy per-layer mode in `layer_events.py`, which checks t
   moves its bytes.
 - A direction moves bytes at its own bandwidth; while both directions move bytes at once, each runs at
   its bandwidth · min(1, bidirectional / (h2d + d2h)). Rates change only when a transfer starts or ends.
+- A disk (the hardware's optional `[disk]`, FlexGen's third tier) has a stream for reads into CPU memory
+  and one for writes from it, each at its own bandwidth and per-call latency, independent of the link.
 
 When the cap covers both directions at full speed (NVLink-C2C), or one stream serves both, no rate ever
 changes and a copy's start and end follow from its issue: `FixedRateLinks`, O(1) a copy. Otherwise
@@ -19,23 +21,49 @@ from __future__ import annotations
 from collections import deque
 
 from hwmodels import HardwareSpec
-from pie_policy.plan import D2H, H2D, Copy
+from pie_policy.plan import D2H, DISK_READ, DISK_WRITE, H2D, Copy
 
 EPSILON = 1e-15
 INF = float("inf")
-DIRECTIONS = (H2D, D2H)   # FluidLinks' slot order
+LINK = (H2D, D2H)   # the directions that cross the host↔GPU link
+
+
+def full_rates(hw: HardwareSpec) -> dict[str, float]:
+    """Each direction's bandwidth when it moves alone: the link's two and, where there is a disk, its two."""
+    link, disk = hw.link, hw.disk
+    rates = {H2D: link.h2d_bandwidth, D2H: link.d2h_bandwidth}
+    if disk is not None:
+        rates |= {DISK_READ: disk.read_bandwidth, DISK_WRITE: disk.write_bandwidth}
+    return rates
 
 
 def byte_rates(hw: HardwareSpec, moving: set[str]) -> dict[str, float]:
     """Bytes/s of each direction in `moving` (the directions transferring bytes right now)."""
-    link = hw.link
-    full = {H2D: link.h2d_bandwidth, D2H: link.d2h_bandwidth}
-    shared = min(1.0, link.bidirectional_bandwidth / (full[H2D] + full[D2H])) if len(moving) == 2 else 1.0
-    return {d: full[d] * shared for d in moving}
+    full, link = full_rates(hw), hw.link
+    both = H2D in moving and D2H in moving
+    shared = min(1.0, link.bidirectional_bandwidth / (full[H2D] + full[D2H])) if both else 1.0
+    return {d: full[d] * (shared if d in (H2D, D2H) else 1.0) for d in moving}
+
+
+def link_rate(rates: dict[str, float]) -> float:
+    """Bytes/s crossing the host↔GPU link: what compute's HBM contention is charged on (disk traffic
+    only touches CPU memory)."""
+    return rates.get(H2D, 0.0) + rates.get(D2H, 0.0)
 
 
 def stream_of(hw: HardwareSpec, copy: Copy) -> str:
+    if copy.direction in (DISK_READ, DISK_WRITE):
+        if hw.disk is None:
+            raise ValueError(f"copy {copy.op_id} moves {copy.kind} by {copy.direction}, but {hw.name} has no "
+                             f"[disk] section")
+        return copy.direction
     return copy.direction if hw.link.copy_engines >= 2 else "both"
+
+
+def setup_time(hw: HardwareSpec, copy: Copy) -> float:
+    """The copy's per-call latencies, paid before it moves a byte."""
+    on_disk = copy.direction in (DISK_READ, DISK_WRITE)
+    return copy.calls * (hw.disk.transfer_latency if on_disk else hw.link.transfer_latency)
 
 
 def links_for(hw: HardwareSpec):
@@ -53,19 +81,20 @@ class FixedRateLinks:
         self.free: dict[str, float] = {}                 # stream → when its last copy ends
         self.started: dict[int, float] = {}
         self.done: dict[int, float] = {}
-        self.busy = {H2D: 0.0, D2H: 0.0}
-        self.windows: dict[str, deque] = {}              # stream → (bytes start, end, bandwidth), by time
-        self.bandwidth = {H2D: hw.link.h2d_bandwidth, D2H: hw.link.d2h_bandwidth}
-        self.latency = hw.link.transfer_latency
+        self.bandwidth = full_rates(hw)
+        self.busy = dict.fromkeys(self.bandwidth, 0.0)
+        self.windows: dict[str, deque] = {}              # link stream → (bytes start, end, bandwidth), by time
 
     def issue(self, copy: Copy, at: float) -> None:
         stream = stream_of(self.hw, copy)
         start = max(at, self.free.get(stream, 0.0), *[self.done[op] for op in copy.after])
-        moving = start + copy.calls * self.latency
+        moving = start + setup_time(self.hw, copy)
         bandwidth = self.bandwidth[copy.direction]
         end = moving + copy.nbytes / bandwidth
         self.started[copy.op_id], self.done[copy.op_id], self.free[stream] = start, end, end
         self.busy[copy.direction] += end - start
+        if copy.direction not in LINK:   # disk traffic does not cross the link: `moving_rate` leaves it out
+            return
         if stream in self.windows:
             self.windows[stream].append((moving, end, bandwidth))
         else:
@@ -95,38 +124,44 @@ class FixedRateLinks:
 
 class FluidLinks:
     """The event-stepped model, for links with a stream per direction (`links_for` gives it no other):
-    each stream is one fixed slot (the copy it runs, when that copy's latency ends, the bytes it has left)
-    and the rates of the three moving states are worked out once, because the step loop runs a few times
-    per layer of every iteration that copies. A step is the rules' arithmetic, in the same order as the
+    each stream is one fixed slot (the copy it runs, when that copy's latency ends, the bytes it has left),
+    the link's two first, then the disk's read and write where there is a disk. The link's rates in its
+    three moving states are worked out once (a disk stream's never changes), because the step loop runs a
+    few times per layer of every iteration that copies; the loop writes the link's two slots out and
+    visits the disk's only while they have work. A step is the rules' arithmetic, in the same order as the
     plain model in tests/test_links.py, so that both give the same times bit for bit."""
 
     def __init__(self, hw: HardwareSpec):
         if hw.link.copy_engines < 2:
             raise ValueError(f"{hw.name}: FluidLinks needs a stream per direction (copy_engines >= 2)")
         self.hw, self.now = hw, 0.0
-        self.latency = hw.link.transfer_latency
-        self.queues = (deque(), deque())          # per slot: (issue time, copy) not started, in issue order
-        self.copy: list[Copy | None] = [None, None]   # per slot: the copy running, or None
-        self.setup_until = [0.0, 0.0]             # per slot: when the running copy's per-call latency ends
-        self.remaining = [0.0, 0.0]               # per slot: bytes it still has to move
-        self.negligible = [0.0, 0.0]              # per slot: remaining bytes that count as none (rounding)
-        self.started: dict[int, float] = {}       # op id → start time
-        self.done: dict[int, float] = {}          # op id → completion time
-        self.seconds = [0.0, 0.0]                 # per slot: seconds spent on copies (setup + bytes)
-        # Indexed by which slots move bytes (bit 0: H2D, bit 1: D2H): each slot's rate, and their sum.
-        moving_sets = ((), (H2D,), (D2H,), (H2D, D2H))
-        self.rates = tuple(tuple(byte_rates(hw, set(m)).get(d, 0.0) for d in DIRECTIONS) for m in moving_sets)
-        self.total_rate = tuple(sum(byte_rates(hw, set(m)).values()) for m in moving_sets)
+        self.directions = tuple(full_rates(hw))   # slot order: H2D, D2H, then the disk's read and write
+        self.slots = range(len(self.directions))
+        self.slot_of = dict(zip(self.directions, self.slots))
+        self.queues = tuple(deque() for _ in self.slots)  # per slot: (issue time, copy) not started, in order
+        self.copy: list[Copy | None] = [None] * len(self.slots)  # per slot: the copy running, or None
+        self.setup_until = [0.0] * len(self.slots)   # per slot: when the running copy's per-call latency ends
+        self.remaining = [0.0] * len(self.slots)     # per slot: bytes it still has to move
+        self.negligible = [0.0] * len(self.slots)    # per slot: remaining bytes that count as none (rounding)
+        self.started: dict[int, float] = {}          # op id → start time
+        self.done: dict[int, float] = {}             # op id → completion time
+        self.seconds = [0.0] * len(self.slots)       # per slot: seconds spent on copies (setup + bytes)
+        # Indexed by which link slots move bytes (bit 0: H2D, bit 1: D2H): each slot's rate (a disk slot's
+        # whether or not it moves), and the link's total.
+        link_sets = ((), (H2D,), (D2H,), (H2D, D2H))
+        self.rates = tuple(tuple(byte_rates(hw, {*m, *self.directions[2:]}).get(d, 0.0) for d in self.directions)
+                           for m in link_sets)
+        self.total_rate = tuple(link_rate(byte_rates(hw, set(m))) for m in link_sets)
 
     @property
     def busy(self) -> dict[str, float]:
         """Seconds each direction has spent on copies (setup + bytes)."""
-        return dict(zip(DIRECTIONS, self.seconds))
+        return dict(zip(self.directions, self.seconds))
 
     def issue(self, copy: Copy, at: float) -> None:
         if at < self.now - EPSILON:
             raise ValueError(f"copy {copy.op_id} issued at {at} before the links' clock {self.now}")
-        self.queues[copy.direction == D2H].append((at, copy))
+        self.queues[self.slot_of[stream_of(self.hw, copy)]].append((at, copy))
 
     def moving_rate(self) -> float:
         """Bytes/s moving over the link now, both directions together (after `advance`)."""
@@ -135,7 +170,7 @@ class FluidLinks:
     def idle(self, at: float) -> bool:
         """Whether every copy issued so far has completed by `at` (advancing the model to `at`)."""
         self.advance(at)
-        return self.copy == [None, None] and not (self.queues[0] or self.queues[1])
+        return all(copy is None for copy in self.copy) and not any(self.queues)
 
     def completion(self, op_id: int) -> float:
         """When copy `op_id` completes, advancing the model as far as that."""
@@ -151,27 +186,31 @@ class FluidLinks:
             self._start_ready()
 
     def _moving(self) -> int:
-        """Which slots move bytes now: bit 0 H2D, bit 1 D2H."""
+        """Which link slots move bytes now: bit 0 H2D, bit 1 D2H."""
         soon, copy, setup_until = self.now + EPSILON, self.copy, self.setup_until
         return ((copy[0] is not None and setup_until[0] <= soon)
                 | (copy[1] is not None and setup_until[1] <= soon) << 1)
 
     def _steps(self, until: float, op_id: int | None = None) -> bool:
         """Step from event to event up to `until` (or until copy `op_id` completes): the hot loop, so the
-        two slots are written out and the rates looked up; it returns whether `op_id` has completed."""
+        link's two slots are written out and the rates looked up; it returns whether `op_id` has completed."""
         done, queues, copy, setup_until, remaining = self.done, self.queues, self.copy, self.setup_until, self.remaining
         negligible, seconds, rates_of = self.negligible, self.seconds, self.rates
         now = self.now
-        q0, q1 = queues
+        q0, q1, disk_slots = queues[0], queues[1], self.slots[2:]
         while op_id not in done:
             soon = now + EPSILON
+            disk = bool(disk_slots) and (copy[2] is not None or copy[3] is not None
+                                         or len(queues[2]) + len(queues[3]) > 0)
             if (copy[0] is None and q0 and q0[0][0] <= soon and self._ready(q0[0][1])) or (
-                    copy[1] is None and q1 and q1[0][0] <= soon and self._ready(q1[0][1])):
+                    copy[1] is None and q1 and q1[0][0] <= soon and self._ready(q1[0][1])) or (
+                    disk and any(self._startable(slot) for slot in disk_slots)):
                 self._start_ready()
-            c0, c1 = copy
+            c0, c1 = copy[0], copy[1]
             m0 = c0 is not None and setup_until[0] <= soon
             m1 = c1 is not None and setup_until[1] <= soon
-            r0, r1 = rates_of[m0 | m1 << 1]
+            rates = rates_of[m0 | m1 << 1]
+            r0, r1 = rates[0], rates[1]
             t = INF
             if c0 is not None:
                 if m0:
@@ -193,6 +232,9 @@ class FluidLinks:
                 t = q0[0][0]
             if q1 and soon < q1[0][0] < t:
                 t = q1[0][0]
+            if disk:
+                for slot in disk_slots:
+                    t = min(t, self._next_event(slot, rates[slot]))
             if t > until or t == INF:
                 return op_id in done
             soon = t + EPSILON
@@ -211,6 +253,9 @@ class FluidLinks:
                 if setup_until[1] <= soon and remaining[1] <= negligible[1]:
                     done[c1.op_id] = t
                     copy[1] = None
+            if disk:
+                for slot in disk_slots:
+                    self._move_slot(slot, t, setup_until[slot] <= now + EPSILON, rates[slot])
             self.now = now = t
         return True
 
@@ -221,22 +266,51 @@ class FluidLinks:
                 return False
         return True
 
+    def _startable(self, slot: int) -> bool:
+        """Whether `slot` is free and the copy at the head of its queue can start now."""
+        queue = self.queues[slot]
+        return (self.copy[slot] is None and bool(queue) and queue[0][0] <= self.now + EPSILON
+                and self._ready(queue[0][1]))
+
+    def _next_event(self, slot: int, rate: float) -> float:
+        """The slot's next event: its copy's latency ending or its bytes all moved (at `rate`), or else
+        the issue of the copy at the head of its queue, if that is still to come and sooner."""
+        now, queue, event = self.now, self.queues[slot], INF
+        if self.copy[slot] is not None:
+            if self.setup_until[slot] > now + EPSILON:
+                event = self.setup_until[slot]
+            else:
+                event = now + self.remaining[slot] / rate
+                if event == now:   # what is left takes less than the clock resolves: nothing
+                    self.remaining[slot] = 0.0
+        if queue and now + EPSILON < queue[0][0] < event:
+            event = queue[0][0]
+        return event
+
+    def _move_slot(self, slot: int, t: float, moving: bool, rate: float) -> None:
+        """Move the slot's copy on from `self.now` to t (no event in between) at `rate` if it is `moving`,
+        and finish it if it has nothing left to move."""
+        copy = self.copy[slot]
+        if copy is None:
+            return
+        self.seconds[slot] += t - self.now
+        if moving:
+            self.remaining[slot] -= rate * (t - self.now)
+        if self.setup_until[slot] <= t + EPSILON and self.remaining[slot] <= self.negligible[slot]:
+            self.done[copy.op_id] = t
+            self.copy[slot] = None
+
     def _move_to(self, t: float) -> None:
-        """Move every running copy on to time t (no event in between), then finish those with nothing
-        left to move."""
-        now, copy, moving = self.now, self.copy, self._moving()
-        rates = self.rates[moving]
-        for slot in (0, 1):
-            if copy[slot] is not None:
-                self.seconds[slot] += t - now
-                if moving >> slot & 1:
-                    self.remaining[slot] -= rates[slot] * (t - now)
+        """Move every running copy on to time t (no event in between), finishing those with nothing left."""
+        soon, rates = self.now + EPSILON, self.rates[self._moving()]
+        moving = [self.setup_until[slot] <= soon for slot in self.slots]
+        for slot in self.slots:
+            self._move_slot(slot, t, moving[slot], rates[slot])
         self.now = t
-        self._finish()
 
     def _finish(self) -> None:
         soon, copy = self.now + EPSILON, self.copy
-        for slot in (0, 1):
+        for slot in self.slots:
             if copy[slot] is not None and self.setup_until[slot] <= soon and self.remaining[slot] <= self.negligible[slot]:
                 self.done[copy[slot].op_id] = self.now
                 copy[slot] = None
@@ -246,15 +320,12 @@ class FluidLinks:
         started = True
         while started:
             started = False
-            for slot, queue in enumerate(self.queues):
-                if self.copy[slot] is not None or not queue:
-                    continue
-                at, copy = queue[0]
-                if at <= self.now + EPSILON and self._ready(copy):
-                    queue.popleft()
+            for slot in self.slots:
+                if self._startable(slot):
+                    at, copy = self.queues[slot].popleft()
                     self.started[copy.op_id] = self.now
                     self.copy[slot] = copy
-                    self.setup_until[slot] = self.now + copy.calls * self.latency
+                    self.setup_until[slot] = self.now + setup_time(self.hw, copy)
                     self.remaining[slot] = float(copy.nbytes)
                     self.negligible[slot] = 1e-9 * max(1.0, copy.nbytes)
                     started = True

@@ -9,9 +9,11 @@ from typing import Callable
 
 from hwmodels import CostModel, load_hardware, load_model
 from pie_policy import ConfigError
+from pie_policy.pipeline import PIPELINE_POLICIES
 from pie_policy.sizing import build_policy
 from traces import load_workload
 
+from .pipeline_sim import simulate_pipeline
 from .simulate import SimResult, simulate
 
 GiB = 1024**3
@@ -34,6 +36,7 @@ class Scenario:
     max_num_seqs: int = 256
     chunked_prefill: bool = False
     prefetch_depth: int = 1
+    micro_batches: int | None = None  # pp-vllm, pipemax: None for the policy's default
     seed: int = 0
 
     @classmethod
@@ -76,9 +79,15 @@ def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterati
                           mean_prompt=int(workload.prompt_tokens.mean()),
                           mean_output=int(workload.output_tokens.mean()), block_size=s.block_size,
                           max_num_seqs=s.max_num_seqs, chunked_prefill=s.chunked_prefill,
-                          prefetch_depth=s.prefetch_depth)
-    result = simulate(policy, cm, workload, layer_events=layer_events, traced_iterations=traced_iterations,
-                      on_finish=on_finish)
+                          prefetch_depth=s.prefetch_depth, micro_batches=s.micro_batches)
+    if s.policy in PIPELINE_POLICIES:
+        if layer_events:
+            raise ConfigError("--layer-events checks the single-GPU recurrence; the pipeline simulator is "
+                              "SimPy throughout")
+        result = simulate_pipeline(policy, cm, workload, on_finish=on_finish)
+    else:
+        result = simulate(policy, cm, workload, layer_events=layer_events, traced_iterations=traced_iterations,
+                          on_finish=on_finish)
     summary = result.recorder.summary(result.requests, result.wall_s, backend="sim", policy=s.policy, hw=hw.name,
                                       model=model.name, trace=str(s.trace), rate=s.rate, seed=s.seed,
                                       events=result.events)

@@ -35,6 +35,29 @@ class SimResult:
     wall_s: float
 
 
+def workload_rows(workload: pd.DataFrame) -> list[tuple]:
+    """(request_id, arrival_s, prompt_tokens, output_tokens) per request, in arrival order."""
+    return list(zip(workload.request_id.tolist(), workload.arrival_s.tolist(),
+                    workload.prompt_tokens.tolist(), workload.output_tokens.tolist()))
+
+
+def arrivals(env: simpy.Environment, rows: list[tuple], policy, requests: list, arrived: Callable[[], object]):
+    """SimPy process body: queue each request with `policy` at its arrival time, then call `arrived`;
+    requests arriving together are all queued before the engine plans."""
+    for request_id, arrival, prompt, output in rows:
+        if arrival > env.now:
+            yield env.timeout(arrival - env.now)
+        requests.append(policy.add_request(request_id, arrival, prompt, output))
+        arrived()
+
+
+def check_all_done(name: str, requests: list[Request], rows: list[tuple]) -> None:
+    """Conservation: every request of the workload arrived and finished or was rejected."""
+    unfinished = [r for r in requests if r.state not in (State.FINISHED, State.REJECTED)]
+    if unfinished or len(requests) != len(rows):
+        raise RuntimeError(f"{name}: {len(unfinished)} requests never finished")
+
+
 def simulate(policy, cost_model: CostModel, workload: pd.DataFrame, *, layer_events: bool = False,
              decode_runs: bool = True, traced_iterations: int = 0,
              on_finish: Callable[[int], None] | None = None) -> SimResult:
@@ -46,17 +69,8 @@ def simulate(policy, cost_model: CostModel, workload: pd.DataFrame, *, layer_eve
     backend = LayerEvents(cost_model, env) if layer_events else Timeline(cost_model, env, traced_iterations)
     recorder, requests = RunRecorder(), []
     wake = [env.event()]
-    rows = list(zip(workload.request_id.tolist(), workload.arrival_s.tolist(),
-                    workload.prompt_tokens.tolist(), workload.output_tokens.tolist()))
+    rows = workload_rows(workload)
     runs = decode_runs and not layer_events
-
-    def arrivals():
-        for request_id, arrival, prompt, output in rows:
-            if arrival > env.now:  # requests arriving together are all queued before the engine plans
-                yield env.timeout(arrival - env.now)
-            requests.append(policy.add_request(request_id, arrival, prompt, output))
-            if not wake[0].triggered:
-                wake[0].succeed()
 
     def engine(arriving: simpy.Process):
         while True:
@@ -86,10 +100,8 @@ def simulate(policy, cost_model: CostModel, workload: pd.DataFrame, *, layer_eve
             if on_finish and finished:
                 on_finish(len(finished))
 
-    arriving = env.process(arrivals())
+    arriving = env.process(arrivals(env, rows, policy, requests, lambda: wake[0].triggered or wake[0].succeed()))
     env.run(until=env.process(engine(arriving)))
-    unfinished = [r for r in requests if r.state not in (State.FINISHED, State.REJECTED)]
-    if unfinished or len(requests) != len(rows):
-        raise RuntimeError(f"{policy.name}: {len(unfinished)} requests never finished")
+    check_all_done(policy.name, requests, rows)
     return SimResult(requests, recorder, backend if isinstance(backend, Timeline) else None, env.scheduled,
                      time.perf_counter() - started)

@@ -2,9 +2,10 @@
 
 Layer l is reached when layer l-1 ends (layer 0 at the iteration's start, when the prologue is issued);
 its `issue` copies are issued then; it starts once its `wait` copies are complete (the difference is its
-stall); it computes for `CostModel.layer_time` of the batch, with the bytes/s the copies are moving at its
-start charged against HBM (the link's `compute_contention`); its `evict` copies are issued when it ends.
-The LM head follows the last layer. Copies still in flight carry on into the next iteration.
+stall); it computes for `CostModel.layer_time` of the batch (of each of FlexGen's GPU batches in turn),
+with the bytes/s the copies move over the link at its start charged against HBM (the link's
+`compute_contention`); its `evict` copies are issued when it ends. The LM head follows the last layer.
+Copies still in flight carry on into the next iteration.
 
 In a run this is one SimPy event per iteration (`iteration`), however many layers and copies it has,
 and one per decode run (`decode_run`: plain decode iterations, priced in one array operation).
@@ -19,6 +20,17 @@ from pie_policy.plan import DecodeRun
 from pie_policy.plan import D2H, H2D
 
 from .links import links_for
+
+
+def layer_seconds(cm: CostModel, plan: Plan, copy_bandwidth: float = 0.0) -> float:
+    """One layer of the plan: its batches one after another, copies at `copy_bandwidth` bytes/s in flight."""
+    if not plan.gpu_batches:  # the common case, kept to one call: this runs for every layer simulated
+        return cm.layer_time(plan.shape, copy_bandwidth=copy_bandwidth)
+    return sum(cm.layer_time(batch, copy_bandwidth=copy_bandwidth) for batch in plan.batches())
+
+
+def head_seconds(cm: CostModel, plan: Plan) -> float:
+    return sum(cm.head_time(batch) for batch in plan.batches())
 
 
 class Timeline:
@@ -61,7 +73,7 @@ class Timeline:
     def run(self, plan: Plan, start: float) -> IterationStats:
         cm, links = self.cost_model, self.links
         if not (plan.prologue or plan.layers) and self.accepts_runs(start):
-            took, head = cm.layer_time(plan.shape), cm.head_time(plan.shape)  # every layer alike, no copy
+            took, head = layer_seconds(cm, plan), head_seconds(cm, plan)  # every layer alike, no copy
             seconds, layers = cm.model.num_layers * took + head, cm.model.num_layers
             return IterationStats(plan.iteration, start, start + seconds, seconds, 0.0, 0, 0, 0.0, 0.0,
                                   (took,) * layers, (0.0,) * layers)
@@ -74,7 +86,7 @@ class Timeline:
         for copy in plan.prologue:
             links.issue(copy, start)
         t, computes, stalls = start, [], []
-        prices: dict[float, float] = {}  # copy bandwidth → layer time: the batch is the same in every layer
+        prices: dict[float, float] = {}  # link bandwidth → layer time: the batches are the same in every layer
         for layer in range(cm.model.num_layers):
             step = plan.step(layer)
             for copy in step.issue:
@@ -86,7 +98,7 @@ class Timeline:
             bandwidth = links.moving_rate()
             took = prices.get(bandwidth)
             if took is None:
-                took = prices[bandwidth] = cm.layer_time(plan.shape, copy_bandwidth=bandwidth)
+                took = prices[bandwidth] = layer_seconds(cm, plan, bandwidth)
             stalls.append(begin - t)
             computes.append(took)
             for kind in traced:
@@ -94,7 +106,7 @@ class Timeline:
             t = begin + took
             for copy in step.evict:
                 links.issue(copy, t)
-        head = cm.head_time(plan.shape)
+        head = head_seconds(cm, plan)
         links.advance(t + head)  # link busy time is counted up to the end of the iteration it falls in
         for kind in traced:
             self.trace[kind][1].extend((plan.iteration, c) for c in copies)

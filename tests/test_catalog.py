@@ -133,3 +133,13 @@ def test_unknown_name_lists_the_known_ones():
         load_hardware("gh300")
     with pytest.raises(CatalogError, match="unknown model 'opt-7b'.*opt-6.7b"):
         load_model("opt-7b")
+
+
+def test_the_disk_is_optional_and_read_in_si_units(write):
+    assert load_hardware("a100-80g-pcie4").disk is None
+    disk = load_hardware("gh200-96g").disk
+    assert (disk.capacity_bytes, disk.read_bandwidth, disk.write_bandwidth, disk.transfer_latency) == (
+        7152 * 1024**3, 13e9, 6.6e9, 20e-6)
+    no_read = (DATA / "tiny-disk-hw.toml").read_text().replace("read_gb_s = 0.5\n", "")
+    with pytest.raises(CatalogError, match=r"no-read\.toml: missing field 'disk\.read_gb_s'"):
+        load_hardware(write("no-read.toml", no_read))

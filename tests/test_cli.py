@@ -66,3 +66,15 @@ def test_compare_runs_each_policy_on_the_same_requests(tmp_path, capsys):
     assert (tmp_path / "vllm" / "requests.csv").exists() and (tmp_path / "pie" / "iterations.csv").exists()
     assert pie_sim(["compare", "--policies", "vllm,pi", "--out", str(tmp_path)]) == 2
     assert "unknown policy 'pi'" in capsys.readouterr().out
+
+
+def test_compare_runs_the_pipeline_policies_on_the_multi_gpu_server(tmp_path, capsys):
+    args = ["compare", "--hw", "pcie-8x-l40s", "--model", "opt-6.7b", "--trace", "alpaca", "--num-requests", "30",
+            "--rate", "inf", "--gpu-mem-util", "0.045"]
+    assert pie_sim(args + ["--policies", "pp-vllm,pipemax", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["policy"] for r in rows] == ["pp-vllm", "pipemax"]
+    assert all(int(r["finished"]) + int(r["rejected"]) == 30 for r in rows)
+    assert pie_sim(args + ["--policies", "pipemax", "--micro-batches", "7", "--out", str(tmp_path)]) == 2
+    assert "7 micro-batches cannot fill 8 pipeline stages" in capsys.readouterr().out

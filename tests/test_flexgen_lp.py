@@ -1,13 +1,16 @@
 """FlexGen's placement LP: capacities respected, sensible extremes, and a time worked out by hand."""
+import re
+
 import pytest
 
 from hwmodels import BatchShape, CostModel, load_hardware, load_model
 from hwmodels.hardware import HARDWARE_DIR
-from pie_policy.flexgen_lp import search, solve
+from pie_policy.flexgen_lp import evaluate, search, solve
 
 from .conftest import DATA
 
 MiB = 2**20
+GiB = 2**30
 
 
 def cost_model(hw, model):
@@ -18,14 +21,17 @@ def cost_model(hw, model):
 @pytest.mark.parametrize("model", ["opt-13b", "opt-30b", "opt-66b"])
 @pytest.mark.parametrize("util", [0.9, 0.6])
 def test_placement_never_exceeds_a_tier(hw, model, util):
+    """Three tiers where the system has a disk (gh200-96g, h100-pcie5), two where it has none (a100)."""
     cm = cost_model(hw, model)
     plan = search(cm, prompt_len=512, gen_len=32, gpu_mem_util=util)
     assert plan.gpu_bytes <= int(cm.hw.gpu.hbm_bytes * util)
     assert plan.cpu_bytes <= cm.hw.host.memory_bytes
-    assert all(0 <= share <= 1 for share in (plan.wg, plan.cg, plan.hg))
+    assert plan.disk_bytes <= (cm.hw.disk.capacity_bytes if cm.hw.disk else 0)
+    on_gpu, on_disk = (plan.wg, plan.cg, plan.hg), (plan.wd, plan.cd, plan.hd)
+    assert all(0 <= g and 0 <= d and g + d <= 1 for g, d in zip(on_gpu, on_disk))
     # Every weight and every KV byte of the block lives somewhere.
     kv = cm.model.kv_bytes_per_token * plan.block_size * (512 + 32)
-    assert plan.gpu_bytes + plan.cpu_bytes >= cm.model.weight_bytes + kv
+    assert plan.gpu_bytes + plan.cpu_bytes + plan.disk_bytes >= cm.model.weight_bytes + kv
     assert plan.block_size == plan.gpu_batch_size * plan.num_gpu_batches
     assert plan.throughput == pytest.approx(plan.block_size * 32 / plan.total_time)
 
@@ -114,3 +120,75 @@ def test_a_model_bigger_than_gpu_and_cpu_memory_is_refused(write):
 def test_lengths_beyond_the_context_are_refused():
     with pytest.raises(ValueError, match="context 2048"):
         search(cost_model("gh200-96g", "opt-13b"), prompt_len=2000, gen_len=100)
+
+
+
+@pytest.fixture
+def disk_hand(write):
+    """tiny4 (as in `hand`) on tiny-disk-hw: slow-hw's 1 MiB GPU and link, no per-copy latency, and a disk
+    read at 0.5 GB/s and written at 0.25 GB/s."""
+    model = (DATA / "tiny-opt.toml").read_text().replace("num_layers = 2", "num_layers = 4")
+    cm = CostModel(load_hardware(DATA / "tiny-disk-hw.toml"), load_model(write("tiny4.toml", model)))
+    assert cm.hw.gpu.hbm_bytes == MiB and cm.model.layer_weight_bytes == 99968
+    return cm
+
+
+# With HBM at FLOOR everything is off the GPU; CPU memory of exactly the disk's staging buffers
+# 2 x (W + 2 x 40 x 256) leaves no room for anything to live there: all of it is on disk.
+STAGING = 2 * (99968 + 2 * 40 * 256)
+
+
+def test_lp_time_equals_the_closed_form_when_everything_is_on_disk(disk_hand):
+    plan = solve(disk_hand, prompt_len=32, gen_len=8, gpu_batch_size=2, num_gpu_batches=2,
+                 gpu_mem_util=FLOOR / MiB, cpu_mem_bytes=STAGING)
+    shares = (plan.wg, plan.cg, plan.hg, plan.wd, plan.cd, plan.hd)
+    assert shares == pytest.approx((0, 0, 0, 1, 1, 1), abs=1e-9)
+    assert (plan.gpu_bytes, plan.cpu_bytes, plan.disk_bytes) == (FLOOR, STAGING, 4 * 99968 + 163840 + 16384)
+    # Per layer, prefill reads W + 4·32·128 = 116,352 B from disk at 0.5 GB/s, 232.704 µs, and writes
+    # 49,152 B at 0.25 GB/s, 196.608 µs; decode reads what `..._when_only_buffers_fit` copies in, 137,344 B,
+    # in 274.688 µs (the link takes 137.344 µs of it; the writes, 1,536 B, 6.144 µs).
+    prefill, decode, head = 232.704e-6, 274.688e-6, disk_hand.head_time(BatchShape(sampled_tokens=2))
+    assert (plan.decode_bound, plan.prefill_layer_time, plan.decode_layer_time, plan.total_time) == (
+        "disk-read", pytest.approx(prefill, rel=1e-9), pytest.approx(decode, rel=1e-9),
+        pytest.approx(4 * (prefill + 7 * decode) + 8 * 2 * head, rel=1e-9))
+
+
+def test_cpu_memory_beyond_the_staging_buffers_takes_weights_off_the_disk(disk_hand):
+    """Per byte of CPU memory, a layer's weights (read every step, 2 x W of staging less) save more disk
+    reads than the KV cache does; 50,000 B more take 1 - wd = 50,000 / (2 W) of the weights off the disk."""
+    plan = solve(disk_hand, prompt_len=32, gen_len=8, gpu_batch_size=2, num_gpu_batches=2,
+                 gpu_mem_util=FLOOR / MiB, cpu_mem_bytes=STAGING + 50_000)
+    assert 1 - plan.wd == pytest.approx(50_000 / (2 * 99968), rel=1e-6)
+    assert (plan.cd, plan.hd) == pytest.approx((1, 1), abs=1e-9)
+    assert plan.decode_layer_time == pytest.approx((137344 - 25_000) / 0.5e9, rel=1e-6)
+
+
+def test_too_big_for_gpu_and_cpu_memory_is_placed_with_a_disk_and_refused_without(write):
+    """OPT-66B (122 GiB) on an H100 with 16 GiB of CPU memory: 72 + 16 GiB cannot hold it, the disk can."""
+    with_disk = CostModel(load_hardware("h100-pcie5"), load_model("opt-66b"))
+    plan = search(with_disk, prompt_len=512, gen_len=32, cpu_mem_bytes=16 * GiB)
+    assert plan.wd > 0 and plan.disk_bytes <= with_disk.hw.disk.capacity_bytes
+    assert plan.gpu_bytes <= 0.9 * 80 * GiB and plan.cpu_bytes <= 16 * GiB
+    assert plan.decode_bound == "disk-read"
+    no_disk = re.sub(r"\[disk\].*?\n\n", "", (HARDWARE_DIR / "h100-pcie5.toml").read_text(), flags=re.S)
+    cm = CostModel(load_hardware(write("h100-no-disk.toml", no_disk)), load_model("opt-66b"))
+    with pytest.raises(ValueError, match=r"GPU \+ CPU memory is the binding constraint, .* \+ 16 GiB host memory$"):
+        search(cm, prompt_len=512, gen_len=32, cpu_mem_bytes=16 * GiB)
+
+
+def test_a_full_disk_is_named_among_the_tiers(write):
+    hw = (HARDWARE_DIR / "h100-pcie5.toml").read_text().replace("capacity_gib = 7152", "capacity_gib = 8")
+    cm = CostModel(load_hardware(write("h100-small-disk.toml", hw)), load_model("opt-66b"))
+    with pytest.raises(ValueError, match=r"GPU \+ CPU \+ disk memory is the binding constraint, .* \+ 16 GiB host "
+                                         r"memory \+ 8 GiB disk"):
+        search(cm, prompt_len=512, gen_len=32, cpu_mem_bytes=16 * GiB)
+
+
+def test_a_placement_given_by_hand_is_priced_and_checked_against_every_tier(disk_hand):
+    everything_on_disk = dict(wg=0, cg=0, hg=0, wd=1, cd=1, hd=1, gpu_mem_util=FLOOR / MiB)
+    given = evaluate(disk_hand, 32, 8, 2, 2, cpu_mem_bytes=STAGING, **everything_on_disk)
+    assert given == solve(disk_hand, 32, 8, 2, 2, gpu_mem_util=FLOOR / MiB, cpu_mem_bytes=STAGING)
+    with pytest.raises(ValueError, match=r"needs 0.0002244 GiB of CPU memory, more than its 0.0002244 GiB"):
+        evaluate(disk_hand, 32, 8, 2, 2, cpu_mem_bytes=STAGING - 1, **everything_on_disk)
+    with pytest.raises(ValueError, match=r"HBM \+ disk <= 1"):
+        evaluate(disk_hand, 32, 8, 2, 2, wg=0.5, cg=1, hg=1, wd=0.6)

@@ -1,9 +1,9 @@
 """FlexGen as a policy: whole blocks, no continuous batching, copies of the offloaded shares."""
-from hwmodels import CostModel, load_hardware, load_model
+from hwmodels import BatchShape, CostModel, load_hardware, load_model
 from pie_policy import State
 from pie_policy.flexgen import FlexGenPolicy
 from pie_policy.flexgen_lp import FlexGenPlacement
-from pie_policy.plan import ACTIVATIONS, D2H, H2D, LAYER_KV, WEIGHTS, IterationStats
+from pie_policy.plan import ACTIVATIONS, D2H, DISK_READ, DISK_WRITE, H2D, LAYER_KV, WEIGHTS, IterationStats
 
 
 def placement(block: int, wg: float, cg: float, hg: float) -> FlexGenPlacement:
@@ -55,3 +55,30 @@ def test_requests_longer_than_the_context_are_rejected():
     policy = FlexGenPolicy(cm, placement(1, 1, 1, 1))
     request = policy.add_request(0, 0.0, 2000, 100)
     assert request.state is State.REJECTED and "2048" in request.reason and not policy.has_work
+
+
+def test_disk_data_is_read_two_layers_ahead_then_copied_and_written_after_its_copy_out():
+    m = load_model("opt-125m")
+    cm = CostModel(load_hardware("gh200-96g"), m)
+    on_disk = FlexGenPlacement(1, 2, 0.25, 0.25, 1.0, 0.0, 0.0, "compute", 0.0, 0.0, 0, 0, wd=0.5, cd=0.5)
+    _, plans = run(FlexGenPolicy(cm, on_disk), [(0, 10, 3), (0, 20, 3)])
+    decode = plans[1]  # contexts 10 and 20 cached, one new token each
+    W, kv = m.layer_weight_bytes, m.kv_bytes_per_token_layer
+    issued = {(c.direction, c.kind): c for c in decode.step(3).issue}
+    assert {(d, k): (c.layer, c.nbytes) for (d, k), c in issued.items()} == {
+        (DISK_READ, WEIGHTS): (5, round(0.5 * W)), (DISK_READ, LAYER_KV): (5, round(0.5 * 30 * kv)),
+        (H2D, WEIGHTS): (4, round(0.75 * W)), (H2D, LAYER_KV): (4, round(0.75 * 30 * kv))}
+    reads = {(c.layer, c.kind): c.op_id for c in decode.copies() if c.direction == DISK_READ}
+    # To the GPU once read from disk; the cache only once the prefill has written it back (to CPU, to disk).
+    prefill_wrote = {(c.direction, c.layer): c.op_id for c in plans[0].copies() if c.kind == LAYER_KV}
+    assert issued[H2D, WEIGHTS].after == (reads[4, WEIGHTS],)
+    assert issued[H2D, LAYER_KV].after == (reads[4, LAYER_KV], prefill_wrote[D2H, 4])
+    assert issued[DISK_READ, LAYER_KV].after == (prefill_wrote[DISK_WRITE, 5],)
+    assert {(c.direction, c.layer) for c in decode.prologue} == {(DISK_READ, 0), (DISK_READ, 1), (H2D, 0)}
+    stored = {(c.direction, c.kind): c for c in decode.step(3).evict}
+    assert {key: c.nbytes for key, c in stored.items()} == {(D2H, LAYER_KV): round(0.75 * 2 * kv),
+                                                           (DISK_WRITE, LAYER_KV): round(0.5 * 2 * kv)}
+    assert stored[DISK_WRITE, LAYER_KV].after == (stored[D2H, LAYER_KV].op_id,)
+    # Two GPU batches of one row each; the disk stays off the link's byte counts.
+    assert decode.gpu_batches == (BatchShape.of(decodes=[10]), BatchShape.of(decodes=[20]))
+    assert decode.bytes_moved()[0] == sum(c.nbytes for c in decode.copies() if c.direction == H2D)

@@ -1,7 +1,7 @@
 """The copy-engine models against a plain fluid model (the rules of pie_sim/links.py, written the obvious
 way): on random copy sequences driven the way the timeline drives them, FluidLinks must give the same
 times, rates and busy seconds bit for bit, and FixedRateLinks the same up to rounding where no rate
-ever changes."""
+ever changes; with a disk too, its reads and writes ordered after link copies and link copies after them."""
 import dataclasses
 import random
 import signal
@@ -10,12 +10,14 @@ from contextlib import contextmanager
 import pytest
 
 from hwmodels import load_hardware
-from pie_policy.plan import D2H, H2D, LAYER_KV, Copy
-from pie_sim.links import EPSILON, FixedRateLinks, FluidLinks, byte_rates, links_for, stream_of
+from pie_policy.plan import D2H, DISK_READ, DISK_WRITE, H2D, LAYER_KV, Copy
+from pie_sim.links import (EPSILON, FixedRateLinks, FluidLinks, byte_rates, full_rates, link_rate, links_for,
+                           setup_time, stream_of)
 
 from .conftest import DATA
 
 TINY_HW = load_hardware(DATA / "tiny-hw.toml")
+TINY_DISK_HW = load_hardware(DATA / "tiny-disk-hw.toml")
 
 
 class PlainFluidLinks:
@@ -27,7 +29,7 @@ class PlainFluidLinks:
         self.queues = {}   # stream → [(issue time, copy)]
         self.active = {}   # stream → [copy, end of its latency, bytes left]
         self.started, self.done = {}, {}
-        self.busy = {H2D: 0.0, D2H: 0.0}
+        self.busy = dict.fromkeys(full_rates(hw), 0.0)
 
     def issue(self, copy, at):
         if at < self.now - EPSILON:
@@ -38,7 +40,7 @@ class PlainFluidLinks:
         return byte_rates(self.hw, {c.direction for c, setup, _ in self.active.values() if setup <= self.now + EPSILON})
 
     def moving_rate(self):
-        return sum(self.rates().values())
+        return link_rate(self.rates())
 
     def idle(self, at):
         self.advance(at)
@@ -85,7 +87,7 @@ class PlainFluidLinks:
                     if at <= self.now + EPSILON and all(op in self.done for op in copy.after):
                         queue.pop(0)
                         self.started[copy.op_id] = self.now
-                        setup = self.now + copy.calls * self.hw.link.transfer_latency
+                        setup = self.now + setup_time(self.hw, copy)
                         self.active[stream] = [copy, setup, float(copy.nbytes)]
                         started = True
             self.finish()
@@ -107,26 +109,31 @@ class PlainFluidLinks:
                 del self.active[stream]
 
 
-def random_link(rng, capped: bool):
-    """A two-engine link whose bidirectional cap binds (`capped`) or covers both directions."""
+def random_link(rng, capped: bool, disk: bool = False):
+    """A two-engine link whose bidirectional cap binds (`capped`) or covers both directions; with a disk
+    of random speeds (`disk`), or none."""
     h2d, d2h = rng.uniform(1e9, 60e9), rng.uniform(1e9, 60e9)
     both = (h2d + d2h) * (rng.uniform(0.4, 0.95) if capped else rng.uniform(1.0, 1.5))
     link = dataclasses.replace(TINY_HW.link, h2d_bandwidth=h2d, d2h_bandwidth=d2h, bidirectional_bandwidth=both,
                                transfer_latency=rng.choice([0.0, 1e-6, 1e-5]), copy_engines=2)
-    return dataclasses.replace(TINY_HW, link=link)
+    if not disk:
+        return dataclasses.replace(TINY_HW, link=link)
+    ssd = dataclasses.replace(TINY_DISK_HW.disk, read_bandwidth=rng.uniform(1e9, 15e9),
+                              write_bandwidth=rng.uniform(1e9, 10e9), transfer_latency=rng.choice([0.0, 2e-5]))
+    return dataclasses.replace(TINY_DISK_HW, link=link, disk=ssd)
 
 
 def drive(models, rng, copies: int, start: float):
     """Issue `copies` random copies (some empty, some without latency, some ordered after earlier ones of
-    either direction) at a clock that moves on as the timeline's does, asking every model the same
-    questions; yields each question's answers."""
-    t, issued = start, []
+    any direction, the disk's too where there is one) at a clock that moves on as the timeline's does,
+    asking every model the same questions; yields each question's answers."""
+    t, issued, directions = start, [], list(full_rates(models[0].hw))
     while len(issued) < copies or rng.random() < 0.3:
         action = rng.random()
         if action < 0.5 and len(issued) < copies:
             after = tuple(rng.sample(issued, min(len(issued), rng.choice([0, 0, 1, 2]))))
             nbytes = rng.choice([0, rng.randint(1, 4096), rng.randint(10**5, 10**8)])
-            copy = Copy(len(issued), rng.choice([H2D, D2H]), LAYER_KV, 0, (), nbytes, rng.choice([0, 1, 3]), after)
+            copy = Copy(len(issued), rng.choice(directions), LAYER_KV, 0, (), nbytes, rng.choice([0, 1, 3]), after)
             issued.append(copy.op_id)
             for model in models:
                 model.issue(copy, t)
@@ -149,10 +156,11 @@ def drive(models, rng, copies: int, start: float):
         model.advance(t)
 
 
+@pytest.mark.parametrize("disk", [False, True])
 @pytest.mark.parametrize("seed", range(40))
-def test_fluid_links_match_the_plain_model_bit_for_bit(seed):
+def test_fluid_links_match_the_plain_model_bit_for_bit(seed, disk):
     rng = random.Random(seed)
-    hw = random_link(rng, capped=True)
+    hw = random_link(rng, capped=True, disk=disk)
     fast, plain = FluidLinks(hw), PlainFluidLinks(hw)
     assert type(links_for(hw)) is FluidLinks
     for question, (got, want) in drive([fast, plain], rng, copies=60, start=rng.choice([0.0, 1.0, 1234.5])):
@@ -161,12 +169,13 @@ def test_fluid_links_match_the_plain_model_bit_for_bit(seed):
     assert len(fast.done) == 60 and fast.idle(fast.now)
 
 
+@pytest.mark.parametrize("disk", [False, True])
 @pytest.mark.parametrize("seed", range(20))
-def test_fixed_rate_links_match_the_plain_model_where_rates_never_change(seed):
+def test_fixed_rate_links_match_the_plain_model_where_rates_never_change(seed, disk):
     """The cap covers both directions at full speed: the closed form and the stepped model differ only in
     rounding (the stepped one takes bytes off at every event)."""
     rng = random.Random(seed)
-    hw = random_link(rng, capped=False)
+    hw = random_link(rng, capped=False, disk=disk)
     fixed, plain = FixedRateLinks(hw), PlainFluidLinks(hw)
     assert type(links_for(hw)) is FixedRateLinks
     for question, (got, want) in drive([fixed, plain], rng, copies=60, start=rng.choice([0.0, 1234.5])):

@@ -1,0 +1,143 @@
+"""The Pie paper's experiment grid in simulation (arXiv 2411.09317: GH200, OPT-13B and OPT-30B, ShareGPT
+and Alpaca), measured the way its claims are stated:
+
+- latency vs load: normalized latency (mean e2e / output tokens) against Poisson request rate for every
+  policy, rates scaled per panel by vLLM's offline throughput (the most it serves);
+- throughput at equal latency: the highest rate meeting an SLO, for pie and vllm (`capacity.max_rate`),
+  the SLO being `slo_factor` x vLLM's normalized latency at light load (`rate_factors[0]`);
+- GPU memory at equal performance: the least HBM with which pie, and vllm, meet the same SLO at the rate
+  vLLM sustains with the paper's 0.9 of HBM (`capacity.min_gpu_mem`);
+- FlexGen: offline throughput (every request at once, its best case) and latency, pie against flexgen.
+
+Every point is an ordinary `Scenario`, so any number here can be re-run alone with `pie-sim run`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from hwmodels import CostModel, load_hardware, load_model
+from pie_policy.sizing import link_bound_share
+
+from .capacity import Answer, max_rate, min_gpu_mem
+from .parallel import run_parallel
+from .scenario import Scenario, summarize, workload_of
+
+GiB = 1024**3
+MODELS, TRACES = ("opt-13b", "opt-30b"), ("sharegpt", "alpaca")
+POLICIES = (("vllm", None), ("vllm-swap", None), ("static", 0.1), ("static", 0.2), ("static", 0.3),
+            ("pie", None), ("flexgen", None))
+SEARCHED = ("vllm", "pie")
+PAPER_GPU_MEM_UTIL = 0.9
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How much of the experiment to run: `quick` is for a minute on a laptop, the default for a report."""
+    num_requests: int
+    rate_factors: tuple[float, ...]   # of vLLM's offline req/s; the first is the light load setting the SLO
+    tolerance: float
+    slo_factor: float = 1.5
+
+
+QUICK = Grid(200, (0.1, 0.4, 0.7, 1.0, 1.3), tolerance=0.1)
+FULL = Grid(1000, (0.1, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.7), tolerance=0.02)
+
+
+def label(policy: str, share: float | None) -> str:
+    return f"{policy}-{share:g}" if share is not None else policy
+
+
+@dataclass
+class Panel:
+    """One model x trace: every run made for it."""
+    model: str
+    trace: str
+    base: Scenario
+    offline: dict          # label → summary at rate inf
+    curves: dict           # label → [summary per rate factor]
+    rates: tuple[float, ...] = ()
+    slo: float | None = None
+    max_rates: dict | None = None       # policy → Answer
+    min_hbm: dict | None = None         # policy → Answer (at vLLM's max rate)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} / {self.trace}"
+
+
+def _search(job: tuple) -> Answer:
+    kind, scenario, slo, tolerance = job
+    return (max_rate if kind == "rate" else min_gpu_mem)(scenario, slo, tolerance)
+
+
+def run(grid: Grid, hw: str, console: Console, workers: int | None = None) -> list[Panel]:
+    """Every run of the grid on `hw`, in four parallel stages (each needs the one before)."""
+    panels = [Panel(m, t, Scenario(hw=hw, model=m, trace=t, num_requests=grid.num_requests,
+                                   gpu_mem_util=PAPER_GPU_MEM_UTIL), {}, {}) for m in MODELS for t in TRACES]
+    jobs = [(p, label(*ps), p.base.replace(policy=ps[0], share=ps[1], rate=math.inf)) for p in panels for ps in POLICIES]
+    for (p, name, _), summary in zip(jobs, run_parallel(summarize, [j[2] for j in jobs], console,
+                                                         "offline runs", workers)):
+        p.offline[name] = summary
+    jobs = []
+    for p in panels:
+        p.rates = tuple(f * p.offline["vllm"]["throughput_req_s"] for f in grid.rate_factors)
+        jobs += [(p, label(*ps), p.base.replace(policy=ps[0], share=ps[1], rate=r)) for ps in POLICIES for r in p.rates]
+    for (p, name, _), summary in zip(jobs, run_parallel(summarize, [j[2] for j in jobs], console,
+                                                         "latency vs rate", workers)):
+        p.curves.setdefault(name, []).append(summary)
+    for p in panels:
+        p.slo = grid.slo_factor * p.curves["vllm"][0]["normalized_latency_s"]
+    searches = [("rate", p.base.replace(policy=name), p.slo, grid.tolerance) for p in panels for name in SEARCHED]
+    answers = iter(run_parallel(_search, searches, console, "throughput at the SLO", workers))
+    for p in panels:
+        p.max_rates = {name: next(answers) for name in SEARCHED}
+    searches = [("hbm", p.base.replace(policy=name, rate=p.max_rates["vllm"].value), p.slo, grid.tolerance)
+                for p in panels for name in SEARCHED if _finite(p.max_rates["vllm"].value)]
+    answers = iter(run_parallel(_search, searches, console, "GPU memory at the SLO", workers))
+    for p in panels:
+        if _finite(p.max_rates["vllm"].value):
+            p.min_hbm = {name: next(answers) for name in SEARCHED}
+    return panels
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if _finite(a) and _finite(b) and b > 0 else None
+
+
+@dataclass(frozen=True)
+class Findings:
+    """The four claimed figures, per panel (None where the grid cannot say)."""
+    throughput: float | None          # pie's max rate / vllm's, at the SLO
+    latency: float | None             # vllm's normalized latency / pie's, best rate of the curve
+    gpu_memory: float | None          # HBM vllm needs / HBM pie needs, same rate and SLO
+    flexgen: float | None             # pie's offline tokens/s / flexgen's
+
+
+def findings(p: Panel) -> Findings:
+    latency = [_ratio(v["normalized_latency_s"], q["normalized_latency_s"])
+               for v, q in zip(p.curves["vllm"], p.curves["pie"])]
+    memory = p.min_hbm and _ratio(p.min_hbm["vllm"].value, p.min_hbm["pie"].value)
+    return Findings(_ratio(p.max_rates["pie"].value, p.max_rates["vllm"].value),
+                    max((r for r in latency if r is not None), default=None), memory,
+                    _ratio(p.offline["pie"]["throughput_tok_s"], p.offline["flexgen"]["throughput_tok_s"]))
+
+
+def facts(p: Panel) -> dict:
+    """What explains a panel's figures: how KV-limited vLLM is, and how much the link lets pie pool."""
+    cm = CostModel(load_hardware(p.base.hw), load_model(p.model))
+    workload = workload_of(p.base)
+    context = int((workload.prompt_tokens + workload.output_tokens).mean())
+    pool = cm.memory_budget(PAPER_GPU_MEM_UTIL).kv_pool_bytes
+    busiest = p.curves["vllm"][-1]
+    return dict(mean_context=context, kv_pool_gib=pool / GiB,
+                kv_pool_sequences=pool / (context * cm.model.kv_bytes_per_token),
+                link_bound_share=link_bound_share(cm, pool, context),
+                vllm_preemptions=busiest["preemptions"], vllm_peak_gpu_kv_gib=busiest["peak_gpu_kv_bytes"] / GiB,
+                pie_peak_cpu_kv_gib=max(s["peak_cpu_kv_bytes"] for s in p.curves["pie"]) / GiB)
