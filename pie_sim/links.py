@@ -198,13 +198,12 @@ class FluidLinks:
         negligible, seconds, rates_of = self.negligible, self.seconds, self.rates
         now = self.now
         q0, q1, disk_slots = queues[0], queues[1], self.slots[2:]
+        q2, q3 = queues[2:] if disk_slots else (None, None)
         while op_id not in done:
             soon = now + EPSILON
-            disk = bool(disk_slots) and (copy[2] is not None or copy[3] is not None
-                                         or len(queues[2]) + len(queues[3]) > 0)
+            disk = bool(disk_slots) and not (copy[2] is None and copy[3] is None and not q2 and not q3)
             if (copy[0] is None and q0 and q0[0][0] <= soon and self._ready(q0[0][1])) or (
-                    copy[1] is None and q1 and q1[0][0] <= soon and self._ready(q1[0][1])) or (
-                    disk and any(self._startable(slot) for slot in disk_slots)):
+                    copy[1] is None and q1 and q1[0][0] <= soon and self._ready(q1[0][1])) or disk:
                 self._start_ready()
             c0, c1 = copy[0], copy[1]
             m0 = c0 is not None and setup_until[0] <= soon
@@ -266,12 +265,6 @@ class FluidLinks:
                 return False
         return True
 
-    def _startable(self, slot: int) -> bool:
-        """Whether `slot` is free and the copy at the head of its queue can start now."""
-        queue = self.queues[slot]
-        return (self.copy[slot] is None and bool(queue) and queue[0][0] <= self.now + EPSILON
-                and self._ready(queue[0][1]))
-
     def _next_event(self, slot: int, rate: float) -> float:
         """The slot's next event: its copy's latency ending or its bytes all moved (at `rate`), or else
         the issue of the copy at the head of its queue, if that is still to come and sooner."""
@@ -308,25 +301,30 @@ class FluidLinks:
             self._move_slot(slot, t, moving[slot], rates[slot])
         self.now = t
 
-    def _finish(self) -> None:
-        soon, copy = self.now + EPSILON, self.copy
+    def _finish(self) -> bool:
+        """Finish every copy with nothing left to move; whether there was one."""
+        soon, copy, finished = self.now + EPSILON, self.copy, False
         for slot in self.slots:
             if copy[slot] is not None and self.setup_until[slot] <= soon and self.remaining[slot] <= self.negligible[slot]:
                 self.done[copy[slot].op_id] = self.now
                 copy[slot] = None
+                finished = True
+        return finished
 
     def _start_ready(self) -> None:
-        """Start every copy that can start now (an empty copy finishes at once and frees its stream)."""
-        started = True
-        while started:
-            started = False
+        """Start every copy that can start now. Only a copy finishing can let another start (it frees its
+        stream, or completes what that one is `after`), and an empty one finishes at once: so go round
+        again while copies finish."""
+        now, soon, copy, queues = self.now, self.now + EPSILON, self.copy, self.queues
+        while True:
             for slot in self.slots:
-                if self._startable(slot):
-                    at, copy = self.queues[slot].popleft()
-                    self.started[copy.op_id] = self.now
-                    self.copy[slot] = copy
-                    self.setup_until[slot] = self.now + setup_time(self.hw, copy)
-                    self.remaining[slot] = float(copy.nbytes)
-                    self.negligible[slot] = 1e-9 * max(1.0, copy.nbytes)
-                    started = True
-            self._finish()
+                queue = queues[slot]
+                if queue and copy[slot] is None and queue[0][0] <= soon and self._ready(queue[0][1]):
+                    _, started = queue.popleft()
+                    self.started[started.op_id] = now
+                    copy[slot] = started
+                    self.setup_until[slot] = now + setup_time(self.hw, started)
+                    self.remaining[slot] = float(started.nbytes)
+                    self.negligible[slot] = 1e-9 * max(1.0, started.nbytes)
+            if not self._finish():
+                return
