@@ -19,12 +19,13 @@ changes and a copy's start and end follow from its issue: `FixedRateLinks`, O(1)
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from hwmodels import HardwareSpec
 from pie_policy.plan import D2H, DISK_READ, DISK_WRITE, H2D, Copy
 
 EPSILON = 1e-15
+INF = float("inf")
+LINK = (H2D, D2H)   # the directions that cross the host↔GPU link
 
 
 def full_rates(hw: HardwareSpec) -> dict[str, float]:
@@ -65,13 +66,6 @@ def setup_time(hw: HardwareSpec, copy: Copy) -> float:
     return copy.calls * (hw.disk.transfer_latency if on_disk else hw.link.transfer_latency)
 
 
-@dataclass
-class _Active:
-    copy: Copy
-    setup_until: float   # end of the per-call latency
-    remaining: float     # bytes still to move
-
-
 def links_for(hw: HardwareSpec):
     link = hw.link
     fixed = link.copy_engines < 2 or link.bidirectional_bandwidth >= link.h2d_bandwidth + link.d2h_bandwidth
@@ -89,16 +83,22 @@ class FixedRateLinks:
         self.done: dict[int, float] = {}
         self.bandwidth = full_rates(hw)
         self.busy = dict.fromkeys(self.bandwidth, 0.0)
-        self.windows: dict[str, deque] = {}              # stream → (bytes start, end, direction), by time
+        self.windows: dict[str, deque] = {}              # link stream → (bytes start, end, bandwidth), by time
 
     def issue(self, copy: Copy, at: float) -> None:
         stream = stream_of(self.hw, copy)
-        start = max([at, self.free.get(stream, 0.0)] + [self.done[op] for op in copy.after])
+        start = max(at, self.free.get(stream, 0.0), *[self.done[op] for op in copy.after])
         moving = start + setup_time(self.hw, copy)
-        end = moving + copy.nbytes / self.bandwidth[copy.direction]
+        bandwidth = self.bandwidth[copy.direction]
+        end = moving + copy.nbytes / bandwidth
         self.started[copy.op_id], self.done[copy.op_id], self.free[stream] = start, end, end
         self.busy[copy.direction] += end - start
-        self.windows.setdefault(stream, deque()).append((moving, end, copy.direction))
+        if copy.direction not in LINK:   # disk traffic does not cross the link: `moving_rate` leaves it out
+            return
+        if stream in self.windows:
+            self.windows[stream].append((moving, end, bandwidth))
+        else:
+            self.windows[stream] = deque([(moving, end, bandwidth)])
 
     def completion(self, op_id: int) -> float:
         return self.done[op_id]
@@ -113,94 +113,218 @@ class FixedRateLinks:
             while window and window[0][1] <= self.now:
                 window.popleft()
 
-    def rates(self) -> dict[str, float]:
-        return {w[0][2]: self.bandwidth[w[0][2]] for w in self.windows.values() if w and w[0][0] <= self.now}
+    def moving_rate(self) -> float:
+        """Bytes/s moving over the link now, both directions together (after `advance`)."""
+        total = 0.0
+        for window in self.windows.values():
+            if window and window[0][0] <= self.now:
+                total += window[0][2]
+        return total
 
 
 class FluidLinks:
+    """The event-stepped model, for links with a stream per direction (`links_for` gives it no other):
+    each stream is one fixed slot (the copy it runs, when that copy's latency ends, the bytes it has left),
+    the link's two first, then the disk's read and write where there is a disk. The link's rates in its
+    three moving states are worked out once (a disk stream's never changes), because the step loop runs a
+    few times per layer of every iteration that copies; the loop writes the link's two slots out and
+    visits the disk's only while they have work. A step is the rules' arithmetic, in the same order as the
+    plain model in tests/test_links.py, so that both give the same times bit for bit."""
+
     def __init__(self, hw: HardwareSpec):
+        if hw.link.copy_engines < 2:
+            raise ValueError(f"{hw.name}: FluidLinks needs a stream per direction (copy_engines >= 2)")
         self.hw, self.now = hw, 0.0
-        self.queues: dict[str, deque[tuple[float, Copy]]] = {}
-        self.active: dict[str, _Active] = {}
-        self.started: dict[int, float] = {}   # op id → start time
-        self.done: dict[int, float] = {}      # op id → completion time
-        self.busy = dict.fromkeys(full_rates(hw), 0.0)  # seconds each direction spent on copies (setup + bytes)
+        self.directions = tuple(full_rates(hw))   # slot order: H2D, D2H, then the disk's read and write
+        self.slots = range(len(self.directions))
+        self.slot_of = dict(zip(self.directions, self.slots))
+        self.queues = tuple(deque() for _ in self.slots)  # per slot: (issue time, copy) not started, in order
+        self.copy: list[Copy | None] = [None] * len(self.slots)  # per slot: the copy running, or None
+        self.setup_until = [0.0] * len(self.slots)   # per slot: when the running copy's per-call latency ends
+        self.remaining = [0.0] * len(self.slots)     # per slot: bytes it still has to move
+        self.negligible = [0.0] * len(self.slots)    # per slot: remaining bytes that count as none (rounding)
+        self.started: dict[int, float] = {}          # op id → start time
+        self.done: dict[int, float] = {}             # op id → completion time
+        self.seconds = [0.0] * len(self.slots)       # per slot: seconds spent on copies (setup + bytes)
+        # Indexed by which link slots move bytes (bit 0: H2D, bit 1: D2H): each slot's rate (a disk slot's
+        # whether or not it moves), and the link's total.
+        link_sets = ((), (H2D,), (D2H,), (H2D, D2H))
+        self.rates = tuple(tuple(byte_rates(hw, {*m, *self.directions[2:]}).get(d, 0.0) for d in self.directions)
+                           for m in link_sets)
+        self.total_rate = tuple(link_rate(byte_rates(hw, set(m))) for m in link_sets)
+
+    @property
+    def busy(self) -> dict[str, float]:
+        """Seconds each direction has spent on copies (setup + bytes)."""
+        return dict(zip(self.directions, self.seconds))
 
     def issue(self, copy: Copy, at: float) -> None:
         if at < self.now - EPSILON:
             raise ValueError(f"copy {copy.op_id} issued at {at} before the links' clock {self.now}")
-        self.queues.setdefault(stream_of(self.hw, copy), deque()).append((at, copy))
+        self.queues[self.slot_of[stream_of(self.hw, copy)]].append((at, copy))
 
-    def rates(self) -> dict[str, float]:
-        """Bytes/s moving in each direction now (after `advance`)."""
-        moving = {a.copy.direction for a in self.active.values() if a.setup_until <= self.now + EPSILON}
-        return byte_rates(self.hw, moving)
+    def moving_rate(self) -> float:
+        """Bytes/s moving over the link now, both directions together (after `advance`)."""
+        return self.total_rate[self._moving()]
 
     def idle(self, at: float) -> bool:
         """Whether every copy issued so far has completed by `at` (advancing the model to `at`)."""
         self.advance(at)
-        return not self.active and not any(self.queues.values())
+        return all(copy is None for copy in self.copy) and not any(self.queues)
 
     def completion(self, op_id: int) -> float:
         """When copy `op_id` completes, advancing the model as far as that."""
-        while op_id not in self.done:
-            if not self._step(float("inf")):
-                raise RuntimeError(f"copy {op_id} can never complete (not issued, or waits on one that is not)")
+        if not self._steps(INF, op_id):
+            raise RuntimeError(f"copy {op_id} can never complete (not issued, or waits on one that is not)")
         return self.done[op_id]
 
     def advance(self, until: float) -> None:
         """Run the model to time `until` (copies issued later start no earlier than that)."""
-        while self._step(until):
-            pass
+        self._steps(until)
         if until > self.now:
-            self._progress(until)
+            self._move_to(until)
             self._start_ready()
 
-    def _start_ready(self) -> None:
-        """Start every copy that can start now (an empty copy finishes at once and frees its stream)."""
-        started = True
-        while started:
-            started = False
-            for stream, queue in self.queues.items():
-                if stream in self.active or not queue:
-                    continue
-                at, copy = queue[0]
-                if at <= self.now + EPSILON and all(op in self.done for op in copy.after):
-                    queue.popleft()
-                    self.started[copy.op_id] = self.now
-                    self.active[stream] = _Active(copy, self.now + setup_time(self.hw, copy), float(copy.nbytes))
-                    started = True
-            self._finish()
+    def _moving(self) -> int:
+        """Which link slots move bytes now: bit 0 H2D, bit 1 D2H."""
+        soon, copy, setup_until = self.now + EPSILON, self.copy, self.setup_until
+        return ((copy[0] is not None and setup_until[0] <= soon)
+                | (copy[1] is not None and setup_until[1] <= soon) << 1)
 
-    def _next_event(self) -> float:
-        rates, events = self.rates(), []
-        for a in self.active.values():
-            moving = a.setup_until <= self.now + EPSILON
-            events.append(self.now + a.remaining / rates[a.copy.direction] if moving else a.setup_until)
-        events += [queue[0][0] for queue in self.queues.values() if queue and queue[0][0] > self.now + EPSILON]
-        return min(events, default=float("inf"))
-
-    def _progress(self, t: float) -> None:
-        """Move every active copy on to time t (no event in between)."""
-        rates = self.rates()
-        for a in self.active.values():
-            self.busy[a.copy.direction] += t - self.now
-            if a.setup_until <= self.now + EPSILON:
-                a.remaining -= rates[a.copy.direction] * (t - self.now)
-        self.now = t
-        self._finish()
-
-    def _finish(self) -> None:
-        for stream, a in list(self.active.items()):
-            if a.setup_until <= self.now + EPSILON and a.remaining <= 1e-9 * max(1.0, a.copy.nbytes):
-                self.done[a.copy.op_id] = self.now
-                del self.active[stream]
-
-    def _step(self, until: float) -> bool:
-        """Move to the next event if it comes no later than `until`; False when there is none."""
-        self._start_ready()
-        t = self._next_event()
-        if t > until or t == float("inf"):
-            return False
-        self._progress(t)
+    def _steps(self, until: float, op_id: int | None = None) -> bool:
+        """Step from event to event up to `until` (or until copy `op_id` completes): the hot loop, so the
+        link's two slots are written out and the rates looked up; it returns whether `op_id` has completed."""
+        done, queues, copy, setup_until, remaining = self.done, self.queues, self.copy, self.setup_until, self.remaining
+        negligible, seconds, rates_of = self.negligible, self.seconds, self.rates
+        now = self.now
+        q0, q1, disk_slots = queues[0], queues[1], self.slots[2:]
+        q2, q3 = queues[2:] if disk_slots else (None, None)
+        while op_id not in done:
+            soon = now + EPSILON
+            disk = bool(disk_slots) and not (copy[2] is None and copy[3] is None and not q2 and not q3)
+            if (copy[0] is None and q0 and q0[0][0] <= soon and self._ready(q0[0][1])) or (
+                    copy[1] is None and q1 and q1[0][0] <= soon and self._ready(q1[0][1])) or disk:
+                self._start_ready()
+            c0, c1 = copy[0], copy[1]
+            m0 = c0 is not None and setup_until[0] <= soon
+            m1 = c1 is not None and setup_until[1] <= soon
+            rates = rates_of[m0 | m1 << 1]
+            r0, r1 = rates[0], rates[1]
+            t = INF
+            if c0 is not None:
+                if m0:
+                    t = now + remaining[0] / r0
+                    if t == now:
+                        remaining[0] = 0.0
+                else:
+                    t = setup_until[0]
+            if c1 is not None:
+                if m1:
+                    e = now + remaining[1] / r1
+                    if e == now:
+                        remaining[1] = 0.0
+                else:
+                    e = setup_until[1]
+                if e < t:
+                    t = e
+            if q0 and soon < q0[0][0] < t:
+                t = q0[0][0]
+            if q1 and soon < q1[0][0] < t:
+                t = q1[0][0]
+            if disk:
+                for slot in disk_slots:
+                    t = min(t, self._next_event(slot, rates[slot]))
+            if t > until or t == INF:
+                return op_id in done
+            soon = t + EPSILON
+            dt = t - now
+            if c0 is not None:
+                seconds[0] += dt
+                if m0:
+                    remaining[0] -= r0 * dt
+                if setup_until[0] <= soon and remaining[0] <= negligible[0]:
+                    done[c0.op_id] = t
+                    copy[0] = None
+            if c1 is not None:
+                seconds[1] += dt
+                if m1:
+                    remaining[1] -= r1 * dt
+                if setup_until[1] <= soon and remaining[1] <= negligible[1]:
+                    done[c1.op_id] = t
+                    copy[1] = None
+            if disk:
+                for slot in disk_slots:
+                    self._move_slot(slot, t, setup_until[slot] <= now + EPSILON, rates[slot])
+            self.now = now = t
         return True
+
+    def _ready(self, copy: Copy) -> bool:
+        """Whether every copy `copy` is ordered after has completed."""
+        for op in copy.after:
+            if op not in self.done:
+                return False
+        return True
+
+    def _next_event(self, slot: int, rate: float) -> float:
+        """The slot's next event: its copy's latency ending or its bytes all moved (at `rate`), or else
+        the issue of the copy at the head of its queue, if that is still to come and sooner."""
+        now, queue, event = self.now, self.queues[slot], INF
+        if self.copy[slot] is not None:
+            if self.setup_until[slot] > now + EPSILON:
+                event = self.setup_until[slot]
+            else:
+                event = now + self.remaining[slot] / rate
+                if event == now:   # what is left takes less than the clock resolves: nothing
+                    self.remaining[slot] = 0.0
+        if queue and now + EPSILON < queue[0][0] < event:
+            event = queue[0][0]
+        return event
+
+    def _move_slot(self, slot: int, t: float, moving: bool, rate: float) -> None:
+        """Move the slot's copy on from `self.now` to t (no event in between) at `rate` if it is `moving`,
+        and finish it if it has nothing left to move."""
+        copy = self.copy[slot]
+        if copy is None:
+            return
+        self.seconds[slot] += t - self.now
+        if moving:
+            self.remaining[slot] -= rate * (t - self.now)
+        if self.setup_until[slot] <= t + EPSILON and self.remaining[slot] <= self.negligible[slot]:
+            self.done[copy.op_id] = t
+            self.copy[slot] = None
+
+    def _move_to(self, t: float) -> None:
+        """Move every running copy on to time t (no event in between), finishing those with nothing left."""
+        soon, rates = self.now + EPSILON, self.rates[self._moving()]
+        moving = [self.setup_until[slot] <= soon for slot in self.slots]
+        for slot in self.slots:
+            self._move_slot(slot, t, moving[slot], rates[slot])
+        self.now = t
+
+    def _finish(self) -> bool:
+        """Finish every copy with nothing left to move; whether there was one."""
+        soon, copy, finished = self.now + EPSILON, self.copy, False
+        for slot in self.slots:
+            if copy[slot] is not None and self.setup_until[slot] <= soon and self.remaining[slot] <= self.negligible[slot]:
+                self.done[copy[slot].op_id] = self.now
+                copy[slot] = None
+                finished = True
+        return finished
+
+    def _start_ready(self) -> None:
+        """Start every copy that can start now. Only a copy finishing can let another start (it frees its
+        stream, or completes what that one is `after`), and an empty one finishes at once: so go round
+        again while copies finish."""
+        now, soon, copy, queues = self.now, self.now + EPSILON, self.copy, self.queues
+        while True:
+            for slot in self.slots:
+                queue = queues[slot]
+                if queue and copy[slot] is None and queue[0][0] <= soon and self._ready(queue[0][1]):
+                    _, started = queue.popleft()
+                    self.started[started.op_id] = now
+                    copy[slot] = started
+                    self.setup_until[slot] = now + setup_time(self.hw, started)
+                    self.remaining[slot] = float(started.nbytes)
+                    self.negligible[slot] = 1e-9 * max(1.0, started.nbytes)
+            if not self._finish():
+                return

@@ -19,7 +19,7 @@ from pie_policy import IterationStats, Plan
 from pie_policy.plan import DecodeRun
 from pie_policy.plan import D2H, H2D
 
-from .links import link_rate, links_for
+from .links import links_for
 
 
 def layer_seconds(cm: CostModel, plan: Plan, copy_bandwidth: float = 0.0) -> float:
@@ -86,13 +86,19 @@ class Timeline:
         for copy in plan.prologue:
             links.issue(copy, start)
         t, computes, stalls = start, [], []
+        prices: dict[float, float] = {}  # link bandwidth → layer time: the batches are the same in every layer
         for layer in range(cm.model.num_layers):
             step = plan.step(layer)
             for copy in step.issue:
                 links.issue(copy, t)
-            begin = max([t] + [links.completion(op) for op in step.wait])
+            begin = t
+            for op in step.wait:
+                begin = max(begin, links.completion(op))
             links.advance(begin)
-            took = layer_seconds(cm, plan, link_rate(links.rates()))
+            bandwidth = links.moving_rate()
+            took = prices.get(bandwidth)
+            if took is None:
+                took = prices[bandwidth] = layer_seconds(cm, plan, bandwidth)
             stalls.append(begin - t)
             computes.append(took)
             for kind in traced:
