@@ -127,9 +127,8 @@ class FluidLinks:
     each stream is one fixed slot (the copy it runs, when that copy's latency ends, the bytes it has left),
     the link's two first, then the disk's read and write where there is a disk. The link's rates in its
     three moving states are worked out once (a disk stream's never changes), because the step loop runs a
-    few times per layer of every iteration that copies; the loop writes the link's two slots out and
-    visits the disk's only while they have work. A step is the rules' arithmetic, in the same order as the
-    plain model in tests/test_links.py, so that both give the same times bit for bit."""
+    few times per layer of every iteration that copies. A step is the rules' arithmetic, in the same order
+    as the plain model in tests/test_links.py, so that both give the same times bit for bit."""
 
     def __init__(self, hw: HardwareSpec):
         if hw.link.copy_engines < 2:
@@ -192,70 +191,28 @@ class FluidLinks:
                 | (copy[1] is not None and setup_until[1] <= soon) << 1)
 
     def _steps(self, until: float, op_id: int | None = None) -> bool:
-        """Step from event to event up to `until` (or until copy `op_id` completes): the hot loop, so the
-        link's two slots are written out and the rates looked up; it returns whether `op_id` has completed."""
-        done, queues, copy, setup_until, remaining = self.done, self.queues, self.copy, self.setup_until, self.remaining
-        negligible, seconds, rates_of = self.negligible, self.seconds, self.rates
-        now = self.now
-        q0, q1, disk_slots = queues[0], queues[1], self.slots[2:]
-        q2, q3 = queues[2:] if disk_slots else (None, None)
+        """Step from event to event up to `until` (or until copy `op_id` completes); returns whether `op_id`
+        has completed. The hot loop (a few steps per layer of every iteration that copies): plain loops."""
+        done, copy, queues, slots, setup_until = self.done, self.copy, self.queues, self.slots, self.setup_until
         while op_id not in done:
-            soon = now + EPSILON
-            disk = bool(disk_slots) and not (copy[2] is None and copy[3] is None and not q2 and not q3)
-            if (copy[0] is None and q0 and q0[0][0] <= soon and self._ready(q0[0][1])) or (
-                    copy[1] is None and q1 and q1[0][0] <= soon and self._ready(q1[0][1])) or disk:
-                self._start_ready()
-            c0, c1 = copy[0], copy[1]
-            m0 = c0 is not None and setup_until[0] <= soon
-            m1 = c1 is not None and setup_until[1] <= soon
-            rates = rates_of[m0 | m1 << 1]
-            r0, r1 = rates[0], rates[1]
+            soon = self.now + EPSILON
+            for s in slots:
+                if copy[s] is None and queues[s] and queues[s][0][0] <= soon and self._ready(queues[s][0][1]):
+                    self._start_ready()
+                    break
+            rates = self.rates[self._moving()]
             t = INF
-            if c0 is not None:
-                if m0:
-                    t = now + remaining[0] / r0
-                    if t == now:
-                        remaining[0] = 0.0
-                else:
-                    t = setup_until[0]
-            if c1 is not None:
-                if m1:
-                    e = now + remaining[1] / r1
-                    if e == now:
-                        remaining[1] = 0.0
-                else:
-                    e = setup_until[1]
-                if e < t:
-                    t = e
-            if q0 and soon < q0[0][0] < t:
-                t = q0[0][0]
-            if q1 and soon < q1[0][0] < t:
-                t = q1[0][0]
-            if disk:
-                for slot in disk_slots:
-                    t = min(t, self._next_event(slot, rates[slot]))
+            for s in slots:
+                if copy[s] is not None or queues[s]:
+                    event = self._next_event(s, rates[s])
+                    if event < t:
+                        t = event
             if t > until or t == INF:
                 return op_id in done
-            soon = t + EPSILON
-            dt = t - now
-            if c0 is not None:
-                seconds[0] += dt
-                if m0:
-                    remaining[0] -= r0 * dt
-                if setup_until[0] <= soon and remaining[0] <= negligible[0]:
-                    done[c0.op_id] = t
-                    copy[0] = None
-            if c1 is not None:
-                seconds[1] += dt
-                if m1:
-                    remaining[1] -= r1 * dt
-                if setup_until[1] <= soon and remaining[1] <= negligible[1]:
-                    done[c1.op_id] = t
-                    copy[1] = None
-            if disk:
-                for slot in disk_slots:
-                    self._move_slot(slot, t, setup_until[slot] <= now + EPSILON, rates[slot])
-            self.now = now = t
+            for s in slots:
+                if copy[s] is not None:
+                    self._move_slot(s, t, setup_until[s] <= soon, rates[s])
+            self.now = t
         return True
 
     def _ready(self, copy: Copy) -> bool:
