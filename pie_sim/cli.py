@@ -329,7 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/reproduce", help="folder for report.md, plots and tables")
     p.set_defaults(run=cmd_reproduce)
 
-
     p = commands.add_parser("sweep", help="run every combination of a grid's options, resumably")
     p.add_argument("grid", help="GRID.toml: run options, a list for each axis (format: pie_sim/sweep.py)")
     p.add_argument("--out", required=True, help="folder for points/ and results.parquet, results.csv")
