@@ -6,7 +6,8 @@ one `engine_config`) on the hardware profile `pie-exec calibrate` wrote. The rep
 predicted side by side with the relative error (predicted / measured - 1) of throughput, TTFT, TPOT, e2e
 latency, iteration time and bytes moved. The plot prices each measured iteration's own plan on the
 profile (`Timeline` replaying the executed plans at their measured starts): the per-iteration view of
-the same error. This is the one module where the two backends meet.
+the same error; the last rows split those iterations' time into the layers' compute, their stalls and
+the rest, measured and priced, to say where the error comes from. This is the one module where the two backends meet.
 """
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ METRICS = (("throughput_tok_s", "throughput tok/s"), ("ttft_mean_s", "TTFT mean 
            ("e2e_mean_s", "e2e mean s"), ("e2e_p50_s", "e2e p50 s"), ("e2e_p99_s", "e2e p99 s"),
            ("iteration_mean_s", "iteration mean s"), ("total_bytes_h2d", "bytes h2d"),
            ("total_bytes_d2h", "bytes d2h"))
+# Where the executed iterations' time goes, measured and priced on the same plans (the replay): the layers'
+# compute, their stalls on copies, and the rest (embedding, LM head, batching, Python between layers).
+PLAN_PARTS = (("plan_layers_s", "executed plans: layers s"), ("plan_stalls_s", "executed plans: stalls s"),
+              ("plan_outside_s", "executed plans: outside layers s"))
+
+
+def parts(stats) -> np.ndarray:
+    """An iteration's seconds in layer compute, in stalls, and outside the layers (as PLAN_PARTS)."""
+    layers, stalls = sum(stats.layer_compute_s), sum(stats.layer_stall_s)
+    return np.array([layers, stalls, stats.end_s - stats.start_s - layers - stalls])
 
 
 @dataclasses.dataclass
@@ -68,11 +79,14 @@ def compare_policy(name: str, model, spec: ModelSpec, device, hw: HardwareSpec, 
     config = engine_config(spec, name, kv_pool_bytes, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
     cost_model = CostModel(hw, spec)
     replay, measured_s, replayed_s = Timeline(cost_model), [], []
+    measured_parts, replayed_parts = np.zeros(len(PLAN_PARTS)), np.zeros(len(PLAN_PARTS))
 
     def price(plan, stats):  # the profile's time for the plan just executed, started when it started
+        nonlocal measured_parts, replayed_parts
         predicted = replay.run(plan, stats.start_s)
         measured_s.append(stats.end_s - stats.start_s)
         replayed_s.append(predicted.end_s - predicted.start_s)
+        measured_parts, replayed_parts = measured_parts + parts(stats), replayed_parts + parts(predicted)
 
     policy = make_policy(name, config, share)
     executor = Executor(model, config, device, policy.staging_slots)
@@ -86,6 +100,7 @@ def compare_policy(name: str, model, spec: ModelSpec, device, hw: HardwareSpec, 
     for summary, its in ((measured, recorder.iterations), (predicted, simulated.recorder.iterations)):
         summary["iteration_mean_s"] = float(np.mean(its["end_s"] - its["start_s"]))
     rows = [(key, measured[key], predicted[key]) for key, _ in METRICS]
+    rows += [(key, float(m), float(p)) for (key, _), m, p in zip(PLAN_PARTS, measured_parts, replayed_parts)]
     return Comparison(name, rows, np.array(measured_s), np.array(replayed_s))
 
 
@@ -97,7 +112,7 @@ def report(comparisons: list[Comparison], out: Path, console: Console) -> None:
     for c in comparisons:
         for header in ("measured", "predicted", "error"):
             view.add_column(f"{c.policy}\n{header}", justify="right")
-    labels = dict(METRICS)
+    labels = dict(METRICS + PLAN_PARTS)
     for i, (key, _, _) in enumerate(comparisons[0].rows):
         cells = []
         for c in comparisons:

@@ -44,6 +44,14 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
         for metric in metrics:
             ratio = 1 + float(rows[policy, metric]["relative_error"])
             assert 1 / factor < ratio < factor, (policy, metric, ratio)
+    for policy in ("vllm", "static"):  # the split of the executed iterations adds up to their time, both ways
+        split = [rows[policy, key] for key in ("plan_layers_s", "plan_stalls_s", "plan_outside_s")]
+        layers, stalls, outside = (float(r["measured"]) for r in split)
+        assert layers > 0 and stalls >= 0 and outside > 0
+        iterations = (layers + stalls + outside) / float(rows[policy, "iteration_mean_s"]["measured"])
+        assert iterations == pytest.approx(round(iterations), abs=1e-6) and iterations >= 1
+        replayed = [float(r["predicted"]) for r in split]
+        assert min(replayed) >= 0 and replayed[0] > 0
     assert pie_exec(["validate", "--profile", str(profile), "--model", str(tmp_path / "tiny-opt-float32.toml"),
                      "--threads", "2", "--out", str(out)]) == 2
     assert "calibrated with 1 threads" in capsys.readouterr().out
