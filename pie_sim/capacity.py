@@ -137,3 +137,10 @@ def min_gpu_mem(scenario: Scenario, slo: float, tolerance: float = 0.02, evaluat
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if search.passes(mid) else (mid, hi)
     return search.answer(hi, "found")
+
+
+def search(job: tuple[Scenario, float, float, bool]) -> Answer:
+    """One search as a picklable job for parallel workers: (scenario, slo, tolerance, least HBM?):
+    `min_gpu_mem` at the scenario's rate when the last is true, else `max_rate`."""
+    scenario, slo, tolerance, min_hbm = job
+    return (min_gpu_mem if min_hbm else max_rate)(scenario, slo, tolerance)

@@ -22,7 +22,7 @@ from traces import TraceError, load_trace
 
 from .chrome_trace import write_chrome_trace
 from .preview import SHARES, preview_all
-from .capacity import Answer, max_rate, min_gpu_mem
+from .capacity import search
 from .capacity_report import capacity_row, capacity_table, write_rows
 from .parallel import run_parallel
 from .scenario import Scenario, simulate_scenario, workload_of
@@ -180,11 +180,6 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {out}/compare.csv, {out}/runs.png and each policy's files in {out}/<policy>/")
 
 
-def _capacity_search(job: tuple) -> Answer:
-    scenario, slo, tolerance, min_hbm = job
-    return (min_gpu_mem if min_hbm else max_rate)(scenario, slo, tolerance)
-
-
 def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
     """The capacity question for every system x policy, searched in parallel; capacity.csv and probes.csv."""
     if args.min_hbm != (args.rate is not None):
@@ -193,7 +188,7 @@ def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
     pairs = [(hw, policy) for hw in _names(args.hw) for policy in _names(args.policy)]
     jobs = [(scenario_of(args, policy).replace(hw=hw), args.slo_normalized_latency, args.tolerance, args.min_hbm)
             for hw, policy in pairs]
-    answers = run_parallel(_capacity_search, jobs, console, "capacity searches", args.workers)
+    answers = run_parallel(search, jobs, console, "capacity searches", args.workers)
     rows = [capacity_row(job[0], answer, args.min_hbm) for job, answer in zip(jobs, answers)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from rich.console import Console
 from hwmodels import CostModel, load_hardware, load_model
 from pie_policy.sizing import link_bound_share
 
-from .capacity import Answer, max_rate, min_gpu_mem
+from .capacity import search
 from .parallel import run_parallel
 from .scenario import Scenario, summarize, workload_of
 
@@ -80,11 +80,6 @@ class Panel:
         return self.slos[0]
 
 
-def _search(job: tuple) -> Answer:
-    kind, scenario, slo, tolerance = job
-    return (max_rate if kind == "rate" else min_gpu_mem)(scenario, slo, tolerance)
-
-
 def run(grid: Grid, hw: str, console: Console, workers: int | None = None) -> list[Panel]:
     """Every run of the grid on `hw`, in four parallel stages (each needs the one before)."""
     panels = [Panel(m, t, Scenario(hw=hw, model=m, trace=t, num_requests=grid.num_requests,
@@ -103,14 +98,14 @@ def run(grid: Grid, hw: str, console: Console, workers: int | None = None) -> li
         p.curves.setdefault(name, []).append(summary)
     for p in panels:
         p.slos = tuple(f * p.curves["vllm"][0]["normalized_latency_s"] for f in grid.slo_factors)
-    searches = [("rate", p.base.replace(policy=name), slo, grid.tolerance)
+    searches = [(p.base.replace(policy=name), slo, grid.tolerance, False)
                 for p in panels for slo in p.slos for name in SEARCHED]
-    answers = iter(run_parallel(_search, searches, console, "throughput at the SLOs", workers))
+    answers = iter(run_parallel(search, searches, console, "throughput at the SLOs", workers))
     for p in panels:
         p.max_rates = tuple({name: next(answers) for name in SEARCHED} for _ in p.slos)
-    searches = [("hbm", p.base.replace(policy=name, rate=p.max_rates[0]["vllm"].value), p.slo, grid.tolerance)
+    searches = [(p.base.replace(policy=name, rate=p.max_rates[0]["vllm"].value), p.slo, grid.tolerance, True)
                 for p in panels for name in SEARCHED if _finite(p.max_rates[0]["vllm"].value)]
-    answers = iter(run_parallel(_search, searches, console, "GPU memory at the SLO", workers))
+    answers = iter(run_parallel(search, searches, console, "GPU memory at the SLO", workers))
     for p in panels:
         if _finite(p.max_rates[0]["vllm"].value):
             p.min_hbm = {name: next(answers) for name in SEARCHED}

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from pie_sim import reproduce
+from pie_sim.capacity import Answer
 from pie_sim.cli import main
 from pie_sim.reproduce import Grid, findings
 from pie_sim.scenario import summarize
@@ -64,7 +65,7 @@ def test_the_report_places_each_claim_beside_the_ratio_of_the_tables(toy):
 
 
 def test_findings_are_ratios_of_the_panel_runs():
-    answer = lambda value: reproduce.Answer(value, "found", ())  # noqa: E731
+    answer = lambda value: Answer(value, "found", ())  # noqa: E731
     summary = lambda tok, lat: dict(throughput_tok_s=tok, normalized_latency_s=lat)  # noqa: E731
     panel = reproduce.Panel("opt-13b", "sharegpt", reproduce.Scenario(), offline={
         "pie": summary(300.0, 1.0), "flexgen": summary(100.0, 5.0)},
