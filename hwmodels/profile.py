@@ -2,25 +2,32 @@
 that `pie-exec calibrate` writes, and the least-squares fits it is made with.
 
 Where a hardware entry has `[fit]`, the cost model takes a layer's and the head's time from it instead of
-the roofline (the rest of the entry — memory, link — is used as ever). The fit is linear in the sums of
-`BatchShape`, which is what a layer's work is linear in:
+the roofline (the rest of the entry — memory, link — is used as ever). Each is a measured curve of the
+matrix products (interpolated) plus a part linear in the sums of `BatchShape`:
 
-    layer_time = layer + per_prefill_token · prefill_tokens + per_decode_token · decode_tokens
+    layer_time = dense(tokens)
+                 + layer + per_prefill_token · prefill_tokens + per_decode_token · decode_tokens
                  + per_attended_pair · attended_pairs + per_kv_token_read · kv_tokens_read
                  + per_padded_key · padded_keys + per_padded_pair · padded_pairs,
                  × (1 + copy_slowdown_per_gb_s · copy GB/s in flight)
-    head_time  = head + per_sampled_token · sampled_tokens + per_token · tokens
+    head_time  = lm_head(sampled_tokens) + head + per_sampled_token · sampled_tokens + per_token · tokens
 
-Prefill and decode tokens get their own coefficient because a decode token is a sequence of its own in
-attention (per-sequence costs), while prefill tokens share one. The padded sums are there because the
-executor's attention pads every sequence to the batch's longest: with contexts of mixed length its work
-follows them, not the tokens actually attended. `head_time` is everything of an iteration
-outside its layers (binding the batch, embedding, LM head, sampling). Coefficients are in µs and belong to
-one model architecture at one dtype: a profile used with another model is refused. `threads` is the
-host's torch thread count during calibration: CPU times depend on it, so `pie-exec validate` runs with it.
+`dense` is a layer without its attention (norms, projections, MLP) by the batch's tokens and `lm_head`
+the LM head and sampling by sampled tokens, each measured at a list of counts and interpolated linearly
+between them (beyond the last, along the last segment). They are curves, not coefficients, because matrix
+products of a few rows are not linear in the rows: on a CPU an OPT-125M layer of 3 tokens took 4.9 ms
+and of 4 tokens 3.2 ms, its LM head 39 ms for 3 and 24 ms for 4 (the BLAS switches kernels). Absent, they
+are zero and the linear part carries everything. The linear part is the rest: attention, whose work
+follows the sums (prefill and decode tokens apart, since a decode token is a sequence of its own in
+attention; the padded sums because the executor's attention pads every sequence to the batch's longest),
+and for the head everything else outside the layers (binding the batch, embedding). Values are in µs and
+belong to one model architecture at one dtype: a profile used with another model is refused. `threads` is
+the host's torch thread count during calibration: CPU times depend on it, so `pie-exec validate` runs
+with it.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
 
@@ -28,13 +35,15 @@ import numpy as np
 
 from .batch import BatchShape
 from .models import ModelSpec
-from .spec import UNITS, CatalogError, quantity, text
+from .spec import UNITS, CatalogError, curve, quantity, text
 
 # Coefficient field → the BatchShape sum it multiplies (None: a constant per layer or per iteration).
 LAYER_TERMS = {"layer": None, "per_prefill_token": "prefill_tokens", "per_decode_token": "decode_tokens",
                "per_attended_pair": "attended_pairs", "per_kv_token_read": "kv_tokens_read",
                "per_padded_key": "padded_keys", "per_padded_pair": "padded_pairs"}
 HEAD_TERMS = {"head": None, "per_sampled_token": "sampled_tokens", "per_token": "tokens"}
+# Curve field → the BatchShape count it is measured over, and the time it adds to.
+CURVES = {"dense": "tokens", "lm_head": "sampled_tokens"}
 
 
 def _us(key: str):
@@ -58,13 +67,17 @@ class ComputeFit:
     per_token: float = _us("head_us_per_token")
     # Fractional slow-down of a layer per GB/s of host↔device copies in flight while it computes.
     copy_slowdown_per_gb_s: float = quantity("copy_slowdown_per_gb_s", positive=False)
+    dense: tuple = curve("layer_us_dense_by_tokens", "us")        # (tokens, seconds) pairs
+    lm_head: tuple = curve("head_us_lm_head_by_sampled", "us")     # (sampled tokens, seconds) pairs
 
     def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
-        alone = float(np.dot(self.coefficients(LAYER_TERMS), features(batch, LAYER_TERMS)))
+        alone = interpolate(self.dense, batch.tokens) + float(np.dot(self.coefficients(LAYER_TERMS),
+                                                                     features(batch, LAYER_TERMS)))
         return alone * (1.0 + self.copy_slowdown_per_gb_s * copy_bandwidth / 1e9)
 
     def head_time(self, batch: BatchShape) -> float:
-        return float(np.dot(self.coefficients(HEAD_TERMS), features(batch, HEAD_TERMS)))
+        return interpolate(self.lm_head, batch.sampled_tokens) + float(np.dot(self.coefficients(HEAD_TERMS),
+                                                                             features(batch, HEAD_TERMS)))
 
     def coefficients(self, terms: dict) -> list[float]:
         return [getattr(self, name) for name in terms]
@@ -81,8 +94,12 @@ class ComputeFit:
         """The `[fit]` table in the file's units (µs), keys as the TOML names them."""
         values = {}
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            values[f.metadata["key"]] = value * 1e6 if f.metadata.get("unit") is UNITS["us"] else value
+            value, key = getattr(self, f.name), f.metadata["key"]
+            if f.metadata.get("curve"):
+                if value:
+                    values[key] = [[count, seconds * 1e6] for count, seconds in value]
+            else:
+                values[key] = value * 1e6 if f.metadata.get("unit") is UNITS["us"] else value
         return values
 
 
@@ -93,14 +110,25 @@ def architecture(model: ModelSpec) -> str:
             f"{model.dtype_bytes}-byte values")
 
 
+def interpolate(points: tuple, count: int) -> float:
+    """The curve's value at `count`: linear between its (count, value) points, beyond either end along the
+    nearest segment (never below zero); 0 with no curve."""
+    if not points:
+        return 0.0
+    i = min(max(bisect.bisect_left(points, (count,)), 1), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return max(0.0, y0 + (y1 - y0) * (count - x0) / (x1 - x0))
+
+
 def features(batch: BatchShape, terms: dict) -> list[float]:
     return [1.0 if attr is None else float(getattr(batch, attr)) for attr in terms.values()]
 
 
-def relative_fit(rows, seconds) -> np.ndarray:
-    """Non-negative least squares of `seconds ≈ rows · x` that minimises the squared RELATIVE errors
-    (each row divided by its measurement), so that millisecond points count as much as second ones and
-    every coefficient stays a physical, non-negative cost."""
+def relative_fit(rows, seconds, known=None) -> np.ndarray:
+    """Non-negative least squares of `seconds ≈ known + rows · x` (`known`: a part already measured, such
+    as a curve's value; default none) that minimises the squared RELATIVE errors (each row divided by its
+    measurement), so that millisecond points count as much as second ones and every coefficient stays a
+    physical, non-negative cost."""
     from scipy.optimize import nnls  # here: scipy costs every command ~0.3 s to import, and only calibrate fits
 
     a, t = np.asarray(rows, dtype=float), np.asarray(seconds, dtype=float)
@@ -109,5 +137,6 @@ def relative_fit(rows, seconds) -> np.ndarray:
                          f"measurements, got {len(t)}")
     scale = a.max(axis=0)  # columns to a common size; the solver's tolerance is absolute
     scale[scale == 0] = 1.0
-    x, _ = nnls(a / scale / t[:, None], np.ones_like(t))
+    rest = 1.0 if known is None else 1.0 - np.asarray(known, dtype=float) / t
+    x, _ = nnls(a / scale / t[:, None], np.broadcast_to(rest, t.shape).copy())
     return x / scale

@@ -42,6 +42,12 @@ def quantity(key: str, unit: str = "", *, whole: bool = False, positive: bool = 
                                                             positive=positive, at_most=at_most))
 
 
+def curve(key: str, unit: str) -> Any:
+    """An optional measured curve: a TOML array of [count, value] pairs, counts whole, at least 1 and
+    rising, values non-negative in `unit`; stored as a tuple of (count, SI value) pairs, () if absent."""
+    return dataclasses.field(default=(), metadata=dict(key=key, unit=UNITS[unit], curve=True))
+
+
 def text(key: str, choices: tuple[str, ...] | None = None) -> Any:
     """A required string field, optionally restricted to `choices`."""
     return dataclasses.field(metadata=dict(key=key, choices=choices))
@@ -94,6 +100,8 @@ def parse(cls: type[T], table: Any, path: Path, prefix: str = "", **given: Any) 
 
 
 def _convert(raw: Any, meta: dict, path: Path, name: str) -> Any:
+    if meta.get("curve"):
+        return _curve(raw, meta["unit"], path, name)
     if meta.get("boolean"):
         if not isinstance(raw, bool):
             raise CatalogError(f"{path}: field '{name}' must be true or false, not {raw!r}")
@@ -134,3 +142,23 @@ def resolve(name_or_path: str | Path, catalog_dir: Path, what: str) -> Path:
 
 def names(catalog_dir: Path) -> list[str]:
     return sorted(p.stem for p in catalog_dir.glob("*.toml"))
+
+
+def _curve(raw: Any, unit, path: Path, name: str) -> tuple[tuple[int, float], ...]:
+    def bad(problem: str) -> CatalogError:
+        return CatalogError(f"{path}: field '{name}' must be a list of [count, value] pairs {problem}")
+
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise bad("(two at least)")
+    points = []
+    for pair in raw:
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in pair)):
+            raise bad(f"of numbers, not {pair!r}")
+        count, value = pair
+        if count != int(count) or count < 1 or value < 0:
+            raise bad(f"with whole counts of at least 1 and non-negative values, not {pair!r}")
+        if points and count <= points[-1][0]:
+            raise bad(f"with rising counts ({points[-1][0]} then {int(count)})")
+        points.append((int(count), unit(value)))
+    return tuple(points)

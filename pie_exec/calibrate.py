@@ -1,7 +1,10 @@
 """`pie-exec calibrate`: time this machine with the executor's own code and write a hardware profile —
 a hardware TOML with a `[fit]` section (hwmodels.profile) — that `pie-sim --hw PROFILE` simulates it with.
 
-What is timed (each point: one warm-up, then the median of `repeats`):
+What is timed (each point: one warm-up, then the median of `repeats`; the compute points in rounds):
+- curves: every layer in turn without its attention at each of a list of token counts, and the LM head
+  with sampling at each of a list of sampled-token counts (matrix products of a few rows are far from
+  linear in the rows: hwmodels.profile);
 - compute: whole iterations through `Executor.execute`, all KV in the device pool, over a grid of decode
   batches (sequences × context), prefill chunks (tokens, with no context and with the longest) and one
   mixed batch; each gives the mean time of a layer and the time outside the layers (the "head");
@@ -10,8 +13,9 @@ What is timed (each point: one warm-up, then the median of `repeats`):
   blocks each way, in one call and in a few, a layer's worth of copies (one per layer) issued
   together and timed on the wall from issue to done, as the engine pays them; then both directions at once.
 
-Fits (least squares of relative errors, non-negative; `hwmodels.profile.relative_fit`): layer and head
-as `hwmodels.profile` describes; copies as calls · latency + bytes / bandwidth per direction, with one
+Fits (least squares of relative errors, non-negative; `hwmodels.profile.relative_fit`): the curves are
+the measured points themselves; layer and head are the iterations' times less their curves' values,
+fitted linearly as `hwmodels.profile` describes; copies as calls · latency + bytes / bandwidth per direction, with one
 latency for both; bidirectional = both directions' bytes / their wall time; copy slowdown = (contended /
 alone − 1) per GB/s of host→device bandwidth. Memory sizes and the roofline figures are the `--base`
 entry's. The profile is written with the fits' residuals in its header, next to a CSV of every point.
@@ -27,6 +31,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,14 +39,14 @@ from rich.table import Table
 
 from hwmodels import BatchShape, ModelSpec
 from hwmodels.hardware import HARDWARE_DIR
-from hwmodels.profile import HEAD_TERMS, LAYER_TERMS, ComputeFit, architecture, features, relative_fit
+from hwmodels.profile import CURVES, HEAD_TERMS, LAYER_TERMS, ComputeFit, architecture, features, interpolate, relative_fit
 from hwmodels.spec import read_toml, resolve
 from pie_policy import Copy, EngineConfig, Plan
 from pie_policy.blocks import GPU, BlockRef
 from pie_policy.layerswap import runs
 from pie_policy.plan import D2H, H2D, LAYER_KV, SeqWork
 
-from .engine import Executor
+from .engine import Executor, device_clock
 
 GB = 1e9
 RUNS = 4  # calls of the multi-call copies timed: layer copies of OPT-125M on azure-conv have 1-10, mostly 1-5
@@ -50,7 +55,7 @@ RUNS = 4  # calls of the multi-call copies timed: layer copies of OPT-125M on az
 @dataclass
 class Point:
     """One timed configuration: what it measures, its shape or copy size, measured and fitted seconds."""
-    fit: str                     # layer, head, copy, bidirectional or contended
+    fit: str                     # dense, lm_head (curves); layer, head, copy, bidirectional or contended (fits)
     label: str
     measured: float
     shape: BatchShape = BatchShape()
@@ -70,6 +75,9 @@ class Grid:
     contexts: tuple[int, ...] = (64, 256, 1024)
     prefills: tuple[int, ...] = (32, 128, 512, 2048)  # up to the engine's token budget: no extrapolation
     copy_blocks: tuple[int, ...] = (1, 16, 64, 256)  # what layer copies move (blocks of one layer)
+    # Curves' counts: every count up to 16, where the BLAS switches kernels (decode batches), then sparser.
+    tokens: tuple[int, ...] = (*range(1, 17), 24, 32, 48, 64, 128, 256, 512, 1024, 2048)
+    sampled: tuple[int, ...] = (*range(1, 17), 24, 32, 64, 128, 256)
     repeats: int = 5
 
     def batches_of(self, max_context: int) -> list[tuple[str, list, list]]:
@@ -79,6 +87,8 @@ class Grid:
                              f"{max_context} tokens")
         if self.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
+        if min(len(set(self.tokens)), len(set(self.sampled))) < 2:
+            raise ValueError("--tokens and --sampled need two counts at least (the curves interpolate)")
         points = [(f"decode {b} x {c}", [], [c] * b) for b in self.batches for c in self.contexts]
         longest = max(self.contexts)
         points += [(f"prefill {n} at {cached}", [(n, cached)], []) for n in self.prefills for cached in (0, longest)
@@ -107,7 +117,8 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 GRID_OPTIONS = {"batches": "decode batch sizes", "contexts": "decode contexts; the longest is also a prefill's",
-                "prefills": "prefill chunk sizes", "copy_blocks": "KV blocks per timed copy"}
+                "prefills": "prefill chunk sizes", "copy_blocks": "KV blocks per timed copy",
+                "tokens": "token counts of a layer without attention", "sampled": "sampled-token counts of the LM head"}
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,30 +164,85 @@ class Calibration:
                               num_cpu_blocks=cpu_blocks, block_size=self.block_size)
         return Executor(self.model, config, self.device, staging_slots)
 
-    # ---- compute
-    def _iterations(self, executor: Executor, plan: Plan, during=None) -> tuple[float, float]:
-        """Median seconds of a layer and of the rest of an iteration; `during()` runs before each one and
-        returns a callable run after it (to keep the copier busy meanwhile)."""
-        ids = [[0] * s.new_tokens for s in plan.seqs]
-        layers, heads = [], []
+    def _interleaved(self, jobs: list[tuple[list[Point], Callable[[], tuple[float, ...]]]]) -> None:
+        """Time `jobs` (points, and a timer giving one sample of each point's seconds) in rounds, every job
+        once a round: one warm-up round, then `repeats`; each point is the median of its samples. A
+        shared VM drifts by 5-15% in minutes: timed one after the other, the points timed during a slow
+        minute would be slow against the rest and bend the fits, while rounds spread every slow minute
+        over all of them. It is also how serving runs them: another batch in between, not the same one
+        again and again."""
+        samples: list[list[tuple[float, ...]]] = [[] for _ in jobs]
         for _ in range(self.grid.repeats + 1):
-            after = during() if during else None
-            stats, _, _ = executor.execute(plan, ids, 0.0)
-            if after:
-                after()
-            compute = sum(stats.layer_compute_s)
-            layers.append(compute / len(stats.layer_compute_s))
-            heads.append(stats.end_s - stats.start_s - compute - stats.stall_s)
-        return statistics.median(layers[1:]), statistics.median(heads[1:])
+            for taken, (_, timer) in zip(samples, jobs):
+                taken.append(timer())
+        for taken, (points, _) in zip(samples, jobs):
+            for i, point in enumerate(points):
+                point.measured = statistics.median(sample[i] for sample in taken[1:])
+            self.points += points
+
+    # ---- compute
+    def _curve_jobs(self) -> list[tuple[list[Point], Callable[[], tuple[float]]]]:
+        """A layer without its attention at each of the grid's token counts, every layer in turn (as an
+        iteration runs them: one layer's weights alone would stay in the CPU's cache), and the LM head with
+        greedy sampling, as the engine's last stage runs it, at each of its sampled-token counts."""
+        clock, hidden = device_clock(self.device), self.spec.hidden_size
+        dtype = next(self.model.parameters()).dtype
+
+        def timer(work, per: int = 1):
+            @torch.inference_mode()
+            def sample() -> tuple[float]:
+                start = clock.mark()
+                work()
+                end = clock.mark()
+                if self.cuda:
+                    torch.cuda.synchronize(self.device)
+                return (clock.seconds(start, end) / per,)
+            return sample
+
+        def skip_attention(q, k, v):
+            return q
+
+        def layers(h, positions):
+            for layer in self.model.layers:
+                h = layer(h, positions, skip_attention)
+
+        jobs = []
+        for tokens in sorted(set(self.grid.tokens)):
+            h = torch.randn(tokens, hidden, dtype=dtype, device=self.device)
+            positions = torch.zeros(tokens, dtype=torch.long, device=self.device)
+            jobs.append(([Point("dense", f"a layer without attention at {tokens} tokens", math.nan,
+                                BatchShape(prefill_tokens=tokens))],
+                         timer(lambda h=h, positions=positions: layers(h, positions), self.spec.num_layers)))
+        for sampled in sorted(set(self.grid.sampled)):
+            h = torch.randn(sampled, hidden, dtype=dtype, device=self.device)
+            jobs.append(([Point("lm_head", f"LM head and sampling of {sampled} tokens", math.nan,
+                                BatchShape(sampled_tokens=sampled))],
+                         timer(lambda h=h: self.model.logits(h).argmax(dim=-1).tolist())))
+        return jobs
+
+    def curve(self, kind: str) -> tuple[tuple[int, float], ...]:
+        """The measured (count, seconds) points of curve `kind` (a key of CURVES)."""
+        return tuple(sorted((getattr(p.shape, CURVES[kind]), p.measured) for p in self.points if p.fit == kind))
+
+    def _iteration(self, executor: Executor, plan: Plan, during=None) -> tuple[float, float]:
+        """Seconds of a layer (the mean) and of the rest of one iteration of `plan`; `during()` runs before
+        it and returns a callable run after it (to keep the copier busy meanwhile)."""
+        after = during() if during else None
+        stats, _, _ = executor.execute(plan, [[0] * s.new_tokens for s in plan.seqs], 0.0)
+        if after:
+            after()
+        compute = sum(stats.layer_compute_s)
+        return compute / len(stats.layer_compute_s), stats.end_s - stats.start_s - compute - stats.stall_s
 
     def time_compute(self) -> None:
+        """The curves and whole iterations over the grid, interleaved."""
         specs = self.grid.batches_of(self.spec.max_context)
         plans = [(label, plan_of(p, d, self.block_size)) for label, p, d in specs]
         executor = self._executor(self.spec.num_layers, max(blocks_needed(p) for _, p in plans), 0, 0)
         try:
-            for label, plan in plans:
-                layer, head = self._iterations(executor, plan)
-                self.points += [Point("layer", label, layer, plan.shape), Point("head", label, head, plan.shape)]
+            self._interleaved(self._curve_jobs() + [
+                ([Point("layer", label, math.nan, plan.shape), Point("head", label, math.nan, plan.shape)],
+                 lambda plan=plan: self._iteration(executor, plan)) for label, plan in plans])
         finally:
             executor.close()
 
@@ -204,39 +270,34 @@ class Calibration:
         self._finish(executor, copies)
         return time.perf_counter() - start
 
-    def _batch(self, executor: Executor, copy: Copy) -> float:
-        """Median wall seconds of `copy` in each of `copies_per_point` layers, issued together, from the
-        first issue to the last done (after a warm-up): what the executor pays, the copier's per-copy
-        handoff (queue, thread wake-up, GIL) included — its own busy clock leaves that out. A layer each,
-        as a plan's copies are, so that the source is not still in the CPU's cache from the last copy."""
-        walls = [self._run_copies(executor, [self._fresh(dataclasses.replace(copy, layer=layer))
-                                             for layer in range(self.copies_per_point)])
-                 for _ in range(self.grid.repeats + 1)]
-        executor.copier.take_busy()
-        return statistics.median(walls[1:])
-
     def time_copies(self) -> None:
         """Each direction in one call and in `RUNS`, a layer's worth of copies at a time (one per layer, as
-        a plan issues them); then both at once (the largest, half each). The per-copy handoff has no term
-        of its own in the simulator: the fit spreads it over the calls of copies of 1 and `RUNS` calls,
-        the range layer copies have (their blocks' runs)."""
+        a plan issues them, so that a source is not still in the CPU's cache from the last copy); then both
+        at once (the largest, half each). Timed on the wall from the first issue to the last done: what the
+        executor pays, the copier's per-copy handoff (queue, thread wake-up, GIL) included — its own busy
+        clock leaves that out. The handoff has no term of its own in the simulator: the fit spreads it over
+        the calls of copies of 1 and `RUNS` calls, the range layer copies have (their blocks' runs)."""
         sizes = sorted(self.grid.copy_blocks)
         n = self.copies_per_point
         executor = self._executor(n, 1, sizes[-1] + RUNS, 1)
+
+        def layer_copies(copy: Copy) -> tuple[float]:
+            return (self._run_copies(executor, [self._fresh(dataclasses.replace(copy, layer=layer))
+                                                for layer in range(n)]),)
+        jobs = []
+        for direction in (H2D, D2H):
+            for blocks, calls in [(b, 1) for b in sizes] + [(b, RUNS) for b in sizes if b >= RUNS]:
+                copy = self._copy(direction, 0, blocks, calls)
+                jobs.append(([Point("copy", f"{direction} {n} x {blocks} blocks in {copy.calls} calls", math.nan,
+                                    calls=n * copy.calls, **{f"bytes_{direction}": n * copy.nbytes})],
+                             lambda copy=copy: layer_copies(copy)))
+        half = max(1, sizes[-1] // 2)
+        jobs.append(([Point("bidirectional", f"h2d and d2h {half} blocks each at once", math.nan, calls=2,
+                            bytes_h2d=half * self.block_bytes, bytes_d2h=half * self.block_bytes)],
+                     lambda: (self._run_copies(executor, [self._copy(H2D, 0, half, 1),
+                                                          self._copy(D2H, half, half, 1)]),)))
         try:
-            for direction in (H2D, D2H):
-                for blocks, calls in [(b, 1) for b in sizes] + [(b, RUNS) for b in sizes if b >= RUNS]:
-                    copy = self._copy(direction, 0, blocks, calls)
-                    self.points.append(Point("copy", f"{direction} {n} x {blocks} blocks in {copy.calls} calls",
-                                             self._batch(executor, copy), calls=n * copy.calls,
-                                             **{f"bytes_{direction}": n * copy.nbytes}))
-            half = max(1, sizes[-1] // 2)
-            walls = [self._run_copies(executor, [self._copy(H2D, 0, half, 1), self._copy(D2H, half, half, 1)])
-                     for _ in range(self.grid.repeats + 1)]
-            executor.copier.take_busy()
-            self.points.append(Point("bidirectional", f"h2d and d2h {half} blocks each at once",
-                                     statistics.median(walls[1:]), calls=2, bytes_h2d=half * self.block_bytes,
-                                     bytes_d2h=half * self.block_bytes))
+            self._interleaved(jobs)
         finally:
             executor.close()
 
@@ -258,22 +319,26 @@ class Calibration:
             copier._issue(copies)
             return lambda: self._finish(copier, copies)
         try:
-            layer, _ = self._iterations(compute, plan, during)
+            self._interleaved([([Point("contended", f"decode {b} x {c}, h2d copies in flight", math.nan, plan.shape)],
+                                lambda: self._iteration(compute, plan, during))])
         finally:
             compute.close()
             copier.close()
-        self.points.append(Point("contended", f"decode {b} x {c}, h2d copies in flight", layer, plan.shape))
 
     # ---- fits
     def fit(self) -> tuple[ComputeFit, dict]:
         """The `[fit]` section and the measured link figures (bytes/s, seconds); fills in `fitted`."""
-        fits = {}
-        for kind, terms in (("layer", LAYER_TERMS), ("head", HEAD_TERMS)):
+        fits = {kind: self.curve(kind) for kind in CURVES}
+        for p in self.points:
+            if p.fit in CURVES:  # a curve passes through its points
+                p.fitted = p.measured
+        for kind, terms, curve in (("layer", LAYER_TERMS, "dense"), ("head", HEAD_TERMS, "lm_head")):
             points = [p for p in self.points if p.fit == kind]
-            coefs = relative_fit([features(p.shape, terms) for p in points], [p.measured for p in points])
+            known = [interpolate(fits[curve], getattr(p.shape, CURVES[curve])) for p in points]
+            coefs = relative_fit([features(p.shape, terms) for p in points], [p.measured for p in points], known)
             fits.update(zip(terms, coefs))
-            for p in points:
-                p.fitted = float(np.dot(coefs, features(p.shape, terms)))
+            for p, curved in zip(points, known):
+                p.fitted = curved + float(np.dot(coefs, features(p.shape, terms)))
         copies = [p for p in self.points if p.fit == "copy"]
         latency, per_h2d, per_d2h = relative_fit([[p.calls, p.bytes_h2d, p.bytes_d2h] for p in copies],
                                                  [p.measured for p in copies])
@@ -297,9 +362,9 @@ class Calibration:
 
 
 def residuals(points: list[Point]) -> dict[str, tuple[float, float, int]]:
-    """Per fit: (max |relative error|, mean |relative error|, points)."""
+    """Per fit: (max |relative error|, mean |relative error|, points); the curves pass through their points."""
     out = {}
-    for kind in dict.fromkeys(p.fit for p in points):
+    for kind in dict.fromkeys(p.fit for p in points if p.fit not in CURVES):
         errors = [abs(p.error) for p in points if p.fit == kind]
         out[kind] = (max(errors), sum(errors) / len(errors), len(errors))
     return out
@@ -324,6 +389,8 @@ def write_points(path: Path, points: list[Point]) -> None:
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -77,6 +77,11 @@ class _CudaClock:
         return start.elapsed_time(end) / 1e3
 
 
+def device_clock(device: torch.device) -> _HostClock | _CudaClock:
+    """The clock compute on `device` is timed with: the host's, or CUDA events on the current stream."""
+    return _CudaClock() if device.type == "cuda" else _HostClock()
+
+
 @dataclass(frozen=True)
 class StageTimes:
     """What an executor measured of one plan over its layers: from taking its input to its output."""
@@ -110,7 +115,7 @@ class Executor:
         if not cuda:
             keep_freed_host_memory()
         self.copier = CudaCopier(device) if cuda else CpuCopier()
-        self.clock = _CudaClock() if cuda else _HostClock()
+        self.clock = device_clock(device)
         self._last_write_back: int | None = None  # the latest device-to-host copy issued here
 
     def _work(self, copy: Copy):

@@ -6,8 +6,10 @@ one `engine_config`) on the hardware profile `pie-exec calibrate` wrote. The rep
 predicted side by side with the relative error (predicted / measured - 1) of throughput, TTFT, TPOT, e2e
 latency, iteration time and bytes moved. The plot prices each measured iteration's own plan on the
 profile (`Timeline` replaying the executed plans at their measured starts): the per-iteration view of
-the same error; the last rows split those iterations' time into the layers' compute, their stalls and
-the rest, measured and priced, to say where the error comes from. This is the one module where the two backends meet.
+the same error; the next rows split those iterations' time into the layers' compute, their stalls and
+the rest, measured and priced, to say where the error comes from; the last give each policy's throughput
+and mean latency against the first policy's, measured and predicted. This is the one module where the
+two backends meet.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ METRICS = (("throughput_tok_s", "throughput tok/s"), ("ttft_mean_s", "TTFT mean 
            ("e2e_mean_s", "e2e mean s"), ("e2e_p50_s", "e2e p50 s"), ("e2e_p99_s", "e2e p99 s"),
            ("iteration_mean_s", "iteration mean s"), ("total_bytes_h2d", "bytes h2d"),
            ("total_bytes_d2h", "bytes d2h"))
+# Each policy against the first: what a policy study reads off, and what a machine that drifts alike
+# under every policy leaves alone (a shared VM drifts by 5-10% between a calibration and a validation).
+AGAINST_FIRST = (("throughput_tok_s", "throughput"), ("e2e_mean_s", "e2e mean"))
 # Where the executed iterations' time goes, measured and priced on the same plans (the replay): the layers'
 # compute, their stalls on copies, and the rest (embedding, LM head, batching, Python between layers).
 PLAN_PARTS = (("plan_layers_s", "executed plans: layers s"), ("plan_stalls_s", "executed plans: stalls s"),
@@ -53,9 +58,12 @@ class Comparison:
     measured_iterations: np.ndarray                       # seconds of each executed iteration
     replayed_iterations: np.ndarray                       # the profile's seconds for the same plans
 
-    def error(self, metric: str) -> float | None:
-        measured, predicted = next((m, p) for name, m, p in self.rows if name == metric)
-        return relative_error(measured, predicted)
+
+def against_first(c: Comparison, first: Comparison) -> list[tuple[str, float | None, float | None]]:
+    """`c`'s AGAINST_FIRST figures as ratios to the first policy's, measured and predicted."""
+    mine, base = ({key: (m, p) for key, m, p in x.rows} for x in (c, first))
+    return [(f"{key}_vs_first", *(a / b if a and b else None for a, b in zip(mine[key], base[key])))
+            for key, _ in AGAINST_FIRST]
 
 
 def relative_error(measured: float | None, predicted: float | None) -> float | None:
@@ -113,15 +121,18 @@ def report(comparisons: list[Comparison], out: Path, console: Console) -> None:
         for header in ("measured", "predicted", "error"):
             view.add_column(f"{c.policy}\n{header}", justify="right")
     labels = dict(METRICS + PLAN_PARTS)
-    for i, (key, _, _) in enumerate(comparisons[0].rows):
+    labels.update((f"{key}_vs_first", f"{name} / {comparisons[0].policy}'s") for key, name in AGAINST_FIRST)
+    rows = [c.rows + against_first(c, comparisons[0]) for c in comparisons]
+    for i, (key, _, _) in enumerate(rows[0]):
         cells = []
-        for c in comparisons:
-            _, m, p = c.rows[i]
+        for policy_rows in rows:
+            _, m, p = policy_rows[i]
             e = relative_error(m, p)
             cells += [_number(m), _number(p), "-" if e is None else f"{e:+.1%}"]
         view.add_row(labels[key], *cells)
-    console.print(view)
-    records = [(c.policy, key, m, p, relative_error(m, p)) for c in comparisons for key, m, p in c.rows]
+    console.print(view, width=None if console.is_terminal else 40 + 33 * len(comparisons))  # a log: no wrapping
+    records = [(c.policy, key, m, p, relative_error(m, p)) for c, policy_rows in zip(comparisons, rows)
+               for key, m, p in policy_rows]
     write_csv(out / "validate.csv", {name: np.array([r[i] for r in records], dtype=float if i > 1 else object)
                                      for i, name in enumerate(("policy", "metric", "measured", "predicted",
                                                                "relative_error"))})

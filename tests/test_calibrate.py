@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hwmodels import BatchShape, CatalogError, CostModel, load_hardware, load_model
-from hwmodels.profile import LAYER_TERMS, features, relative_fit
+from hwmodels.profile import LAYER_TERMS, features, interpolate, relative_fit
 from pie_exec.calibrate import Calibration, Grid, Point
 from pie_exec.cli import main as pie_exec
 from pie_exec.weights import random_transformer
@@ -17,21 +17,40 @@ from .conftest import DATA
 TINY = DATA / "tiny-opt.toml"
 
 
-def layer_seconds(b: BatchShape) -> float:
-    """The costs the synthetic tests hide, written out independently of hwmodels.profile."""
+# What matrix products of a few rows cost: jagged up to 16 rows (as a BLAS switching kernels), linear after.
+JAGGED = [0, 2.0, 3.4, 4.1, 3.0, 3.4, 3.7, 4.5, 3.8, 4.6, 4.3, 5.0, 4.3, 4.8, 4.8, 6.1, 6.1]
+
+
+def dense_seconds(tokens: int) -> float:
+    return 1e-3 * (JAGGED[tokens] if tokens <= 16 else 6.1 + 0.15 * (tokens - 16))
+
+
+def lm_head_seconds(sampled: int) -> float:
+    return 5 * dense_seconds(sampled)
+
+
+def linear_layer_seconds(b: BatchShape) -> float:
     return (40e-6 + 20e-6 * b.prefill_tokens + 90e-6 * b.decode_tokens + 3e-9 * b.attended_pairs + 0.0 * b.kv_tokens_read
             + 5e-9 * b.padded_keys + 0.0 * b.padded_pairs)
 
 
+def layer_seconds(b: BatchShape) -> float:
+    """The costs the synthetic tests hide, written out independently of hwmodels.profile."""
+    return dense_seconds(b.tokens) + linear_layer_seconds(b)
+
+
 def head_seconds(b: BatchShape) -> float:
-    return 5e-3 + 100e-6 * b.sampled_tokens + 2e-6 * b.tokens
+    return lm_head_seconds(b.sampled_tokens) + 5e-3 + 100e-6 * b.sampled_tokens + 2e-6 * b.tokens
 
 
 def synthetic_points() -> list[Point]:
-    """Compute points on the default grid, copies of several sizes and calls, with the costs above; the
-    contended layer is 30% slower with 10 GB/s of copies (h2d at 10 GB/s, d2h 8 GB/s, 3 µs a call)."""
-    points = []
-    for label, prefills, decodes in Grid().batches_of(2048):
+    """Curves and compute points on the default grid, copies of several sizes and calls, with the costs
+    above; the contended layer is 30% slower with 10 GB/s of copies (h2d at 10 GB/s, d2h 8 GB/s, 3 µs a
+    call)."""
+    grid = Grid()
+    points = [Point("dense", "", dense_seconds(n), BatchShape(prefill_tokens=n)) for n in grid.tokens]
+    points += [Point("lm_head", "", lm_head_seconds(n), BatchShape(sampled_tokens=n)) for n in grid.sampled]
+    for label, prefills, decodes in grid.batches_of(2048):
         shape = BatchShape.of(prefills, decodes)
         points += [Point("layer", label, layer_seconds(shape), shape), Point("head", label, head_seconds(shape), shape)]
     for calls, blocks in ((12, 12), (12, 12 * 64), (12, 12 * 1024), (48, 12 * 64)):  # a layer's worth: 12 copies
@@ -46,8 +65,19 @@ def synthetic_points() -> list[Point]:
 
 def test_relative_fit_recovers_known_coefficients():
     shapes = [p.shape for p in synthetic_points() if p.fit == "layer"]
-    coefs = relative_fit([features(s, LAYER_TERMS) for s in shapes], [layer_seconds(s) for s in shapes])
+    coefs = relative_fit([features(s, LAYER_TERMS) for s in shapes], [linear_layer_seconds(s) for s in shapes])
     assert coefs == pytest.approx([40e-6, 20e-6, 90e-6, 3e-9, 0.0, 5e-9, 0.0], rel=1e-6, abs=1e-12)
+    known = [dense_seconds(s.tokens) for s in shapes]  # a part already measured, fitted around
+    coefs = relative_fit([features(s, LAYER_TERMS) for s in shapes], [layer_seconds(s) for s in shapes], known)
+    assert coefs == pytest.approx([40e-6, 20e-6, 90e-6, 3e-9, 0.0, 5e-9, 0.0], rel=1e-6, abs=1e-12)
+
+
+def test_a_curve_interpolates_between_its_points_and_extends_its_end_segments():
+    points = ((1, 2.0), (2, 5.0), (4, 3.0), (8, 7.0))
+    assert [interpolate(points, n) for n in (1, 2, 3, 4, 6, 8)] == [2.0, 5.0, 4.0, 3.0, 5.0, 7.0]
+    assert interpolate(points, 10) == 9.0  # along the last segment (+1 a count)
+    assert interpolate(((2, 1.0), (4, 5.0)), 1) == 0.0  # along the first segment, never below zero
+    assert interpolate((), 5) == 0.0  # no curve: the linear part carries everything
 
 
 def test_relative_fit_keeps_costs_non_negative_and_needs_enough_points():
@@ -70,6 +100,10 @@ def test_calibration_fit_recovers_compute_link_and_contention():
     assert fit.layer_time(mixed) == pytest.approx(layer_seconds(mixed), rel=1e-6)
     assert fit.layer_time(mixed, 5e9) == pytest.approx(1.15 * layer_seconds(mixed), rel=1e-6)
     assert fit.head_time(mixed) == pytest.approx(head_seconds(mixed), rel=1e-6)
+    for n in (2, 3, 4, 7):  # decode batches of a few sequences: the curves' jags, not a straight line
+        few = BatchShape.of(decodes=[300] * n)
+        assert fit.layer_time(few) == pytest.approx(layer_seconds(few), rel=1e-6)
+        assert fit.head_time(few) == pytest.approx(head_seconds(few), rel=1e-6)
     assert all(abs(p.error) < 1e-6 for p in run.points)
 
 
@@ -126,6 +160,8 @@ head_us = 50
 head_us_per_sampled_token = 3
 head_us_per_token = 0
 copy_slowdown_per_gb_s = 0.1
+layer_us_dense_by_tokens = [[1, 100], [4, 160], [8, 200]]
+head_us_lm_head_by_sampled = [[1, 1000], [3, 1600]]
 """
 
 
@@ -134,10 +170,11 @@ def test_a_hand_written_fit_replaces_the_roofline(write):
     cm = CostModel(hw, load_model(TINY))
     b = BatchShape.of(prefills=[(4, 0)], decodes=[10, 20])
     padded_keys, padded_pairs = 3 * 21, 3 * 4 * 21  # 3 sequences, at most 4 new tokens, 21 keys at most
-    assert cm.layer_time(b) == pytest.approx((10 + 4 + 2 * 2 + 0.001 * (10 + 11 + 21) + 0.01 * (4 + 11 + 21)
+    dense, lm_head = 180, 1600  # 6 tokens: halfway from 4 to 8 tokens; 3 sampled: a point of the curve
+    assert cm.layer_time(b) == pytest.approx((dense + 10 + 4 + 2 * 2 + 0.001 * (10 + 11 + 21) + 0.01 * (4 + 11 + 21)
                                               + 0.02 * padded_keys + 0.003 * padded_pairs) * 1e-6)
     assert cm.layer_time(b, copy_bandwidth=5e9) == pytest.approx(1.5 * cm.layer_time(b))
-    assert cm.head_time(b) == pytest.approx((50 + 3 * 3) * 1e-6)
+    assert cm.head_time(b) == pytest.approx((lm_head + 50 + 3 * 3) * 1e-6)
     assert_decode_time_is_iteration_time(cm)
 
 
@@ -160,6 +197,11 @@ def test_decode_time_is_iteration_time_on_the_roofline():
     (lambda t: t.replace("copy_slowdown_per_gb_s = 0.1", ""), "missing field 'fit.copy_slowdown_per_gb_s'"),
     (lambda t: t.replace("threads = 1", "threads = 1.5"), "field 'fit.threads' must be a whole number"),
     (lambda t: t.replace("head_us = 50", 'head_us = "fast"'), "field 'fit.head_us' must be a number"),
+    (lambda t: t.replace("[[1, 100], [4, 160], [8, 200]]", "[[1, 100]]"), "'fit.layer_us_dense_by_tokens' .*two at least"),
+    (lambda t: t.replace("[4, 160], [8, 200]", "[8, 200], [4, 160]"), "rising counts \\(8 then 4\\)"),
+    (lambda t: t.replace("[4, 160]", "[4.5, 160]"), "whole counts"),
+    (lambda t: t.replace("[[1, 1000]", "[[1, -1]"), "'fit.head_us_lm_head_by_sampled' .*non-negative values"),
+    (lambda t: t.replace("[[1, 1000]", '[[1, "a"]'), "pairs of numbers"),
 ])
 def test_a_bad_fit_is_refused_naming_file_and_field(write, edit, problem):
     path = write("bad.toml", (DATA / "tiny-hw.toml").read_text() + edit(FIT))
@@ -197,7 +239,7 @@ def test_the_copy_fit_prices_the_copiers_handoff_per_call(tmp_path, one_thread):
     run.time_copies()
     one_block = next(p for p in run.points if p.fit == "copy" and p.bytes_h2d == run.copies_per_point * run.block_bytes)
     assert one_block.calls == run.copies_per_point == spec.num_layers
-    run.points += [p for p in synthetic_points() if p.fit in ("layer", "head")]  # fit() fits compute too
+    run.points += [p for p in synthetic_points() if p.fit in ("dense", "lm_head", "layer", "head")]  # and compute
     _, link = run.fit()
     assert link["latency"] > 1e-6  # a block of this model is 1 KiB: its bytes alone take well under 1 µs
     assert link["latency"] * one_block.calls < 2 * one_block.measured

@@ -52,6 +52,10 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
         assert iterations == pytest.approx(round(iterations), abs=1e-6) and iterations >= 1
         replayed = [float(r["predicted"]) for r in split]
         assert min(replayed) >= 0 and replayed[0] > 0
+    for column in ("measured", "predicted"):  # each policy against the first, as a policy study reads them
+        ratio = float(rows["static", "throughput_tok_s"][column]) / float(rows["vllm", "throughput_tok_s"][column])
+        assert float(rows["static", "throughput_tok_s_vs_first"][column]) == pytest.approx(ratio)
+        assert float(rows["vllm", "e2e_mean_s_vs_first"][column]) == 1.0
     assert pie_exec(["validate", "--profile", str(profile), "--model", str(tmp_path / "tiny-opt-float32.toml"),
                      "--threads", "2", "--out", str(out)]) == 2
     assert "calibrated with 1 threads" in capsys.readouterr().out
