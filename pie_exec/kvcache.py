@@ -8,7 +8,7 @@ A sequence's block on the GPU is read in place; a block on the CPU is read from 
 names for the layer, where the plan's prefetch put it, and new tokens written there go back to the CPU by
 the plan's write-back. The GPU pool and the staging slots are two views of one device tensor of rows
 (`device_rows`), so that a layer reads and writes both in one indexed pass: gathering staged blocks in a
-second pass over the first's result cost up to 4 ms of a 10 ms CPU layer (decode 8 x 512, all staged),
+second pass over the first's result made a 10 ms CPU layer 4.5 ms slower (decode 8 x 512, all staged),
 a cost that grows with the staged share and that a paged GPU kernel does not have.
 
 A pipeline stage holds the pools of its own layers only (`layers`, a slice of the model's): the pools'
