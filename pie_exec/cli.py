@@ -18,7 +18,7 @@ from .calibrate import add_grid_arguments, calibrate, grid_from
 from .engine import Executor
 from .pipeline import serve
 from .run import InputError, read_prompts, run, trace_prompts, write_outputs
-from .validate import compare_policy, report
+from .validate import report, validate
 from .weights import ModelFolderError, load_hf_folder, random_transformer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -132,14 +132,16 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> None:
     unknown = [n for n in names if n not in POLICIES]
     if unknown or not names:
         raise InputError(f"--policies: unknown policy '{unknown[0] if unknown else ''}' (known: {', '.join(POLICIES)})")
+    if args.rounds < 1:
+        raise InputError(f"--rounds must be at least 1, got {args.rounds}")
     model, spec = _catalog_model(args.model, args.seed, dtype, device)
     CostModel(hw, spec)  # refuses a profile calibrated for another model before anything runs
     workload = load_workload(args.trace, args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed,
                              max_total_tokens=spec.max_context + 1)
     prompts = trace_prompts(workload, spec.vocab_size, args.seed)
-    comparisons = [compare_policy(name, model.eval(), spec, device, hw, prompts, int(args.gpu_kv_gb * GiB),
-                                  int(args.cpu_kv_gb * GiB), args.share, engine_settings(args), console.is_terminal)
-                   for name in names]
+    comparisons = validate(names, model.eval(), spec, device, hw, prompts, int(args.gpu_kv_gb * GiB),
+                           int(args.cpu_kv_gb * GiB), args.share, engine_settings(args), args.rounds,
+                           console.is_terminal)
     report(comparisons, Path(args.out), console)
     console.print(f"wrote {args.out}/validate.csv and validate.png")
 
@@ -194,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
     p.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
     p.add_argument("--policies", default="vllm,static,pie", help=", ".join(POLICIES))
+    p.add_argument("--rounds", type=int, default=1, help="serve every policy this many times, in turn, and "
+                   "compare the medians (a machine whose speed drifts then moves every policy alike)")
     _workload_arguments(p)
     _threads_argument(p, "the profile's; another count is refused")
     p.add_argument("--out", required=True, help="folder for validate.csv and validate.png")

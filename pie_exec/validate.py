@@ -1,12 +1,13 @@
 """`pie-exec validate`: the executor measures, the simulator predicts, on the same requests.
 
-For each policy: the executor serves the prompts for real (arrivals at their times); then the simulator
-serves requests of the same lengths and arrival times with the same engine (pools, block size, limits:
-one `engine_config`) on the hardware profile `pie-exec calibrate` wrote. The report puts measured and
-predicted side by side with the relative error (predicted / measured - 1) of throughput, TTFT, TPOT, e2e
-latency, iteration time and bytes moved. The plot prices each measured iteration's own plan on the
-profile (`Timeline` replaying the executed plans at their measured starts): the per-iteration view of
-the same error; the next rows split those iterations' time into the layers' compute, their stalls and
+For each policy: the executor serves the prompts for real (arrivals at their times), once or in several
+rounds that take the policies in turn; then the simulator serves requests of the same lengths and
+arrival times with the same engine (pools, block size, limits: one `engine_config`) on the hardware
+profile `pie-exec calibrate` wrote. The report puts measured (the rounds' median; the CSV has their
+extremes) and predicted side by side with the relative error (predicted / measured - 1) of throughput,
+TTFT, TPOT, e2e latency, iteration time and bytes moved. The plot prices each measured iteration's own
+plan on the profile (`Timeline` replaying the executed plans at their measured starts, after the run):
+the per-iteration view of the same error; the next rows split those iterations' time into the layers' compute, their stalls and
 the rest, measured and priced, to say where the error comes from; the last give each policy's throughput
 and mean latency against the first policy's, measured and predicted. This is the one module where the
 two backends meet.
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hwmodels import CostModel, HardwareSpec, ModelSpec
+from pie_policy import IterationStats
 from pie_policy.records import write_csv
 from pie_policy.sizing import engine_config, make_policy, policy_share
 from pie_sim.simulate import simulate
@@ -30,7 +32,7 @@ from pie_sim.timeline import Timeline
 from .engine import Executor
 from .run import Prompt, run
 
-# summary key → label; iteration_mean_s is added from the iterations
+# summary key → label; iteration_mean_s is added from the iterations (`serve`)
 METRICS = (("throughput_tok_s", "throughput tok/s"), ("ttft_mean_s", "TTFT mean s"), ("ttft_p50_s", "TTFT p50 s"),
            ("ttft_p99_s", "TTFT p99 s"), ("tpot_mean_s", "TPOT mean s"), ("tpot_p99_s", "TPOT p99 s"),
            ("e2e_mean_s", "e2e mean s"), ("e2e_p50_s", "e2e p50 s"), ("e2e_p99_s", "e2e p99 s"),
@@ -54,9 +56,18 @@ def parts(stats) -> np.ndarray:
 @dataclasses.dataclass
 class Comparison:
     policy: str
-    rows: list[tuple[str, float | None, float | None]]   # (metric, measured, predicted)
-    measured_iterations: np.ndarray                       # seconds of each executed iteration
+    rows: list[tuple[str, float | None, float | None]]   # (metric, measured: the rounds' median, predicted)
+    spread: dict[str, tuple[float, float]]                # metric → the rounds' lowest and highest measurement
+    measured_iterations: np.ndarray                       # seconds of each executed iteration (first round)
     replayed_iterations: np.ndarray                       # the profile's seconds for the same plans
+
+
+@dataclasses.dataclass
+class Served:
+    """One run of a policy on the executor: its summary (with `iteration_mean_s` and the PLAN_PARTS) and
+    every executed plan with its stats."""
+    summary: dict
+    executed: list
 
 
 def against_first(c: Comparison, first: Comparison) -> list[tuple[str, float | None, float | None]]:
@@ -79,37 +90,64 @@ def workload_of(prompts: list[Prompt]) -> pd.DataFrame:
                          "output_tokens": [p.max_new_tokens for p in prompts]})
 
 
-def compare_policy(name: str, model, spec: ModelSpec, device, hw: HardwareSpec, prompts: list[Prompt],
-                   kv_pool_bytes: int, cpu_mem_bytes: int, share: float | None, settings: dict,
-                   progress: bool) -> Comparison:
-    """Serve `prompts` with policy `name` on the executor, then in the simulator; both summaries compared."""
+def policy_setup(name: str, spec: ModelSpec, kv_pool_bytes: int, cpu_mem_bytes: int, share: float | None,
+                 settings: dict):
+    """(engine config, CPU share) of policy `name`: the one both backends run."""
     share = policy_share(name, share)
-    config = engine_config(spec, name, kv_pool_bytes, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
-    cost_model = CostModel(hw, spec)
-    replay, measured_s, replayed_s = Timeline(cost_model), [], []
-    measured_parts, replayed_parts = np.zeros(len(PLAN_PARTS)), np.zeros(len(PLAN_PARTS))
+    return engine_config(spec, name, kv_pool_bytes, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings), share
 
-    def price(plan, stats):  # the profile's time for the plan just executed, started when it started
-        nonlocal measured_parts, replayed_parts
-        predicted = replay.run(plan, stats.start_s)
-        measured_s.append(stats.end_s - stats.start_s)
-        replayed_s.append(predicted.end_s - predicted.start_s)
-        measured_parts, replayed_parts = measured_parts + parts(stats), replayed_parts + parts(predicted)
 
-    policy = make_policy(name, config, share)
+def serve(name: str, config, share: float | None, model, device, prompts: list[Prompt], progress: bool) -> Served:
+    """Serve `prompts` with policy `name` on the executor."""
+    policy, executed = make_policy(name, config, share), []
     executor = Executor(model, config, device, policy.staging_slots)
     try:
-        requests, _, recorder, wall = run(executor, policy, prompts, progress=progress, on_iteration=price)
+        requests, _, recorder, wall = run(executor, policy, prompts, progress=progress,
+                                          on_iteration=lambda plan, stats: executed.append((plan, stats)))
     finally:
         executor.close()
-    measured = recorder.summary(requests, wall)
+    summary = recorder.summary(requests, wall)
+    summary["iteration_mean_s"] = float(np.mean([stats.end_s - stats.start_s for _, stats in executed]))
+    summary.update(zip((key for key, _ in PLAN_PARTS), sum(parts(stats) for _, stats in executed)))
+    return Served(summary, executed)
+
+
+def replay(cost_model: CostModel, executed: list) -> list[IterationStats]:
+    """The profile's stats for the executed plans, each started when it started (`Timeline`)."""
+    timeline = Timeline(cost_model)
+    return [timeline.run(plan, stats.start_s) for plan, stats in executed]
+
+
+def compare(name: str, config, share: float | None, hw: HardwareSpec, spec: ModelSpec, prompts: list[Prompt],
+            rounds: list[Served]) -> Comparison:
+    """The simulator on the same requests and engine, against the executor's rounds (their median)."""
+    cost_model = CostModel(hw, spec)
     simulated = simulate(make_policy(name, config, share), cost_model, workload_of(prompts))
     predicted = simulated.recorder.summary(simulated.requests, simulated.wall_s)
-    for summary, its in ((measured, recorder.iterations), (predicted, simulated.recorder.iterations)):
-        summary["iteration_mean_s"] = float(np.mean(its["end_s"] - its["start_s"]))
-    rows = [(key, measured[key], predicted[key]) for key, _ in METRICS]
-    rows += [(key, float(m), float(p)) for (key, _), m, p in zip(PLAN_PARTS, measured_parts, replayed_parts)]
-    return Comparison(name, rows, np.array(measured_s), np.array(replayed_s))
+    its = simulated.recorder.iterations
+    predicted["iteration_mean_s"] = float(np.mean(its["end_s"] - its["start_s"]))
+    replayed = [replay(cost_model, served.executed) for served in rounds]
+    replayed_parts = np.median([sum(parts(stats) for stats in r) for r in replayed], axis=0)
+    predicted.update(zip((key for key, _ in PLAN_PARTS), replayed_parts))
+    rows, spread = [], {}
+    for key, _ in METRICS + PLAN_PARTS:
+        measured = [served.summary[key] for served in rounds]
+        rows.append((key, float(np.median(measured)), float(predicted[key])))
+        spread[key] = (float(min(measured)), float(max(measured)))
+    first = rounds[0].executed
+    return Comparison(name, rows, spread, np.array([stats.end_s - stats.start_s for _, stats in first]),
+                      np.array([stats.end_s - stats.start_s for stats in replayed[0]]))
+
+
+def validate(names: list[str], model, spec: ModelSpec, device, hw: HardwareSpec, prompts: list[Prompt],
+             kv_pool_bytes: int, cpu_mem_bytes: int, share: float | None, settings: dict, rounds: int,
+             progress: bool) -> list[Comparison]:
+    """Every policy served `rounds` times on the executor, in turn (vllm, static, pie, vllm, ...), so that a
+    machine whose speed drifts moves every policy's median alike; then each compared with the simulator."""
+    setups = {name: policy_setup(name, spec, kv_pool_bytes, cpu_mem_bytes, share, settings) for name in names}
+    served = [[serve(name, *setups[name], model, device, prompts, progress) for name in names]
+              for _ in range(rounds)]
+    return [compare(name, *setups[name], hw, spec, prompts, [r[i] for r in served]) for i, name in enumerate(names)]
 
 
 def report(comparisons: list[Comparison], out: Path, console: Console) -> None:
@@ -131,11 +169,11 @@ def report(comparisons: list[Comparison], out: Path, console: Console) -> None:
             cells += [_number(m), _number(p), "-" if e is None else f"{e:+.1%}"]
         view.add_row(labels[key], *cells)
     console.print(view, width=None if console.is_terminal else 40 + 33 * len(comparisons))  # a log: no wrapping
-    records = [(c.policy, key, m, p, relative_error(m, p)) for c, policy_rows in zip(comparisons, rows)
-               for key, m, p in policy_rows]
+    records = [(c.policy, key, m, p, relative_error(m, p), *c.spread.get(key, (None, None)))
+               for c, policy_rows in zip(comparisons, rows) for key, m, p in policy_rows]
+    columns = ("policy", "metric", "measured", "predicted", "relative_error", "measured_min", "measured_max")
     write_csv(out / "validate.csv", {name: np.array([r[i] for r in records], dtype=float if i > 1 else object)
-                                     for i, name in enumerate(("policy", "metric", "measured", "predicted",
-                                                               "relative_error"))})
+                                     for i, name in enumerate(columns)})
     from pie_sim.plots import plot_iteration_check  # here: matplotlib takes half a second to import
 
     plot_iteration_check({c.policy: (c.measured_iterations, c.replayed_iterations) for c in comparisons},

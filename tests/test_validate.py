@@ -27,7 +27,7 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
     out = tmp_path / "validate"
     assert pie_exec(["validate", "--profile", str(profile), "--model", str(tmp_path / "tiny-opt-float32.toml"),
                      "--num-requests", "8", "--rate", "inf", "--policies", "vllm,static", "--gpu-kv-gb", "0.002",
-                     "--cpu-kv-gb", "0.01", "--out", str(out)]) == 0
+                     "--cpu-kv-gb", "0.01", "--rounds", "2", "--out", str(out)]) == 0
     assert "predicted" in capsys.readouterr().out and (out / "validate.png").exists()
     with open(out / "validate.csv") as f:
         rows = {(r["policy"], r["metric"]): r for r in csv.DictReader(f)}
@@ -52,6 +52,10 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
         assert iterations == pytest.approx(round(iterations), abs=1e-6) and iterations >= 1
         replayed = [float(r["predicted"]) for r in split]
         assert min(replayed) >= 0 and replayed[0] > 0
+    for policy in ("vllm", "static"):  # two rounds each: the median between the rounds' extremes
+        timed, moved = rows[policy, "iteration_mean_s"], rows[policy, "total_bytes_h2d"]
+        assert float(timed["measured_min"]) < float(timed["measured"]) < float(timed["measured_max"])
+        assert float(moved["measured_min"]) == float(moved["measured_max"])  # the same plans each round
     for column in ("measured", "predicted"):  # each policy against the first, as a policy study reads them
         ratio = float(rows["static", "throughput_tok_s"][column]) / float(rows["vllm", "throughput_tok_s"][column])
         assert float(rows["static", "throughput_tok_s_vs_first"][column]) == pytest.approx(ratio)
@@ -59,6 +63,8 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
     assert pie_exec(["validate", "--profile", str(profile), "--model", str(tmp_path / "tiny-opt-float32.toml"),
                      "--threads", "2", "--out", str(out)]) == 2
     assert "calibrated with 1 threads" in capsys.readouterr().out
+    assert pie_exec(["validate", "--profile", str(profile), "--rounds", "0", "--out", str(out)]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().out
 
 
 def test_validate_refuses_a_profile_of_another_model(tmp_path, capsys):
