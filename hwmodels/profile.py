@@ -42,7 +42,7 @@ LAYER_TERMS = {"layer": None, "per_prefill_token": "prefill_tokens", "per_decode
                "per_attended_pair": "attended_pairs", "per_kv_token_read": "kv_tokens_read",
                "per_padded_key": "padded_keys", "per_padded_pair": "padded_pairs"}
 HEAD_TERMS = {"head": None, "per_sampled_token": "sampled_tokens", "per_token": "tokens"}
-# Curve field → the BatchShape count it is measured over, and the time it adds to.
+# Curve field → the BatchShape count it is measured over (dense adds to layer_time, lm_head to head_time).
 CURVES = {"dense": "tokens", "lm_head": "sampled_tokens"}
 
 

@@ -7,10 +7,10 @@ profile `pie-exec calibrate` wrote. The report puts measured (the rounds' median
 extremes) and predicted side by side with the relative error (predicted / measured - 1) of throughput,
 TTFT, TPOT, e2e latency, iteration time and bytes moved. The plot prices each measured iteration's own
 plan on the profile (`Timeline` replaying the executed plans at their measured starts, after the run):
-the per-iteration view of the same error; the next rows split those iterations' time into the layers' compute, their stalls and
-the rest, measured and priced, to say where the error comes from; the last give each policy's throughput
-and mean latency against the first policy's, measured and predicted. This is the one module where the
-two backends meet.
+the per-iteration view of the same error. The next rows split those iterations' time into the layers'
+compute, their stalls and the rest, measured and priced, to say where the error comes from; the last
+give each policy's throughput and mean latency against the first policy's, measured and predicted. This
+is the one module where the two backends meet.
 """
 from __future__ import annotations
 
