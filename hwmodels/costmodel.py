@@ -80,6 +80,11 @@ class CostModel:
             return self._fit.head_time(batch)
         return self._roofline_head(batch.sampled_tokens)
 
+    def issue_time(self, calls: int) -> float:
+        """Seconds of compute time that issuing a copy of `calls` transfer calls takes (a calibrated
+        profile's measured host cost; nothing on the roofline, where a GPU's host issues ahead of it)."""
+        return self._fit.issue_time(calls) if self._fit else 0.0
+
     def _roofline_head(self, sampled: int) -> float:
         return max(self._head_flops * sampled / self._flops_rate, (self._head_bytes + self._sample_bytes * sampled) / self._hbm_rate)
 

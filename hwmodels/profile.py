@@ -11,6 +11,7 @@ matrix products (interpolated) plus a part linear in the sums of `BatchShape`:
                  + per_padded_key · padded_keys + per_padded_pair · padded_pairs,
                  × (1 + copy_slowdown_per_gb_s · copy GB/s in flight)
     head_time  = lm_head(sampled_tokens) + head + per_sampled_token · sampled_tokens + per_token · tokens
+    issue_time = copy_issue + copy_issue_per_call · calls          (each copy issued, on the compute clock)
 
 `dense` is a layer without its attention (norms, projections, MLP) by the batch's tokens and `lm_head`
 the LM head and sampling by sampled tokens, each measured at a list of counts and interpolated linearly
@@ -24,6 +25,10 @@ and for the head everything else outside the layers (binding the batch, embeddin
 belong to one model architecture at one dtype: a profile used with another model is refused. `threads` is
 the host's torch thread count during calibration: CPU times depend on it, so `pie-exec validate` runs
 with it.
+
+`issue_time` is what issuing a copy costs the compute clock, beyond the copy's own time on the link: on
+the CPU executor ~0.1 ms, mostly the copier thread waking and taking the GIL from the layers (calibrate
+measures it as the difference that issuing makes to a run of layers). Profiles without it pay nothing.
 """
 from __future__ import annotations
 
@@ -69,6 +74,8 @@ class ComputeFit:
     copy_slowdown_per_gb_s: float = quantity("copy_slowdown_per_gb_s", positive=False)
     dense: tuple = curve("layer_us_dense_by_tokens", "us")        # (tokens, seconds) pairs
     lm_head: tuple = curve("head_us_lm_head_by_sampled", "us")     # (sampled tokens, seconds) pairs
+    copy_issue: float = quantity("copy_issue_us", "us", positive=False, default=0.0)
+    copy_issue_per_call: float = quantity("copy_issue_us_per_call", "us", positive=False, default=0.0)
 
     def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
         alone = interpolate(self.dense, batch.tokens) + float(np.dot(self.coefficients(LAYER_TERMS),
@@ -78,6 +85,9 @@ class ComputeFit:
     def head_time(self, batch: BatchShape) -> float:
         return interpolate(self.lm_head, batch.sampled_tokens) + float(np.dot(self.coefficients(HEAD_TERMS),
                                                                              features(batch, HEAD_TERMS)))
+
+    def issue_time(self, calls: int) -> float:
+        return self.copy_issue + self.copy_issue_per_call * calls
 
     def coefficients(self, terms: dict) -> list[float]:
         return [getattr(self, name) for name in terms]

@@ -55,7 +55,7 @@ RUNS = 4  # calls of the multi-call copies timed: layer copies of OPT-125M on az
 @dataclass
 class Point:
     """One timed configuration: what it measures, its shape or copy size, measured and fitted seconds."""
-    fit: str                     # dense, lm_head (curves); layer, head, copy, bidirectional or contended (fits)
+    fit: str                     # dense, lm_head (curves); layer, head, copy, bidirectional, issue or contended (fits)
     label: str
     measured: float
     shape: BatchShape = BatchShape()
@@ -66,7 +66,8 @@ class Point:
 
     @property
     def error(self) -> float:
-        return self.fitted / self.measured - 1
+        """fitted / measured - 1; nan for a measured difference at or below zero (an issue point on a GPU)."""
+        return self.fitted / self.measured - 1 if self.measured > 0 else math.nan
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,10 @@ def plan_of(prefills: list, decodes: list, block_size: int) -> Plan:
     return Plan(0, tuple(seqs), BatchShape.of(prefills, decodes))
 
 
+def _without_attention(q, k, v):
+    return q
+
+
 def blocks_needed(plan: Plan) -> int:
     return sum(len(s.blocks) for s in plan.seqs)
 
@@ -199,26 +204,27 @@ class Calibration:
                 return (clock.seconds(start, end) / per,)
             return sample
 
-        def skip_attention(q, k, v):
-            return q
-
-        def layers(h, positions):
-            for layer in self.model.layers:
-                h = layer(h, positions, skip_attention)
-
         jobs = []
         for tokens in sorted(set(self.grid.tokens)):
             h = torch.randn(tokens, hidden, dtype=dtype, device=self.device)
             positions = torch.zeros(tokens, dtype=torch.long, device=self.device)
             jobs.append(([Point("dense", f"a layer without attention at {tokens} tokens", math.nan,
                                 BatchShape(prefill_tokens=tokens))],
-                         timer(lambda h=h, positions=positions: layers(h, positions), self.spec.num_layers)))
+                         timer(lambda h=h, positions=positions: self._dense_pass(h, positions), self.spec.num_layers)))
         for sampled in sorted(set(self.grid.sampled)):
             h = torch.randn(sampled, hidden, dtype=dtype, device=self.device)
             jobs.append(([Point("lm_head", f"LM head and sampling of {sampled} tokens", math.nan,
                                 BatchShape(sampled_tokens=sampled))],
                          timer(lambda h=h: self.model.logits(h).argmax(dim=-1).tolist())))
         return jobs
+
+    def _dense_pass(self, h: torch.Tensor, positions: torch.Tensor, after_layer=None) -> None:
+        """Every layer without its attention (which `_iteration` times with the rest), in turn;
+        `after_layer(layer)` is called after each."""
+        for layer, block in enumerate(self.model.layers):
+            h = block(h, positions, _without_attention)
+            if after_layer:
+                after_layer(layer)
 
     def curve(self, kind: str) -> tuple[tuple[int, float], ...]:
         """The measured (count, seconds) points of curve `kind` (a key of CURVES)."""
@@ -276,10 +282,11 @@ class Calibration:
         at once (the largest, half each). Timed on the wall from the first issue to the last done: what the
         executor pays, the copier's per-copy handoff (queue, thread wake-up, GIL) included — its own busy
         clock leaves that out. The handoff has no term of its own in the simulator: the fit spreads it over
-        the calls of copies of 1 and `RUNS` calls, the range layer copies have (their blocks' runs)."""
+        the calls of copies of 1 and `RUNS` calls, the range layer copies have (their blocks' runs). Last,
+        what issuing a copy costs the layers (`_issue_job`), interleaved with the rest."""
         sizes = sorted(self.grid.copy_blocks)
         n = self.copies_per_point
-        executor = self._executor(n, 1, sizes[-1] + RUNS, 1)
+        executor = self._executor(n, 1, max(sizes[-1] + RUNS, 4 * RUNS), 1)
 
         def layer_copies(copy: Copy) -> tuple[float]:
             return (self._run_copies(executor, [self._fresh(dataclasses.replace(copy, layer=layer))
@@ -296,10 +303,47 @@ class Calibration:
                             bytes_h2d=half * self.block_bytes, bytes_d2h=half * self.block_bytes)],
                      lambda: (self._run_copies(executor, [self._copy(H2D, 0, half, 1),
                                                           self._copy(D2H, half, half, 1)]),)))
+        jobs += [self._issue_job(executor, calls) for calls in (1, RUNS, 2 * RUNS)]
         try:
             self._interleaved(jobs)
         finally:
             executor.close()
+
+    def _issue_job(self, executor: Executor, calls: int) -> tuple[list[Point], Callable[[], tuple[float]]]:
+        """What issuing a copy of `calls` one-block runs adds to the compute clock: a pass of the layers at
+        the grid's middle decode batch, plain and with a write-back and a prefetch issued after each layer
+        (as layer swapping issues them), timed plain, with, with, plain (a drift over the four cancels).
+        The copies are too small for their bytes to count; what is measured is the host's work: on the CPU
+        the copier thread waking and taking the GIL from the layers, ~0.1 ms a copy, where issuing them
+        alone takes ~0.02."""
+        n, clock = self.spec.num_layers, device_clock(self.device)
+        tokens = sorted(self.grid.batches)[len(self.grid.batches) // 2]
+        h = torch.randn(tokens, self.spec.hidden_size, dtype=next(self.model.parameters()).dtype, device=self.device)
+        positions = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        copy = {direction: self._copy(direction, 0, calls, calls) for direction in (D2H, H2D)}
+
+        @torch.inference_mode()
+        def one_pass(issued: list | None) -> float:
+            def issue(layer: int) -> None:
+                pair = [self._fresh(dataclasses.replace(copy[d], layer=layer)) for d in (D2H, H2D)]
+                executor._issue(pair)
+                issued.extend(pair)
+            start = clock.mark()
+            self._dense_pass(h, positions, None if issued is None else issue)
+            end = clock.mark()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            return clock.seconds(start, end)
+
+        def sample() -> tuple[float]:
+            issued: list[Copy] = []
+            plain = one_pass(None)
+            with_copies = one_pass(issued) + one_pass(issued)
+            plain += one_pass(None)
+            self._finish(executor, issued)
+            return ((with_copies - plain) / len(issued),)
+        point = Point("issue", f"issue a copy of {calls} calls between layers", math.nan, calls=calls)
+        return [point], sample
 
     def time_contention(self) -> None:
         """The widest decode batch at a middle context while host→device copies run through each iteration
@@ -326,6 +370,21 @@ class Calibration:
             copier.close()
 
     # ---- fits
+    def _issue_fit(self) -> dict[str, float]:
+        """`copy_issue` + `copy_issue_per_call` · calls through the issue points (none: no cost), by
+        non-negative least squares of absolute errors: the points are differences of two timings, which
+        noise can take to zero or below (on a GPU, whose host issues ahead of it, they are noise alone)."""
+        from scipy.optimize import nnls  # here: as in `relative_fit`
+
+        points = [p for p in self.points if p.fit == "issue"]
+        coefs = (0.0, 0.0)
+        if points:
+            us, _ = nnls(np.array([[1.0, p.calls] for p in points]), np.array([p.measured * 1e6 for p in points]))
+            coefs = tuple(us / 1e6)
+        for p in points:
+            p.fitted = coefs[0] + coefs[1] * p.calls
+        return {"copy_issue": coefs[0], "copy_issue_per_call": coefs[1]}
+
     def fit(self) -> tuple[ComputeFit, dict]:
         """The `[fit]` section and the measured link figures (bytes/s, seconds); fills in `fitted`."""
         fits = {kind: self.curve(kind) for kind in CURVES}
@@ -346,6 +405,7 @@ class Calibration:
             raise ValueError("copies took no time per byte: give larger --copy-blocks")
         for p in copies:
             p.fitted = p.calls * latency + p.bytes_h2d * per_h2d + p.bytes_d2h * per_d2h
+        fits.update(self._issue_fit())
         both = next(p for p in self.points if p.fit == "bidirectional")
         link = {"h2d": 1 / per_h2d, "d2h": 1 / per_d2h, "latency": latency,
                 "bidirectional": (both.bytes_h2d + both.bytes_d2h) / max(both.measured - 2 * latency, 1e-9)}
@@ -365,8 +425,9 @@ def residuals(points: list[Point]) -> dict[str, tuple[float, float, int]]:
     """Per fit: (max |relative error|, mean |relative error|, points); the curves pass through their points."""
     out = {}
     for kind in dict.fromkeys(p.fit for p in points if p.fit not in CURVES):
-        errors = [abs(p.error) for p in points if p.fit == kind]
-        out[kind] = (max(errors), sum(errors) / len(errors), len(errors))
+        errors = [abs(p.error) for p in points if p.fit == kind and not math.isnan(p.error)]
+        if errors:
+            out[kind] = (max(errors), sum(errors) / len(errors), len(errors))
     return out
 
 
@@ -458,6 +519,7 @@ def calibrate(model, spec: ModelSpec, device: torch.device, grid: Grid, base: st
         console.print(line.strip(), highlight=False)
     console.print(f"link: h2d {link['h2d'] / GB:.1f} GB/s, d2h {link['d2h'] / GB:.1f} GB/s, both at once "
                   f"{link['bidirectional'] / GB:.1f} GB/s, {link['latency'] * 1e6:.1f} us a call; a layer "
-                  f"{fit.copy_slowdown_per_gb_s:.1%} slower per GB/s of copies")
+                  f"{fit.copy_slowdown_per_gb_s:.1%} slower per GB/s of copies; issuing a copy costs it "
+                  f"{fit.copy_issue * 1e6:.0f} us + {fit.copy_issue_per_call * 1e6:.1f} us a call")
     console.print(f"wrote {out}, {points_csv.name} and {model_toml.name} in {time.perf_counter() - started:.0f} s; "
                   f"simulate with: pie-sim run --hw {out} --model {model_toml} ...", highlight=False)

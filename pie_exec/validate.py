@@ -6,7 +6,7 @@ arrival times with the same engine (pools, block size, limits: one `engine_confi
 profile `pie-exec calibrate` wrote. The report puts measured (the rounds' median; the CSV has their
 extremes) and predicted side by side with the relative error (predicted / measured - 1) of throughput,
 TTFT, TPOT, e2e latency, iteration time and bytes moved. The plot prices each measured iteration's own
-plan on the profile (`Timeline` replaying the executed plans at their measured starts, after the run):
+plan on the profile (`Timeline` replaying the executed plans from their measured starts, after the run):
 the per-iteration view of the same error. The next rows split those iterations' time into the layers'
 compute, their stalls and the rest, measured and priced, to say where the error comes from; the last
 give each policy's throughput and mean latency against the first policy's, measured and predicted. This
@@ -113,9 +113,14 @@ def serve(name: str, config, share: float | None, model, device, prompts: list[P
 
 
 def replay(cost_model: CostModel, executed: list) -> list[IterationStats]:
-    """The profile's stats for the executed plans, each started when it started (`Timeline`)."""
-    timeline = Timeline(cost_model)
-    return [timeline.run(plan, stats.start_s) for plan, stats in executed]
+    """The profile's stats for the executed plans (`Timeline`), each started when it started, or when the
+    plan before it ends in the replay if that is later: started earlier, its copies would queue behind
+    the last plan's on the links and show as stalls that neither backend has."""
+    timeline, replayed, end = Timeline(cost_model), [], 0.0
+    for plan, stats in executed:
+        replayed.append(timeline.run(plan, max(stats.start_s, end)))
+        end = replayed[-1].end_s
+    return replayed
 
 
 def compare(name: str, config, share: float | None, hw: HardwareSpec, spec: ModelSpec, prompts: list[Prompt],

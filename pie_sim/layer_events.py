@@ -4,7 +4,8 @@ event per layer and per copy phase. Slower; it exists to check the recurrence on
 A copy engine process per stream takes copies in issue order, waits for their `after` copies, sleeps the
 per-call latency, then moves bytes at the rate `links.byte_rates` gives for the directions moving at that
 moment; when the other stream starts or stops moving bytes, it is interrupted and carries on at the new
-rate. The GPU process walks the layers of each plan.
+rate. The GPU process walks the layers of each plan: a layer computes for its time alone, then for what
+the link's bytes moved meanwhile add to it.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hwmodels import CostModel
 from pie_policy import IterationStats, Plan
 from pie_policy.plan import D2H, H2D, Copy
 
-from .links import byte_rates, full_rates, link_rate, setup_time, stream_of
+from .links import LINK, byte_rates, full_rates, setup_time, stream_of
 from .timeline import head_seconds, layer_seconds
 
 
@@ -26,6 +27,8 @@ class LayerEvents:
         self.moving: dict[str, str] = {}          # stream → direction moving bytes
         self.engines: dict[str, tuple[simpy.Store, simpy.Process]] = {}
         self.busy = dict.fromkeys(full_rates(self.hw), 0.0)
+        self.link_bytes = 0.0                     # moved over the link by finished segments
+        self.segments: dict[str, tuple[float, float]] = {}  # link stream → (start, rate) of its moving segment
 
     def _issue(self, copy: Copy) -> None:
         self.done[copy.op_id] = self.env.event()
@@ -34,6 +37,18 @@ class LayerEvents:
             store = simpy.Store(self.env)
             self.engines[stream] = (store, self.env.process(self._engine(stream, store)))
         self.engines[stream][0].put(copy)
+
+    def _issue_all(self, copies):
+        """SimPy process body: the host issues `copies` in turn, each taking `CostModel.issue_time`."""
+        for copy in copies:
+            cost = self.cm.issue_time(copy.calls)
+            if cost:
+                yield self.env.timeout(cost)
+            self._issue(copy)
+
+    def _link_bytes_now(self) -> float:
+        """Bytes moved over the link so far, the moving segments' to this instant included."""
+        return self.link_bytes + sum(rate * (self.env.now - t0) for t0, rate in self.segments.values())
 
     def _rate_changed(self, stream: str) -> None:
         for other, (_, process) in self.engines.items():
@@ -50,14 +65,21 @@ class LayerEvents:
             remaining = float(copy.nbytes)
             self.moving[stream] = copy.direction
             self._rate_changed(stream)
+            on_link = copy.direction in LINK
             while remaining > 1e-9 * max(1.0, copy.nbytes):
                 rate = byte_rates(self.hw, set(self.moving.values()))[copy.direction]
                 t0 = env.now
+                if on_link:
+                    self.segments[stream] = (t0, rate)
                 try:
                     yield env.timeout(remaining / rate)
-                    remaining = 0.0
+                    moved = remaining
                 except simpy.Interrupt:
-                    remaining -= rate * (env.now - t0)
+                    moved = rate * (env.now - t0)
+                remaining -= moved
+                if on_link:
+                    self.link_bytes += moved
+                    del self.segments[stream]
             del self.moving[stream]
             self._rate_changed(stream)
             self.busy[copy.direction] += env.now - began
@@ -79,24 +101,23 @@ class LayerEvents:
         env, cm = self.env, self.cm
         start = env.now
         busy_before = dict(self.busy)
-        for copy in plan.prologue:
-            self._issue(copy)
-        computes, stalls = [], []
+        yield from self._issue_all(plan.prologue)
+        computes, stalls, alone = [], [], layer_seconds(cm, plan)
         for layer in range(cm.model.num_layers):
             step = plan.step(layer)
-            for copy in step.issue:
-                self._issue(copy)
+            yield from self._issue_all(step.issue)
             reached = env.now
             yield simpy.AllOf(env, [self.done[op] for op in step.wait])
             stalls.append(env.now - reached)
-            moving = byte_rates(self.hw, set(self.moving.values()))
-            took = layer_seconds(cm, plan, link_rate(moving))
+            before = self._link_bytes_now()
+            yield env.timeout(alone)
+            took = layer_seconds(cm, plan, (self._link_bytes_now() - before) / alone if alone > 0 else 0.0)
             computes.append(took)
-            yield env.timeout(took)
-            for copy in step.evict:
-                self._issue(copy)
+            yield env.timeout(took - alone)
+            yield from self._issue_all(step.evict)
         head = head_seconds(cm, plan)
         yield env.timeout(head)
+        issuing = sum(cm.issue_time(copy.calls) for copy in plan.copies())
         return IterationStats(
-            plan.iteration, start, env.now, sum(computes) + head, sum(stalls), *plan.bytes_moved(),
+            plan.iteration, start, env.now, sum(computes) + head + issuing, sum(stalls), *plan.bytes_moved(),
             self.busy[H2D] - busy_before[H2D], self.busy[D2H] - busy_before[D2H], tuple(computes), tuple(stalls))

@@ -9,6 +9,8 @@ Rules (shared with the SimPy per-layer mode in `layer_events.py`, which checks t
   moves its bytes.
 - A direction moves bytes at its own bandwidth; while both directions move bytes at once, each runs at
   its bandwidth · min(1, bidirectional / (h2d + d2h)). Rates change only when a transfer starts or ends.
+- The bytes crossing the link over an interval, both directions together (`moved_until`), are what the
+  timeline charges a layer's HBM contention on; disk traffic only touches CPU memory and is left out.
 - A disk (the hardware's optional `[disk]`, FlexGen's third tier) has a stream for reads into CPU memory
   and one for writes from it, each at its own bandwidth and per-call latency, independent of the link.
 
@@ -43,12 +45,6 @@ def byte_rates(hw: HardwareSpec, moving: set[str]) -> dict[str, float]:
     both = H2D in moving and D2H in moving
     shared = min(1.0, link.bidirectional_bandwidth / (full[H2D] + full[D2H])) if both else 1.0
     return {d: full[d] * (shared if d in (H2D, D2H) else 1.0) for d in moving}
-
-
-def link_rate(rates: dict[str, float]) -> float:
-    """Bytes/s crossing the host↔GPU link: what compute's HBM contention is charged on (disk traffic
-    only touches CPU memory)."""
-    return rates.get(H2D, 0.0) + rates.get(D2H, 0.0)
 
 
 def stream_of(hw: HardwareSpec, copy: Copy) -> str:
@@ -93,7 +89,7 @@ class FixedRateLinks:
         end = moving + copy.nbytes / bandwidth
         self.started[copy.op_id], self.done[copy.op_id], self.free[stream] = start, end, end
         self.busy[copy.direction] += end - start
-        if copy.direction not in LINK:   # disk traffic does not cross the link: `moving_rate` leaves it out
+        if copy.direction not in LINK:   # disk traffic does not cross the link: `moved_until` leaves it out
             return
         if stream in self.windows:
             self.windows[stream].append((moving, end, bandwidth))
@@ -113,13 +109,17 @@ class FixedRateLinks:
             while window and window[0][1] <= self.now:
                 window.popleft()
 
-    def moving_rate(self) -> float:
-        """Bytes/s moving over the link now, both directions together (after `advance`)."""
-        total = 0.0
+    def moved_until(self, until: float) -> float:
+        """Bytes the link moves from the clock (the last `advance`) to `until`, both directions together;
+        advances to `until`."""
+        moved, now = 0.0, self.now
         for window in self.windows.values():
-            if window and window[0][0] <= self.now:
-                total += window[0][2]
-        return total
+            for moving, end, bandwidth in window:
+                if moving >= until:
+                    break
+                moved += bandwidth * (min(end, until) - max(moving, now))
+        self.advance(until)
+        return moved
 
 
 class FluidLinks:
@@ -145,12 +145,12 @@ class FluidLinks:
         self.started: dict[int, float] = {}          # op id → start time
         self.done: dict[int, float] = {}             # op id → completion time
         self.seconds = [0.0] * len(self.slots)       # per slot: seconds spent on copies (setup + bytes)
+        self.link_bytes = 0.0                        # bytes moved over the link so far, both directions
         # Indexed by which link slots move bytes (bit 0: H2D, bit 1: D2H): each slot's rate (a disk slot's
-        # whether or not it moves), and the link's total.
+        # whether or not it moves).
         link_sets = ((), (H2D,), (D2H,), (H2D, D2H))
         self.rates = tuple(tuple(byte_rates(hw, {*m, *self.directions[2:]}).get(d, 0.0) for d in self.directions)
                            for m in link_sets)
-        self.total_rate = tuple(link_rate(byte_rates(hw, set(m))) for m in link_sets)
 
     @property
     def busy(self) -> dict[str, float]:
@@ -162,9 +162,12 @@ class FluidLinks:
             raise ValueError(f"copy {copy.op_id} issued at {at} before the links' clock {self.now}")
         self.queues[self.slot_of[stream_of(self.hw, copy)]].append((at, copy))
 
-    def moving_rate(self) -> float:
-        """Bytes/s moving over the link now, both directions together (after `advance`)."""
-        return self.total_rate[self._moving()]
+    def moved_until(self, until: float) -> float:
+        """Bytes the link moves from the clock (the last `advance`) to `until`, both directions together;
+        advances to `until`."""
+        before = self.link_bytes
+        self.advance(until)
+        return self.link_bytes - before
 
     def idle(self, at: float) -> bool:
         """Whether every copy issued so far has completed by `at` (advancing the model to `at`)."""
@@ -246,6 +249,8 @@ class FluidLinks:
         self.seconds[slot] += t - self.now
         if moving:
             self.remaining[slot] -= rate * (t - self.now)
+            if slot < len(LINK):
+                self.link_bytes += rate * (t - self.now)
         if self.setup_until[slot] <= t + EPSILON and self.remaining[slot] <= self.negligible[slot]:
             self.done[copy.op_id] = t
             self.copy[slot] = None

@@ -3,9 +3,13 @@
 Layer l is reached when layer l-1 ends (layer 0 at the iteration's start, when the prologue is issued);
 its `issue` copies are issued then; it starts once its `wait` copies are complete (the difference is its
 stall); it computes for `CostModel.layer_time` of the batch (of each of FlexGen's GPU batches in turn),
-with the bytes/s the copies move over the link at its start charged against HBM (the link's
-`compute_contention`); its `evict` copies are issued when it ends. The LM head follows the last layer.
-Copies still in flight carry on into the next iteration.
+with the bytes/s the copies move over the link meanwhile charged against HBM (the link's
+`compute_contention`, or a profile's measured slow-down): the bytes they move during the layer's time
+alone, over that time, so that a copy moving through a tenth of a layer slows a tenth of it; its
+`evict` copies are issued when it ends. The LM head follows the last layer.
+Copies still in flight carry on into the next iteration. Issuing a copy takes `CostModel.issue_time` of
+the compute clock (a calibrated host cost; zero on the roofline): the copy starts when it has been
+issued, and the layers after it start that much later.
 
 In a run this is one SimPy event per iteration (`iteration`), however many layers and copies it has,
 and one per decode run (`decode_run`: plain decode iterations, priced in one array operation).
@@ -70,6 +74,13 @@ class Timeline:
         self.links.advance(end)
         return seconds, ends, sequences, blocks
 
+    def _issue(self, copies, t: float) -> float:
+        """Issue `copies` one after another from `t`, each when the host has issued it; returns when it is done."""
+        for copy in copies:
+            t += self.cost_model.issue_time(copy.calls)
+            self.links.issue(copy, t)
+        return t
+
     def run(self, plan: Plan, start: float) -> IterationStats:
         cm, links = self.cost_model, self.links
         if not (plan.prologue or plan.layers) and self.accepts_runs(start):
@@ -83,19 +94,17 @@ class Timeline:
         for kind in traced:
             self._counted[kind] += 1
         busy_before = dict(links.busy)
-        for copy in plan.prologue:
-            links.issue(copy, start)
-        t, computes, stalls = start, [], []
-        prices: dict[float, float] = {}  # link bandwidth → layer time: the batches are the same in every layer
+        t, computes, stalls = self._issue(plan.prologue, start), [], []
+        alone = layer_seconds(cm, plan)  # the batches are the same in every layer
+        prices = {0.0: alone}            # link bytes/s → layer time
         for layer in range(cm.model.num_layers):
             step = plan.step(layer)
-            for copy in step.issue:
-                links.issue(copy, t)
+            t = self._issue(step.issue, t)
             begin = t
             for op in step.wait:
                 begin = max(begin, links.completion(op))
             links.advance(begin)
-            bandwidth = links.moving_rate()
+            bandwidth = links.moved_until(begin + alone) / alone if alone > 0 else 0.0
             took = prices.get(bandwidth)
             if took is None:
                 took = prices[bandwidth] = layer_seconds(cm, plan, bandwidth)
@@ -103,13 +112,12 @@ class Timeline:
             computes.append(took)
             for kind in traced:
                 self.trace[kind][0].append((plan.iteration, layer, begin, took))
-            t = begin + took
-            for copy in step.evict:
-                links.issue(copy, t)
+            t = self._issue(step.evict, begin + took)
         head = head_seconds(cm, plan)
         links.advance(t + head)  # link busy time is counted up to the end of the iteration it falls in
         for kind in traced:
             self.trace[kind][1].extend((plan.iteration, c) for c in copies)
-        return IterationStats(plan.iteration, start, t + head, sum(computes) + head, sum(stalls),
+        issuing = sum(cm.issue_time(copy.calls) for copy in copies)
+        return IterationStats(plan.iteration, start, t + head, sum(computes) + head + issuing, sum(stalls),
                               *plan.bytes_moved(), links.busy[H2D] - busy_before[H2D], links.busy[D2H] - busy_before[D2H],
                               tuple(computes), tuple(stalls))

@@ -8,7 +8,7 @@ import torch
 
 from hwmodels import BatchShape, CatalogError, CostModel, load_hardware, load_model
 from hwmodels.profile import LAYER_TERMS, features, interpolate, relative_fit
-from pie_exec.calibrate import Calibration, Grid, Point
+from pie_exec.calibrate import Calibration, Grid, Point, residuals
 from pie_exec.cli import main as pie_exec
 from pie_exec.weights import random_transformer
 
@@ -58,6 +58,7 @@ def synthetic_points() -> list[Point]:
         points += [Point("copy", "", calls * 3e-6 + nbytes / 10e9, calls=calls, bytes_h2d=nbytes),
                    Point("copy", "", calls * 3e-6 + nbytes / 8e9, calls=calls, bytes_d2h=nbytes)]
     points.append(Point("bidirectional", "", 2 * 3e-6 + 2e8 / 12e9, calls=2, bytes_h2d=10**8, bytes_d2h=10**8))
+    points += [Point("issue", "", 40e-6 + 5e-6 * calls, calls=calls) for calls in (1, 4, 8)]
     shape = BatchShape.of(decodes=[256] * 16)
     points.append(Point("contended", "", 1.3 * layer_seconds(shape), shape))
     return points
@@ -96,6 +97,7 @@ def test_calibration_fit_recovers_compute_link_and_contention():
     assert link["latency"] == pytest.approx(3e-6, rel=1e-6)
     assert link["bidirectional"] == pytest.approx(12e9, rel=1e-6)
     assert fit.copy_slowdown_per_gb_s == pytest.approx(0.03, rel=1e-6)
+    assert (fit.copy_issue, fit.copy_issue_per_call) == pytest.approx((40e-6, 5e-6), rel=1e-6)
     mixed = BatchShape.of(prefills=[(100, 300)], decodes=[50, 900, 7])  # a shape the grid never had
     assert fit.layer_time(mixed) == pytest.approx(layer_seconds(mixed), rel=1e-6)
     assert fit.layer_time(mixed, 5e9) == pytest.approx(1.15 * layer_seconds(mixed), rel=1e-6)
@@ -105,6 +107,22 @@ def test_calibration_fit_recovers_compute_link_and_contention():
         assert fit.layer_time(few) == pytest.approx(layer_seconds(few), rel=1e-6)
         assert fit.head_time(few) == pytest.approx(head_seconds(few), rel=1e-6)
     assert all(abs(p.error) < 1e-6 for p in run.points)
+
+
+def test_issue_points_at_or_below_zero_still_fit_a_non_negative_cost():
+    """The issue points are differences of two timings: noise takes some to zero or below (on a GPU, whose
+    host issues ahead of it, they are noise alone). The fit keeps every cost non-negative, and a point below
+    zero neither breaks it nor zeroes the others; its relative error is undefined and left out."""
+    spec = dataclasses.replace(load_model(TINY), dtype_bytes=4)
+    run = Calibration(None, spec, torch.device("cpu"), Grid())
+    others = [p for p in synthetic_points() if p.fit != "issue"]
+    run.points = others + [Point("issue", "", s, calls=c) for c, s in ((1, 2e-6), (4, -3e-6), (8, 1e-6))]
+    fit, _ = run.fit()
+    assert fit.copy_issue >= 0 and fit.copy_issue_per_call >= 0 and fit.issue_time(4) < 2e-6
+    run.points = others + [Point("issue", "", s, calls=c) for c, s in ((1, -20e-6), (4, 250e-6), (8, 500e-6))]
+    fit, _ = run.fit()
+    assert fit.issue_time(8) == pytest.approx(500e-6, rel=0.1) and fit.copy_issue_per_call > 0
+    assert residuals(run.points)["issue"][2] == 2  # the positive points' errors only
 
 
 @pytest.fixture
@@ -133,6 +151,8 @@ def test_a_tiny_real_calibration_writes_a_profile_the_cost_model_predicts_with(t
     with open(out.with_suffix(".csv")) as f:
         rows = [r for r in csv.DictReader(f) if r["fit"] == "layer"]
     assert len(rows) == 2 * 2 + 2 + 1 + 1  # decodes, prefills with no and the longest context, one mixed, one skewed
+    with open(out.with_suffix(".csv")) as f:
+        assert sorted(int(r["calls"]) for r in csv.DictReader(f) if r["fit"] == "issue") == [1, 4, 8]
     errors = []
     for row in rows:
         shape = BatchShape(**{f.name: int(row[f.name]) for f in dataclasses.fields(BatchShape)})
@@ -144,25 +164,7 @@ def test_a_tiny_real_calibration_writes_a_profile_the_cost_model_predicts_with(t
         CostModel(hw, load_model(TINY))  # the catalog's FP16 entry is another model
 
 
-FIT = """
-[fit]
-model = "tiny-opt"
-architecture = "opt, 2 layers, hidden 64, heads 4/4, ffn 256, vocab 1000, 2-byte values"
-threads = 1
-layer_us = 10
-layer_us_per_prefill_token = 1
-layer_us_per_decode_token = 2
-layer_us_per_attended_pair = 0.001
-layer_us_per_kv_token_read = 0.01
-layer_us_per_padded_key = 0.02
-layer_us_per_padded_pair = 0.003
-head_us = 50
-head_us_per_sampled_token = 3
-head_us_per_token = 0
-copy_slowdown_per_gb_s = 0.1
-layer_us_dense_by_tokens = [[1, 100], [4, 160], [8, 200]]
-head_us_lm_head_by_sampled = [[1, 1000], [3, 1600]]
-"""
+FIT = (DATA / "tiny-fit.toml").read_text()
 
 
 def test_a_hand_written_fit_replaces_the_roofline(write):
@@ -175,6 +177,8 @@ def test_a_hand_written_fit_replaces_the_roofline(write):
                                               + 0.02 * padded_keys + 0.003 * padded_pairs) * 1e-6)
     assert cm.layer_time(b, copy_bandwidth=5e9) == pytest.approx(1.5 * cm.layer_time(b))
     assert cm.head_time(b) == pytest.approx((lm_head + 50 + 3 * 3) * 1e-6)
+    assert cm.issue_time(3) == pytest.approx((30 + 3 * 2) * 1e-6)
+    assert CostModel(load_hardware(DATA / "tiny-hw.toml"), load_model(TINY)).issue_time(3) == 0  # the roofline's
     assert_decode_time_is_iteration_time(cm)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from hwmodels import load_hardware
 from pie_policy.plan import D2H, DISK_READ, DISK_WRITE, H2D, LAYER_KV, Copy
-from pie_sim.links import (EPSILON, FixedRateLinks, FluidLinks, byte_rates, full_rates, link_rate, links_for,
+from pie_sim.links import (EPSILON, FixedRateLinks, FluidLinks, byte_rates, full_rates, links_for,
                            setup_time, stream_of)
 
 from .conftest import DATA
@@ -30,6 +30,7 @@ class PlainFluidLinks:
         self.active = {}   # stream → [copy, end of its latency, bytes left]
         self.started, self.done = {}, {}
         self.busy = dict.fromkeys(full_rates(hw), 0.0)
+        self.link_bytes = 0.0  # moved over the link, both directions
 
     def issue(self, copy, at):
         if at < self.now - EPSILON:
@@ -39,8 +40,10 @@ class PlainFluidLinks:
     def rates(self):
         return byte_rates(self.hw, {c.direction for c, setup, _ in self.active.values() if setup <= self.now + EPSILON})
 
-    def moving_rate(self):
-        return link_rate(self.rates())
+    def moved_until(self, until):
+        before = self.link_bytes
+        self.advance(until)
+        return self.link_bytes - before
 
     def idle(self, at):
         self.advance(at)
@@ -94,6 +97,9 @@ class PlainFluidLinks:
 
     def move_to(self, t):
         rates = self.rates()
+        for direction in (H2D, D2H):
+            if direction in rates:
+                self.link_bytes += rates[direction] * (t - self.now)
         for active in self.active.values():
             copy, setup, _ = active
             self.busy[copy.direction] += t - self.now
@@ -144,10 +150,10 @@ def drive(models, rng, copies: int, start: float):
             yield "completion", [model.completion(op) for model in models]
             t = max(t, max(model.now for model in models))
         elif action < 0.9:
-            t += rng.uniform(0, 1e-4)
             for model in models:
                 model.advance(t)
-            yield "moving_rate", [model.moving_rate() for model in models]
+            t += rng.uniform(0, 1e-4)
+            yield "moved_until", [model.moved_until(t) for model in models]
         else:
             t += rng.choice([0.0, rng.uniform(0, 1e-3)])
             yield "idle", [model.idle(t) for model in models]

@@ -39,12 +39,14 @@ def test_one_request_alone_is_the_sum_of_its_layer_times(sim):
 def test_prefetch_hidden_under_compute_adds_no_stall_and_an_exposed_one_adds_the_deficit(sim, nbytes):
     """Layer 1's prefetch is issued when layer 0 is reached and awaited before layer 1: it takes
     5 µs + nbytes / 10 GB/s. Under compute (50 kB: 10 µs < 12.1 µs) no stall; over it (200 kB: 25 µs) the
-    GPU waits exactly the deficit. Contention: while it moves bytes, layer 0 computes against
-    50 - 0.5 · 10 = 45 GB/s of HBM."""
+    GPU waits exactly the deficit. Contention: layer 0 computes against 50 GB/s of HBM less 0.5 times the
+    bytes/s the copy moves during its 12.1 µs alone (all 50 kB; 200 kB moves through the last 7.1 µs)."""
     plan = Plan(0, (), SHAPE, layers=(LayerStep(issue=(h2d(0, 1, nbytes),)), LayerStep(wait=(0,))))
     stats = sim.run(plan, start=0.0)
     transfer = LATENCY + nbytes / H2D_RATE
-    layer0 = C  # the copy is still in its 5 µs setup when layer 0 starts: no bytes moving, no contention
+    layer0 = TINY.layer_time(SHAPE, copy_bandwidth=min(nbytes, H2D_RATE * (C - LATENCY)) / C)
+    assert layer0 > C
+    assert stats.layer_compute_s[0] == pytest.approx(layer0, rel=1e-12)
     assert stats.layer_stall_s == pytest.approx((0.0, max(0.0, transfer - layer0)), abs=1e-15)
     assert stats.bytes_h2d == nbytes and stats.bytes_d2h == 0
 
@@ -65,6 +67,25 @@ def test_copies_of_one_direction_queue_in_issue_order(sim):
     plan = Plan(0, (), SHAPE, prologue=(first, second), layers=(LayerStep(wait=(1,)), LayerStep()))
     stats = sim.run(plan, start=0.0)
     assert stats.layer_stall_s[0] == pytest.approx(2 * (LATENCY + 10e-6), rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", [Timeline, LayerEvents], ids=["recurrence", "simpy"])
+def test_issuing_a_copy_takes_the_profiles_host_time_before_the_copy_starts(backend, write):
+    """tiny-fit.toml: issuing costs 30 µs + 2 µs a call. The prologue's 3-call prefetch leaves the host at
+    36 µs, then takes 3 · 5 µs + 100 kB / 10 GB/s while layer 0 waits for it; layer 0's write-back costs
+    32 µs to issue before layer 1, and moves its 1 kB while layer 1 computes (0.1 slower per GB/s)."""
+    cm = CostModel(load_hardware(write("hw.toml", (DATA / "tiny-hw.toml").read_text()
+                                       + (DATA / "tiny-fit.toml").read_text())), load_model(DATA / "tiny-opt.toml"))
+    prefetch = Copy(0, H2D, LAYER_KV, 0, (), 100_000, 3)
+    plan = Plan(0, (), SHAPE, prologue=(prefetch,),
+                layers=(LayerStep(wait=(0,), evict=(Copy(1, D2H, LAYER_KV, 0, (), 1000, 1),)), LayerStep()))
+    stats = backend(cm).run(plan, start=1.0)
+    stall, layer = 3 * LATENCY + 100_000 / H2D_RATE, cm.layer_time(SHAPE)
+    layer1 = layer * (1 + 0.1 * 1000 / layer / 1e9)
+    assert stats.layer_stall_s == pytest.approx((stall, 0.0), abs=1e-15)
+    assert stats.layer_compute_s == pytest.approx((layer, layer1), rel=1e-12)
+    assert stats.end_s - 1.0 == pytest.approx(36e-6 + stall + layer + 32e-6 + layer1 + cm.head_time(SHAPE), rel=1e-12)
+    assert stats.compute_s == pytest.approx(stats.end_s - 1.0 - stall, rel=1e-12)
 
 
 @pytest.mark.parametrize("hw, links", [("h100-pcie5", "FluidLinks"), ("gh200-96g", "FixedRateLinks")])

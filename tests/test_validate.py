@@ -3,11 +3,16 @@ plans (same bytes moved), and its timing of serving with and without layer copie
 bounds (a 2-core machine timing millisecond iterations; the figures and where they disagree are in
 bench/RESULTS.md). It runs with the profile's thread count, and refuses another."""
 import csv
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from hwmodels import BatchShape, CostModel, load_hardware, load_model
 from pie_exec.cli import main as pie_exec
+from pie_exec.validate import replay
+from pie_policy import LayerStep, Plan
+from pie_policy.plan import H2D, LAYER_KV, Copy
 
 from .conftest import DATA
 
@@ -88,3 +93,17 @@ copy_slowdown_per_gb_s = 0
 """)
     assert pie_exec(["validate", "--profile", str(profile), "--model", "opt-125m", "--out", str(tmp_path / "v")]) == 2
     assert "calibrated for tiny-opt" in capsys.readouterr().out
+
+
+def test_the_replay_starts_a_plan_no_earlier_than_the_one_before_it_ends():
+    """Each plan's prefetch (5 µs + 100 kB at 10 GB/s, tiny-hw.toml) stalls its layer 0 by 15 µs. Measured,
+    the second plan started 1 µs after the first: replayed from there, its copy would queue behind the
+    first plan's work (or be refused by the links' clock); it starts when the first ends instead."""
+    cm = CostModel(load_hardware(DATA / "tiny-hw.toml"), load_model(DATA / "tiny-opt.toml"))
+
+    def plan(i):
+        return Plan(i, (), BatchShape.of(decodes=[10]), prologue=(Copy(i, H2D, LAYER_KV, 0, (), 100_000, 1),),
+                    layers=(LayerStep(wait=(i,)), LayerStep()))
+    replayed = replay(cm, [(plan(i), SimpleNamespace(start_s=start)) for i, start in enumerate((0.0, 1e-6, 1.0))])
+    assert replayed[1].start_s == replayed[0].end_s and replayed[2].start_s == 1.0
+    assert [r.stall_s for r in replayed] == pytest.approx([15e-6] * 3, rel=1e-9)
