@@ -200,6 +200,7 @@ def test_decode_time_is_iteration_time_on_the_roofline():
     (lambda t: t.replace('architecture = "opt', 'arch = "opt'), "unknown field 'fit.arch'"),
     (lambda t: t.replace("copy_slowdown_per_gb_s = 0.1", ""), "missing field 'fit.copy_slowdown_per_gb_s'"),
     (lambda t: t.replace("threads = 1", "threads = 1.5"), "field 'fit.threads' must be a whole number"),
+    (lambda t: t.replace("copy_issue_us = 30", "copy_issue_us = -5"), "field 'fit.copy_issue_us' must not be negative"),
     (lambda t: t.replace("head_us = 50", 'head_us = "fast"'), "field 'fit.head_us' must be a number"),
     (lambda t: t.replace("[[1, 100], [4, 160], [8, 200]]", "[[1, 100]]"), "'fit.layer_us_dense_by_tokens' .*two at least"),
     (lambda t: t.replace("[4, 160], [8, 200]", "[8, 200], [4, 160]"), "rising counts \\(8 then 4\\)"),
