@@ -11,13 +11,14 @@ What is timed (each point: one warm-up, then the median of `repeats`; the comput
 - contention: the widest decode batch at a middle context again, while the copier keeps copying host→device;
 - copies: the executor's copier (a thread on the CPU, one stream a direction on CUDA) moving layer-KV
   blocks each way, in one call and in a few, a layer's worth of copies (one per layer) issued
-  together and timed on the wall from issue to done, as the engine pays them; then both directions at once.
+  together and timed on the wall from issue to done, as the engine pays them; then both directions at once;
+- issue: what issuing a copy adds to a pass of the layers (the host's work, not the copy's bytes).
 
 Fits (least squares of relative errors, non-negative; `hwmodels.profile.relative_fit`): the curves are
 the measured points themselves; layer and head are the iterations' times less their curves' values,
 fitted linearly as `hwmodels.profile` describes; copies as calls · latency + bytes / bandwidth per direction, with one
 latency for both; bidirectional = both directions' bytes / their wall time; copy slowdown = (contended /
-alone − 1) per GB/s of host→device bandwidth. Memory sizes and the roofline figures are the `--base`
+alone − 1) per GB/s of host→device bandwidth; issue cost by absolute NNLS (`_issue_fit`). Memory sizes and the roofline figures are the `--base`
 entry's. The profile is written with the fits' residuals in its header, next to a CSV of every point.
 """
 from __future__ import annotations
@@ -158,7 +159,7 @@ class Calibration:
 
     def __init__(self, model, spec: ModelSpec, device: torch.device, grid: Grid, block_size: int = 16):
         self.model, self.spec, self.device, self.grid = model, spec, device, grid
-        self.block_size, self.cuda = block_size, device.type == "cuda"
+        self.block_size, self.cuda, self.clock = block_size, device.type == "cuda", device_clock(device)
         self.block_bytes = block_size * spec.kv_bytes_per_token_layer  # one block of one layer
         self.points: list[Point] = []
         self.copies_per_point = spec.num_layers
@@ -185,23 +186,26 @@ class Calibration:
                 point.measured = statistics.median(sample[i] for sample in taken[1:])
             self.points += points
 
+    def _seconds(self, work: Callable[[], None]) -> float:
+        """Seconds `work` takes on the device's clock (on a GPU, its work is waited for afterwards)."""
+        start = self.clock.mark()
+        work()
+        end = self.clock.mark()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return self.clock.seconds(start, end)
+
     # ---- compute
     def _curve_jobs(self) -> list[tuple[list[Point], Callable[[], tuple[float]]]]:
         """A layer without its attention at each of the grid's token counts, every layer in turn (as an
         iteration runs them: one layer's weights alone would stay in the CPU's cache), and the LM head with
         greedy sampling, as the engine's last stage runs it, at each of its sampled-token counts."""
-        clock, hidden = device_clock(self.device), self.spec.hidden_size
-        dtype = next(self.model.parameters()).dtype
+        hidden, dtype = self.spec.hidden_size, next(self.model.parameters()).dtype
 
         def timer(work, per: int = 1):
             @torch.inference_mode()
             def sample() -> tuple[float]:
-                start = clock.mark()
-                work()
-                end = clock.mark()
-                if self.cuda:
-                    torch.cuda.synchronize(self.device)
-                return (clock.seconds(start, end) / per,)
+                return (self._seconds(work) / per,)
             return sample
 
         jobs = []
@@ -316,7 +320,6 @@ class Calibration:
         The copies are too small for their bytes to count; what is measured is the host's work: on the CPU
         the copier thread waking and taking the GIL from the layers, ~0.1 ms a copy, where issuing them
         alone takes ~0.02."""
-        n, clock = self.spec.num_layers, device_clock(self.device)
         tokens = sorted(self.grid.batches)[len(self.grid.batches) // 2]
         h = torch.randn(tokens, self.spec.hidden_size, dtype=next(self.model.parameters()).dtype, device=self.device)
         positions = torch.zeros(tokens, dtype=torch.long, device=self.device)
@@ -328,12 +331,7 @@ class Calibration:
                 pair = [self._fresh(dataclasses.replace(copy[d], layer=layer)) for d in (D2H, H2D)]
                 executor._issue(pair)
                 issued.extend(pair)
-            start = clock.mark()
-            self._dense_pass(h, positions, None if issued is None else issue)
-            end = clock.mark()
-            if self.cuda:
-                torch.cuda.synchronize(self.device)
-            return clock.seconds(start, end)
+            return self._seconds(lambda: self._dense_pass(h, positions, None if issued is None else issue))
 
         def sample() -> tuple[float]:
             issued: list[Copy] = []
