@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from hwmodels import load_model
+from hwmodels import GiB, load_model
 from pie_exec.engine import Executor
 from pie_exec.run import Prompt, run, trace_prompts
 from pie_exec.weights import random_transformer
@@ -27,7 +27,6 @@ from pie_policy.plan import H2D, LAYER_KV
 from pie_policy.sizing import engine_config, make_policy, policy_share
 from traces import load_workload
 
-GiB = 1024**3
 
 
 def serve(model, spec, device, policy_name, prompts, gpu_kv_bytes, cpu_kv_bytes, share=None):

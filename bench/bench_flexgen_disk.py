@@ -12,11 +12,10 @@ import dataclasses
 
 import pandas as pd
 
-from hwmodels import CapacityError, CostModel, load_hardware, load_model
+from hwmodels import CapacityError, CostModel, GiB, load_hardware, load_model
 from pie_policy.sizing import build_policy
 from pie_sim.simulate import simulate
 
-GiB = 1024**3
 PROMPT, OUTPUT = 512, 32
 CASES = [("gh200-96g", "opt-175b", 480), ("gh200-96g", "opt-175b", 240),
          ("h100-pcie5", "opt-175b", 1024), ("h100-pcie5", "opt-175b", 240), ("h100-pcie5", "opt-66b", 1024)]

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from hwmodels import CapacityError, CostModel, load_hardware, load_model
+from hwmodels import CapacityError, CostModel, GiB, load_hardware, load_model
 from hwmodels.hardware import HARDWARE_DIR
 from pie_sim.parallel import run_parallel
 from pie_sim.scenario import Scenario, simulate_scenario
 from pie_sim.simulate import SimResult
 
-GiB = 1024**3
 HW = "pcie-8x-l40s"
 LINK_FIELDS = ("h2d_gb_s", "d2h_gb_s", "bidirectional_gb_s", "switch_uplink_gb_s")
 

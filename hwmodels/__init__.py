@@ -3,7 +3,7 @@ from .batch import BatchShape
 from .costmodel import CapacityError, CostModel, MemoryBudget
 from .hardware import HardwareSpec, hardware_names, load_hardware
 from .models import ModelSpec, load_model, model_names
-from .spec import CatalogError
+from .spec import CatalogError, GiB
 
-__all__ = ["BatchShape", "CapacityError", "CatalogError", "CostModel", "HardwareSpec", "MemoryBudget",
+__all__ = ["BatchShape", "CapacityError", "CatalogError", "CostModel", "GiB", "HardwareSpec", "MemoryBudget",
            "ModelSpec", "hardware_names", "load_hardware", "load_model", "model_names"]

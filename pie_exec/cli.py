@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from hwmodels import CatalogError, CostModel, hardware_names, load_hardware, load_model
+from hwmodels import CatalogError, CostModel, GiB, hardware_names, load_hardware, load_model
 from pie_policy import POLICIES, ConfigError
 from pie_policy.sizing import add_engine_arguments, engine_config, engine_settings, make_policy, policy_share
 from traces import TraceError, load_workload
@@ -22,7 +22,6 @@ from .validate import report, validate
 from .weights import ModelFolderError, load_hf_folder, random_transformer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-GiB = 1024**3
 
 
 def cmd_env(args: argparse.Namespace, console: Console) -> None:

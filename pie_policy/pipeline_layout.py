@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hwmodels import BatchShape, CapacityError, CostModel, ModelSpec
+from hwmodels import BatchShape, CapacityError, CostModel, GiB, ModelSpec
 
-GiB = 1024**3
 
 
 def split_layers(num_layers: int, num_stages: int) -> tuple[int, ...]:

@@ -7,12 +7,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from hwmodels import load_hardware
+from hwmodels import GiB, load_hardware
 
 from .capacity import Answer
 from .scenario import Scenario
 
-GiB = 1024**3
 BASELINE = "vllm"  # what the other policies are compared with, when it is among them
 
 

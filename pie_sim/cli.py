@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 
-from hwmodels import CatalogError, CostModel, load_hardware, load_model
+from hwmodels import CatalogError, CostModel, GiB, load_hardware, load_model
 from pie_policy import ConfigError
 from pie_policy.pipeline import PIPELINE_POLICIES
 from pie_policy.records import request_table
@@ -28,7 +28,6 @@ from .parallel import run_parallel
 from .scenario import Scenario, simulate_scenario, workload_of
 from .sweep import BACKENDS, load_grid, run_sweep, todo, varying_options, write_results
 
-GiB = 1024**3
 
 DEFAULT_HW = "gh200-96g,h100-pcie5,h200-pcie5,a100-80g-pcie4"
 

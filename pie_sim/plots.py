@@ -6,10 +6,11 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+from hwmodels import GiB
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-GiB = 1024**3
 POINTS = 2000  # per line: a long run has 10^5+ iterations, which Agg would take seconds to draw
 
 

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from hwmodels import CostModel, load_hardware, load_model
+from hwmodels import CostModel, GiB, load_hardware, load_model
 from pie_policy.sizing import link_bound_share
 
 from .capacity import search
 from .parallel import run_parallel
 from .scenario import Scenario, summarize, workload_of
 
-GiB = 1024**3
 MODELS, TRACES = ("opt-13b", "opt-30b"), ("sharegpt", "alpaca")
 SEARCHED = ("vllm", "pie")
 PAPER_GPU_MEM_UTIL = 0.9

@@ -6,12 +6,11 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from hwmodels import load_hardware
+from hwmodels import GiB, load_hardware
 
 from .capacity_report import write_rows
 from .reproduce import PAPER_GPU_MEM_UTIL, SEARCHED, Findings, Grid, Panel, facts, findings, label
 
-GiB = 1024**3
 
 
 def claims_of(grid: Grid) -> list[tuple[str, str, Callable[[Findings], float | None]]]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from hwmodels import CostModel, load_hardware, load_model
+from hwmodels import CostModel, GiB, load_hardware, load_model
 from pie_policy import ConfigError
 from pie_policy.pipeline import PIPELINE_POLICIES
 from pie_policy.sizing import build_policy
@@ -16,7 +16,6 @@ from traces import load_workload
 from .pipeline_sim import simulate_pipeline
 from .simulate import SimResult, simulate
 
-GiB = 1024**3
 
 
 @dataclass(frozen=True)

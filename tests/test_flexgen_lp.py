@@ -3,14 +3,13 @@ import re
 
 import pytest
 
-from hwmodels import BatchShape, CostModel, load_hardware, load_model
+from hwmodels import BatchShape, CostModel, GiB, load_hardware, load_model
 from hwmodels.hardware import HARDWARE_DIR
 from pie_policy.flexgen_lp import evaluate, search, solve
 
 from .conftest import DATA
 
 MiB = 2**20
-GiB = 2**30
 
 
 def cost_model(hw, model):

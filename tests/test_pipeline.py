@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hwmodels import BatchShape, CapacityError, CostModel, load_hardware, load_model
+from hwmodels import BatchShape, CapacityError, CostModel, GiB, load_hardware, load_model
 from hwmodels.hardware import HARDWARE_DIR
 from pie_policy import Request, State
 from pie_policy.blocks import CPU
@@ -21,7 +21,6 @@ from traces import load_workload
 
 from .conftest import DATA
 
-GiB = 1024**3
 
 
 @pytest.mark.parametrize("layers, stages", [(10, 4), (64, 8), (80, 8), (6, 6), (7, 3)])
