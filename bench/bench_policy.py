@@ -8,30 +8,34 @@ from __future__ import annotations
 import argparse
 import time
 
-from hwmodels import CostModel, load_hardware, load_model
+from hwmodels import CostModel, GiB, load_hardware, load_model
 from pie_policy import IterationStats
-from pie_policy.sizing import ALL_POLICIES, build_policy
+from pie_policy.sizing import SINGLE_GPU_POLICIES, build_policy
+from pie_serving import Serving, drive
+from pie_sim.simulate import workload_rows
 from traces import load_workload
 
 
-def drive(policy, cost_model, workload) -> tuple[int, float]:
-    """Run the workload through the policy; returns (iterations, simulated seconds)."""
-    arrivals = workload.arrival_s.tolist()
-    prompts, outputs = workload.prompt_tokens.tolist(), workload.output_tokens.tolist()
-    now, i, iterations = 0.0, 0, 0
-    while i < len(arrivals) or policy.has_work:
-        while i < len(arrivals) and arrivals[i] <= now:
-            policy.add_request(i, arrivals[i], prompts[i], outputs[i])
-            i += 1
-        plan = policy.next_iteration()
-        if plan is None:
-            now = arrivals[i]
-            continue
-        took = cost_model.iteration_time(plan.shape)
-        policy.observe(plan, IterationStats(plan.iteration, now, now + took, took, 0.0, 0, 0, 0, 0))
-        now += took
-        iterations += 1
-    return iterations, now
+class ClosedForm:
+    """A backend in which every plan takes the cost model's iteration time: no copies, no stall."""
+
+    def __init__(self, cost_model: CostModel):
+        self.cost_model, self.now, self.iterations = cost_model, 0.0, 0
+
+    def run(self, plan, start_s: float) -> IterationStats:
+        took = self.cost_model.iteration_time(plan.shape)
+        self.now, self.iterations = start_s + took, self.iterations + 1
+        return IterationStats.of(plan, start_s, self.now, took, 0.0)
+
+    def wait_until(self, t: float) -> None:
+        self.now = t
+
+
+def serve(policy, cost_model, workload) -> tuple[int, float]:
+    """Run the workload through the policy on the serving loop; returns (iterations, simulated seconds)."""
+    backend = ClosedForm(cost_model)
+    drive(Serving(policy, workload_rows(workload)), backend, lambda: backend.now, backend.wait_until)
+    return backend.iterations, backend.now
 
 
 def main() -> None:
@@ -44,13 +48,13 @@ def main() -> None:
     cm = CostModel(load_hardware(args.hw), load_model(args.model))
     workload = load_workload(args.trace, args.requests)
     print(f"{args.requests} {args.trace} requests, {args.model} on {args.hw}")
-    for name in ALL_POLICIES:
-        policy = build_policy(name, cm, cpu_mem_bytes=200 * 1024**3, mean_prompt=int(workload.prompt_tokens.mean()),
+    for name in SINGLE_GPU_POLICIES:
+        policy = build_policy(name, cm, cpu_mem_bytes=200 * GiB, mean_prompt=int(workload.prompt_tokens.mean()),
                               mean_output=int(workload.output_tokens.mean()))
         start = time.perf_counter()
-        iterations, simulated = drive(policy, cm, workload)
+        iterations, simulated = serve(policy, cm, workload)
         wall = time.perf_counter() - start
-        print(f"  {name:9s} {iterations:7d} iterations, {simulated:7.1f} s simulated, wall {wall:5.2f} s: "
+        print(f"  {name:14s} {iterations:7d} iterations, {simulated:7.1f} s simulated, wall {wall:5.2f} s: "
               f"{iterations / wall:8.0f} iterations/s, {args.requests / wall:6.0f} requests/s")
 
 

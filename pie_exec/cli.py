@@ -2,26 +2,25 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from hwmodels import CatalogError, CostModel, GiB, hardware_names, load_hardware, load_model
+from hwmodels import CatalogError, GiB, hardware_names, load_hardware, load_model
 from pie_policy import POLICIES, ConfigError
-from pie_policy.sizing import add_engine_arguments, engine_config, engine_settings, make_policy, policy_share
+from pie_policy.sizing import engine_config, make_policy, policy_share
+from pie_serving.options import engine_settings
 from traces import TraceError, load_workload
 
 from .calibrate import add_grid_arguments, calibrate, grid_from
 from .engine import Executor
+from .options import (add_device_arguments, add_threads_argument, add_workload_arguments, catalog_model, device_dtype,
+                      set_threads)
 from .pipeline import serve
 from .run import InputError, read_prompts, run, trace_prompts, write_outputs
-from .validate import report, validate
-from .weights import ModelFolderError, load_hf_folder, random_transformer
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .weights import ModelFolderError, load_hf_folder
 
 
 def cmd_env(args: argparse.Namespace, console: Console) -> None:
@@ -39,37 +38,15 @@ def cmd_env(args: argparse.Namespace, console: Console) -> None:
         console.print(f"simulate with: cpu-host ({hw.description})")
 
 
-def _device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device here (see `pie-exec env`)")
-    return device, DTYPES[args.dtype or ("float32" if device.type == "cpu" else "float16")]
-
-
-def _catalog_model(name: str, seed: int, dtype: torch.dtype, device: torch.device):
-    """A catalog model (or model TOML) at `dtype`, randomly initialised: (model, spec)."""
-    spec = dataclasses.replace(load_model(name), dtype_bytes=torch.finfo(dtype).bits // 8)
-    return random_transformer(spec, seed, dtype=dtype, device=device), spec
-
-
-def _set_threads(threads: int | None) -> None:
-    """torch's intra-op threads (default: torch's own choice). CPU timings depend on it, so a profile
-    records it and validate runs with it."""
-    if threads is not None:
-        if threads < 1:
-            raise InputError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
-
-
 def cmd_run(args: argparse.Namespace, console: Console) -> None:
-    _set_threads(args.threads)
-    device, dtype = _device_dtype(args)
+    set_threads(args.threads)
+    device, dtype = device_dtype(args)
     stages = args.pipeline_stages
     build_on = device if stages == 1 else torch.device("cpu")  # a pipeline's ranks move their parts to their GPUs
     if args.model_path:
         model, spec, _ = load_hf_folder(Path(args.model_path), dtype=dtype, device=build_on)
     else:
-        model, spec = _catalog_model(args.model, args.seed, dtype, build_on)
+        model, spec = catalog_model(args.model, args.seed, dtype, build_on)
     model.eval()
     if args.prompts:
         prompts = read_prompts(Path(args.prompts), spec.vocab_size, spec.max_context)
@@ -100,8 +77,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> None:
-    _set_threads(args.threads)
-    device, dtype = _device_dtype(args)
+    set_threads(args.threads)
+    device, dtype = device_dtype(args)
     base = args.base or ("cpu-host" if device.type == "cpu" else None)
     if base is None:
         raise InputError("--device cuda: name the catalog entry whose memory and roofline the profile keeps, "
@@ -115,47 +92,8 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> None:
         grid.batches_of(load_model(args.model).max_context)
     except ValueError as e:
         raise InputError(str(e)) from None
-    model, spec = _catalog_model(args.model, 0, dtype, device)
+    model, spec = catalog_model(args.model, 0, dtype, device)
     calibrate(model.eval(), spec, device, grid, base, out, str(dtype).removeprefix("torch."), console)
-
-
-def cmd_validate(args: argparse.Namespace, console: Console) -> None:
-    device, dtype = _device_dtype(args)
-    hw = load_hardware(args.profile)
-    calibrated = hw.fit.threads if hw.fit else None  # a catalog entry has no thread count
-    if None not in (args.threads, calibrated) and args.threads != calibrated:
-        raise InputError(f"--threads {args.threads}: the profile was calibrated with {calibrated} threads, and "
-                         f"times depend on it; validate with its count (the default) or calibrate again")
-    _set_threads(calibrated if args.threads is None else args.threads)
-    names = [n.strip() for n in args.policies.split(",") if n.strip()]
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown or not names:
-        raise InputError(f"--policies: unknown policy '{unknown[0] if unknown else ''}' (known: {', '.join(POLICIES)})")
-    if args.rounds < 1:
-        raise InputError(f"--rounds must be at least 1, got {args.rounds}")
-    model, spec = _catalog_model(args.model, args.seed, dtype, device)
-    CostModel(hw, spec)  # refuses a profile calibrated for another model before anything runs
-    workload = load_workload(args.trace, args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed,
-                             max_total_tokens=spec.max_context + 1)
-    prompts = trace_prompts(workload, spec.vocab_size, args.seed)
-    comparisons = validate(names, model.eval(), spec, device, hw, prompts, int(args.gpu_kv_gb * GiB),
-                           int(args.cpu_kv_gb * GiB), args.share, engine_settings(args), args.rounds,
-                           console.is_terminal)
-    report(comparisons, Path(args.out), console)
-    console.print(f"wrote {args.out}/validate.csv and validate.png")
-
-
-def _workload_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-requests", type=int, default=16)
-    p.add_argument("--rate", type=float, help="re-time arrivals at this rate (req/s; inf: all at once)")
-    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of re-timed gaps")
-    p.add_argument("--gpu-kv-gb", type=float, default=0.25, help="GPU KV pool (with the staging area), GiB")
-    p.add_argument("--cpu-kv-gb", type=float, default=1.0, help="CPU KV pool, GiB")
-    add_engine_arguments(p)
-
-
-def _threads_argument(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--threads", type=int, help=f"torch CPU threads (default {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,41 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", default="opt-125m", help="catalog model, randomly initialised with --seed")
     model.add_argument("--model-path", help="a local Hugging Face folder (config.json + *.safetensors)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
+    add_device_arguments(p)
     p.add_argument("--policy", default="pie", choices=POLICIES)
     work = p.add_mutually_exclusive_group()
     work.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
     work.add_argument("--prompts", help="JSONL: {\"id\", \"prompt_token_ids\", \"max_new_tokens\"} per line")
-    _workload_arguments(p)
-    _threads_argument(p, "torch's; with --pipeline-stages, a stage's, default the cores shared out")
+    add_workload_arguments(p)
+    add_threads_argument(p, "torch's; with --pipeline-stages, a stage's, default the cores shared out")
     p.add_argument("--pipeline-stages", type=int, default=1,
                    help="split the layers over this many processes (one GPU each on cuda; gloo on cpu)")
     p.add_argument("--out", required=True, help="folder for requests.csv, iterations.csv, summary.json, tokens.jsonl")
     p.set_defaults(run=cmd_run)
     p = commands.add_parser("calibrate", help="time this machine and write a hardware profile for pie-sim --hw")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device_arguments(p)
     p.add_argument("--model", default="opt-125m", help="catalog model or model TOML")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
     p.add_argument("--base", help="hardware entry whose memory and roofline figures the profile keeps "
                                   "(default cpu-host on cpu)")
     add_grid_arguments(p)
-    _threads_argument(p, "torch's; recorded in the profile")
+    add_threads_argument(p, "torch's; recorded in the profile")
     p.add_argument("--out", required=True, help="the profile (.toml); its points go to the same name .csv")
     p.set_defaults(run=cmd_calibrate)
-    p = commands.add_parser("validate", help="run the executor and the simulator on the same requests, compare")
-    p.add_argument("--profile", required=True, help="hardware profile from `pie-exec calibrate` on this machine")
-    p.add_argument("--model", default="opt-125m", help="catalog model or model TOML (the profile's)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
-    p.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
-    p.add_argument("--policies", default="vllm,static,pie", help=", ".join(POLICIES))
-    p.add_argument("--rounds", type=int, default=1, help="serve every policy this many times, in turn, and "
-                   "compare the medians (a machine whose speed drifts then moves every policy alike)")
-    _workload_arguments(p)
-    _threads_argument(p, "the profile's; another count is refused")
-    p.add_argument("--out", required=True, help="folder for validate.csv and validate.png")
-    p.set_defaults(run=cmd_validate)
     return parser
 
 

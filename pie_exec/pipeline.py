@@ -2,7 +2,7 @@
 talking through torch.distributed (gloo on the CPU, NCCL between GPUs, one GPU a rank); generated tokens
 are those of the single-process executor.
 
-Rank r runs stage r (`split_layers`): an `Executor` over its slice of the layers with the KV pools of
+Rank r runs stage r (`stage_layers`): an `Executor` over its slice of the layers with the KV pools of
 those layers only; rank 0 also embeds the tokens, the last rank also runs the final norm and the LM head.
 The pools' block counts are the policy's, so the KV pool the policy is sized for is the pipeline's: each
 GPU holds its layers' part of every block, and a whole staging area (a slot is one layer's worth).
@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pie_policy import IterationStats, Plan, Policy
+from pie_policy.pipeline_layout import split_layers
 
 from .engine import Executor, StageTimes
 from .model import Transformer
@@ -48,16 +50,13 @@ STAGE_TIMEOUT = timedelta(minutes=10)  # the longest a rank waits for another's 
 PLAN_TIMEOUT = timedelta(days=1)      # the longest the other ranks wait for rank 0's next plan (arrivals)
 
 
-def split_layers(num_layers: int, stages: int) -> list[range]:
-    """Contiguous slices of the layers, one a stage, as even as possible; the first stages take one more
-    where they do not divide (the last one also runs the LM head)."""
+def stage_layers(num_layers: int, stages: int) -> list[range]:
+    """Each stage's contiguous slice of the layers, split as the simulator's pipelines split them (vLLM's
+    rule: `pipeline_layout.split_layers`)."""
     if not 1 <= stages <= num_layers:
         raise InputError(f"--pipeline-stages {stages}: need 1 to {num_layers} stages (at least one of the "
                          f"model's {num_layers} layers each)")
-    size, extra = divmod(num_layers, stages)
-    bounds = [0]
-    for stage in range(stages):
-        bounds.append(bounds[-1] + size + (stage < extra))
+    bounds = list(accumulate(split_layers(num_layers, stages), initial=0))
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
@@ -188,7 +187,7 @@ def _rank_main(rank: int, job: _Job, folder: str) -> None:
                             world_size=job.stages, timeout=STAGE_TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
     config = job.policy.config
-    layers = split_layers(config.num_layers, job.stages)[rank]
+    layers = stage_layers(config.num_layers, job.stages)[rank]
     executor = Executor(place_stage(job.model, layers, device), config, device, job.policy.staging_slots, layers)
     stage = Stage(executor, rank, job.stages, control)
     if rank == 0:
@@ -211,7 +210,7 @@ def serve(model: Transformer, policy: Policy, prompts: list[Prompt], stages: int
           threads: int | None = None, progress: bool = False):
     """`run` over `stages` processes; returns what `run` returns. `model` is on the CPU (each rank moves
     its part to its GPU); `threads`: torch threads a rank (default `default_threads`)."""
-    split_layers(policy.config.num_layers, stages)
+    stage_layers(policy.config.num_layers, stages)
     if device_type == "cuda" and torch.cuda.device_count() < stages:
         raise InputError(f"--pipeline-stages {stages} on cuda needs a GPU a stage; "
                          f"{torch.cuda.device_count()} here")

@@ -15,10 +15,8 @@ from typing import Callable
 import numpy as np
 from rich.progress import Progress
 
-from pie_policy import IterationStats, Plan, Policy, State
-from pie_policy.records import RunRecorder
-
-from .engine import Executor
+from pie_policy import IterationStats, Plan, Policy
+from pie_serving import RunRecorder, Serving, drive
 
 
 class InputError(ValueError):
@@ -73,46 +71,53 @@ def trace_prompts(workload, vocab_size: int, seed: int) -> list[Prompt]:
 def check_fits(policy: Policy, prompts: list[Prompt]) -> None:
     """Refuse up front a workload with a request the pools can never hold, rather than run part of it."""
     for p in prompts:
-        why = policy.scheduler.refusal(len(p.token_ids) + p.max_new_tokens - 1)
+        why = policy.refusal(len(p.token_ids) + p.max_new_tokens - 1)
         if why:
             c = policy.config
             raise InputError(f"request {p.key!r} {why} (GPU pool {c.num_gpu_blocks} blocks, CPU pool "
                              f"{c.num_cpu_blocks} blocks of {c.block_size} tokens): raise --gpu-kv-gb")
 
 
-def run(executor: Executor, policy: Policy, prompts: list[Prompt], progress: bool = True,
+class TokenServer:
+    """The executor as the serving loop's `Backend`: keeps every request's token ids (its prompt, then what
+    it generates), gives each plan's new tokens to the executor (an `Executor` or a pipeline's head) and
+    appends the tokens it samples."""
+
+    def __init__(self, executor, prompts: list[Prompt], run_start: float,
+                 on_iteration: Callable[[Plan, IterationStats], None] | None = None):
+        self.executor, self.run_start, self.on_iteration = executor, run_start, on_iteration
+        self.tokens = {i: list(p.token_ids) for i, p in enumerate(prompts)}
+
+    def run(self, plan: Plan, start_s: float) -> IterationStats:
+        """Execute `plan` now (the executor measures its own start)."""
+        inputs = [self.tokens[s.request_id][s.cached_tokens:s.cached_tokens + s.new_tokens] for s in plan.seqs]
+        stats, sampled, _ = self.executor.execute(plan, inputs, self.run_start)
+        for seq, token in zip([s for s in plan.seqs if s.samples], sampled):
+            self.tokens[seq.request_id].append(token)
+        if self.on_iteration:
+            self.on_iteration(plan, stats)
+        return stats
+
+
+def run(executor, policy: Policy, prompts: list[Prompt], progress: bool = True,
         on_iteration: Callable[[Plan, IterationStats], None] | None = None):
-    """Serve `prompts` to the end; returns (requests, generated token ids per request, recorder, wall s).
-    `on_iteration` sees every executed plan with its stats."""
+    """Serve `prompts` to the end on the serving loop with the wall clock; returns (requests, generated
+    token ids per request, recorder, wall s). `on_iteration` sees every executed plan with its stats."""
     check_fits(policy, prompts)
-    recorder = RunRecorder()
-    tokens = {i: list(p.token_ids) for i, p in enumerate(prompts)}
-    requests, waiting = [], list(enumerate(prompts))
-    start = time.perf_counter()
+    arrivals = [(i, p.arrival_s, len(p.token_ids), p.max_new_tokens) for i, p in enumerate(prompts)]
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("serving", total=len(prompts))
-        while waiting or policy.has_work:
-            now = time.perf_counter() - start
-            while waiting and waiting[0][1].arrival_s <= now:
-                i, p = waiting.pop(0)
-                requests.append(policy.add_request(i, p.arrival_s, len(p.token_ids), p.max_new_tokens))
-            plan = policy.next_iteration()
-            if plan is None:
-                time.sleep(max(0.0, waiting[0][1].arrival_s - now))
-                continue
-            inputs = [tokens[s.request_id][s.cached_tokens:s.cached_tokens + s.new_tokens] for s in plan.seqs]
-            stats, sampled, _ = executor.execute(plan, inputs, start)
-            for seq, token in zip([s for s in plan.seqs if s.samples], sampled):
-                tokens[seq.request_id].append(token)
-            finished = policy.observe(plan, stats)
-            recorder.iteration(plan, stats, policy)
-            if on_iteration:
-                on_iteration(plan, stats)
-            bar.advance(task, len(finished))
+        serving = Serving(policy, arrivals, on_finish=lambda n: bar.advance(task, n))
+        start = time.perf_counter()
+        server = TokenServer(executor, prompts, start, on_iteration)
+
+        def now() -> float:
+            return time.perf_counter() - start
+
+        requests = drive(serving, server, now, lambda t: time.sleep(max(0.0, t - now())))
     wall = time.perf_counter() - start
-    assert all(r.state is State.FINISHED for r in requests)
-    generated = {i: tokens[i][len(p.token_ids):] for i, p in enumerate(prompts)}
-    return requests, generated, recorder, wall
+    generated = {i: server.tokens[i][len(p.token_ids):] for i, p in enumerate(prompts)}
+    return requests, generated, serving.recorder, wall
 
 
 def write_outputs(out: Path, prompts: list[Prompt], requests, generated, recorder: RunRecorder, summary: dict):

@@ -36,6 +36,10 @@ class Schedule:
 
 
 class Scheduler:
+    """One engine's continuous batching: owns its queues (waiting, running, swapped, changed only through
+    its methods) and asks its placement where each new block goes; the block tables it shares with the
+    policy hold the blocks themselves."""
+
     def __init__(self, config: EngineConfig, tables: BlockTables, placement: GpuOnly, swap_preemption: bool):
         self.config, self.tables, self.placement = config, tables, placement
         self.swap_preemption = swap_preemption
@@ -61,6 +65,33 @@ class Scheduler:
             return False
         self.waiting.append(request)
         return True
+
+    def enqueue(self, request: Request) -> None:
+        """Queue a request without asking whether its KV could ever fit this engine (PipeMax streams one
+        that cannot; see pipeline.py)."""
+        self.waiting.append(request)
+
+    def requeue(self, request: Request) -> None:
+        """Put a request preempted elsewhere back at the front of the queue."""
+        self.waiting.appendleft(request)
+
+    def take_head(self) -> Request:
+        """Remove and return the head of the queue (PipeMax streams it instead; it stays this engine's)."""
+        return self.waiting.popleft()
+
+    def seats_left(self) -> int:
+        return self.config.max_num_seqs - len(self.running)
+
+    def adopt(self, request: Request, new_tokens: int, schedule: "Schedule") -> None:
+        """Run a request computed elsewhere from this iteration on, its `computed + new_tokens` tokens of KV
+        in blocks on the GPU (PipeMax hands a streamed request back to an engine with room)."""
+        self.tables.append(request.request_id, GPU, self.config.blocks_for(request.computed + new_tokens))
+        self.running.append(request)
+        schedule.work.append((request, new_tokens))
+
+    def ran(self, batch: list[Request]) -> None:
+        """The running batch after a decode run: those of `batch` still running, in its order."""
+        self.running = [r for r in batch if r.state is State.RUNNING]
 
     @property
     def has_work(self) -> bool:

@@ -117,5 +117,5 @@ def commit(scheduler: Scheduler, run: OpenRun, iterations: int, ends: list[float
             if blocks:
                 tables.extend(request.request_id, GPU, blocks)
             request.decode(iterations, last)
-    scheduler.running = [r for r in run.order if r.state is State.RUNNING]
+    scheduler.ran(run.order)
     return finished

@@ -38,7 +38,10 @@ WRITTEN_BY = {DISK_READ: DISK_WRITE, H2D: D2H}  # what writes back the KV cache 
 
 
 class FlexGenPolicy:
+    """FlexGen as a `ServingPolicy`: owns the queue and the block of requests it computes, and plans each
+    step's copies from the LP's placement."""
     name = "flexgen"
+    micro_batches = 1
 
     def __init__(self, cost_model: CostModel, placement: FlexGenPlacement):
         p = placement
@@ -76,7 +79,7 @@ class FlexGenPolicy:
         total = tokens * self.model.kv_bytes_per_token
         return round(self.placement.cg * total), round(self.cpu_share * total)
 
-    def next_iteration(self) -> Plan | None:
+    def next_iteration(self, micro_batch: int = 0) -> Plan | None:
         if not self.block:
             if not self.waiting:
                 return None
@@ -152,10 +155,6 @@ class FlexGenPolicy:
         copies = tuple(to_cpu.values()) + to_disk
         self._kv_written |= {(c.direction, layer): c.op_id for c in copies if c.kind == LAYER_KV}
         return copies
-
-    def next_run(self) -> None:
-        """No decode runs: FlexGen's iterations are planned one by one (see `Policy.next_run`)."""
-        return None
 
     def observe(self, plan: Plan, stats: IterationStats) -> list[Request]:
         by_id = {r.request_id: r for r in self.block}

@@ -54,9 +54,8 @@ from typing import Iterable
 
 import numpy as np
 
-from hwmodels import BatchShape, CapacityError, CostModel
+from hwmodels import BatchShape, CapacityError, CostModel, GiB
 
-GIB = 1024**3
 DEFAULT_GPU_BATCH_SIZES = tuple(2**i for i in range(11))  # 1 … 1024, powers of two as in FlexGen
 DEFAULT_NUM_GPU_BATCHES = tuple(2**i for i in range(7))   # 1 … 64
 # The rows of a layer's time, in order; the last two only where there is a disk.
@@ -277,7 +276,7 @@ def _why(cm: CostModel, s: int, n: int, gbs: int, ngb: int, util: float, costs: 
 
 
 def _gib(nbytes: float) -> str:
-    return f"{nbytes / GIB:.4g} GiB"
+    return f"{nbytes / GiB:.4g} GiB"
 
 
 def search(cost_model: CostModel, prompt_len: int, gen_len: int, gpu_mem_util: float = 0.9,

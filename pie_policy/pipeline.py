@@ -12,17 +12,16 @@ the simulator, as late as it can be: only when the first stage has started every
   weight passes per token), and the requests HBM cannot hold streamed from CPU memory through a staging
   slot within each window's budget, chosen greedily (pipemax.py, which states the assumptions).
 
-A plan (`MicroBatchPlan`) carries, per stage, a `LayerStep` of copies on that stage's GPU, as a single-GPU
-plan carries one per layer: `issue` when the stage takes the plan (PipeMax: the next plan's prefetch),
+A plan carries its micro-batch and, per stage, a `LayerStep` of copies on that stage's GPU, as a
+single-GPU plan carries one per layer: `issue` when the stage takes the plan (PipeMax: the next plan's prefetch),
 `wait` before it computes (this plan's prefetch, issued by the plan before), `evict` after (write-back).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import count
 from typing import Callable
 
-from hwmodels import BatchShape, CostModel
+from hwmodels import CostModel
 
 from .batching import Schedule, Scheduler
 from .blocks import CPU, GPU, BlockTables
@@ -30,28 +29,12 @@ from .config import ConfigError, EngineConfig
 from .pipeline_layout import StageLayout
 from .pipemax import Group, Streamer
 from .placement import GpuOnly
-from .plan import IterationStats, LayerStep, SeqWork, bytes_by_direction
+from .plan import IterationStats, LayerStep, Plan
 from .policies import shape_of, work_of
+from .registry import PIPELINE, names
 from .request import Request
 
-PIPELINE_POLICIES = ("pp-vllm", "pipemax")
-
-
-@dataclass(frozen=True)
-class MicroBatchPlan:
-    iteration: int                     # plans are numbered in the order they enter the first stage
-    micro_batch: int
-    seqs: tuple[SeqWork, ...]
-    shape: BatchShape
-    stages: tuple[LayerStep, ...] = ()  # per stage, the streamed part's copies; empty when none
-
-    def copies(self):
-        for step in self.stages:
-            yield from step.issue
-            yield from step.evict
-
-    def bytes_moved(self) -> tuple[int, int]:
-        return bytes_by_direction(self.copies())
+PIPELINE_POLICIES = names(PIPELINE)
 
 
 def check_micro_batches(micro_batches: int, stages: int) -> int:
@@ -71,6 +54,9 @@ def _stage_step(stage: int, now: tuple, group: Group | None, ahead: Group | None
 
 
 class PipelinePolicy:
+    """pp-vllm or pipemax as a `ServingPolicy`: owns one scheduler per micro-batch (a virtual engine with
+    its share of the blocks) and, for pipemax, the streamer of the requests HBM cannot hold."""
+
     def __init__(self, name: str, config: EngineConfig, layout: StageLayout, micro_batches: int,
                  cost_model: CostModel, streamer: Streamer | None = None):
         if name not in PIPELINE_POLICIES:
@@ -83,7 +69,7 @@ class PipelinePolicy:
             tables = BlockTables(config.num_gpu_blocks, 0)
             self.schedulers.append(Scheduler(config, tables, GpuOnly(tables, config.watermark_blocks), False))
         self._iterations = count()
-        self._pending: dict[int, tuple[MicroBatchPlan, Schedule, Group | None]] = {}
+        self._pending: dict[int, tuple[Plan, Schedule, Group | None]] = {}
         self._next_group: Group | None = None  # PipeMax: chosen with the latest plan, for the next
 
     @property
@@ -97,7 +83,7 @@ class PipelinePolicy:
         request = Request(request_id, arrival_s, prompt_tokens, output_tokens)
         engine = min(self.schedulers, key=lambda s: len(s.waiting) + len(s.running))
         if self.streamer and engine.refusal(request.max_context) and self.streamer.streamable(request):
-            engine.waiting.append(request)  # too big for the engine's blocks: only ever streamed
+            engine.enqueue(request)  # too big for the engine's blocks: only ever streamed
         else:
             engine.add(request)
         return request
@@ -118,7 +104,7 @@ class PipelinePolicy:
         return cpu / (gpu + cpu) if gpu + cpu else 0.0
 
     # ---- iterations
-    def next_iteration(self, micro_batch: int) -> MicroBatchPlan | None:
+    def next_iteration(self, micro_batch: int = 0) -> Plan | None:
         """The next iteration of `micro_batch` (whose previous one has come back), or None when it has
         nothing to run. PipeMax adds the streamed group chosen with the plan before, and chooses the next;
         a micro-batch with no resident work takes the group alone only while the pipeline has a free
@@ -141,7 +127,7 @@ class PipelinePolicy:
         if self.streamer:
             ahead = self._next_group = self.streamer.select(self.cost_model.layer_time(shape), self._spilled)
             stages = tuple(_stage_step(s, now, group, ahead) for s in range(self.layout.num_stages))
-        plan = MicroBatchPlan(next(self._iterations), micro_batch, seqs, shape, stages)
+        plan = Plan(next(self._iterations), seqs, shape, layers=stages, micro_batch=micro_batch)
         self._pending[plan.iteration] = (plan, schedule, group)
         return plan
 
@@ -152,12 +138,10 @@ class PipelinePolicy:
         c, gpu = engine.config, engine.tables.pools[GPU]
         for request, new in list(group.work):
             blocks = c.blocks_for(request.computed + new)
-            if len(engine.running) >= c.max_num_seqs or gpu.num_free - blocks < c.watermark_blocks:
+            if engine.seats_left() <= 0 or gpu.num_free - blocks < c.watermark_blocks:
                 continue
             self.streamer.release(group, request)
-            engine.tables.append(request.request_id, GPU, blocks)
-            engine.running.append(request)
-            schedule.work.append((request, new))
+            engine.adopt(request, new, schedule)
 
     def _spilled(self, streamable: Callable[[Request], bool]) -> tuple[Scheduler, Request] | None:
         """The oldest `streamable` request at the head of an engine's queue that its engine cannot admit now
@@ -166,12 +150,12 @@ class PipelinePolicy:
         for engine in self.schedulers:
             if engine.waiting and streamable(head := engine.waiting[0]):
                 c = engine.config
-                if len(engine.running) >= c.max_num_seqs or engine.placement.place(
+                if engine.seats_left() <= 0 or engine.placement.place(
                         c.blocks_for(head.context), admitting=True) is None:
                     heads.append((head.arrival_s, head.request_id, engine, head))
         return min(heads)[2:] if heads else None
 
-    def observe(self, plan: MicroBatchPlan, stats: IterationStats) -> list[Request]:
+    def observe(self, plan: Plan, stats: IterationStats) -> list[Request]:
         """Account for a plan that has come back from the last stage; returns the requests that finished."""
         _, schedule, group = self._pending.pop(plan.iteration)
         finished = self.schedulers[plan.micro_batch].complete(schedule, stats.end_s)

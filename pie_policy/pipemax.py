@@ -162,7 +162,7 @@ class Streamer:
             if not budget.take(need, self._seconds(request, request.context)):
                 self.tables.free(request.request_id)
                 break
-            engine.waiting.popleft()
+            engine.take_head()
             request.state = State.RUNNING
             self.origin[request.request_id] = engine
             work.append((request, request.context))
@@ -203,7 +203,7 @@ class Streamer:
         self._written.pop(request.request_id, None)
         request.computed, request.state = 0, State.WAITING
         request.preemptions += 1
-        self.origin.pop(request.request_id).waiting.appendleft(request)
+        self.origin.pop(request.request_id).requeue(request)
 
     def complete(self, group: Group, now: float) -> list[Request]:
         """Advance the group's requests; free and return the ones that finished."""

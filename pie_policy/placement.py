@@ -23,8 +23,10 @@ from .expansion import ExpansionController
 
 
 class GpuOnly:
-    live_cpu = False
+    """The placement interface (what the scheduler asks) and its simplest rule: everything on the GPU."""
+    live_cpu = False  # whether its CPU blocks are live KV (then the policy plans layer swapping)
     gpu_first = True  # a new block goes to the GPU while it has room
+    controller: ExpansionController | None = None  # the online controller that sets its share, if any
 
     def __init__(self, tables: BlockTables, watermark: int = 0):
         self.tables, self.watermark = tables, watermark

@@ -59,13 +59,18 @@ class SeqWork:
 
 @dataclass(frozen=True)
 class Plan:
+    """One iteration of one engine: which sequences compute how many tokens (`seqs`, summed up in
+    `shape`) and the copies around them. `layers` has one step per layer, or, in a pipeline policy's
+    plan, one per stage (a stage's copies are issued, awaited and written back around its layers as one);
+    it is empty when nothing is copied."""
     iteration: int
     seqs: tuple[SeqWork, ...]
     shape: BatchShape
     prologue: tuple[Copy, ...] = ()      # issued before layer 0 (whole-block swaps, first prefetches)
-    layers: tuple[LayerStep, ...] = ()   # one per layer, or empty when no layer has copies
+    layers: tuple[LayerStep, ...] = ()   # one per layer (per stage in a pipeline plan), or empty: no copies
     staging_slots: tuple[int, ...] = ()  # per layer, the staging slot its CPU blocks are read from
     gpu_batches: tuple[BatchShape, ...] = ()  # FlexGen: `shape` split into batches computed one after another
+    micro_batch: int = 0                 # the virtual engine it belongs to (pipeline policies)
 
     def step(self, layer: int) -> LayerStep:
         return self.layers[layer] if self.layers else NO_OPS
@@ -83,16 +88,11 @@ class Plan:
 
     def bytes_moved(self) -> tuple[int, int]:
         """Bytes the plan's copies move host→device and device→host (disk reads and writes stay off the link)."""
-        return bytes_by_direction(self.copies())
-
-
-def bytes_by_direction(copies) -> tuple[int, int]:
-    """Bytes `copies` move host→device and device→host (disk reads and writes stay off the link)."""
-    moved = {H2D: 0, D2H: 0}
-    for copy in copies:
-        if copy.direction in moved:
-            moved[copy.direction] += copy.nbytes
-    return moved[H2D], moved[D2H]
+        moved = {H2D: 0, D2H: 0}
+        for copy in self.copies():
+            if copy.direction in moved:
+                moved[copy.direction] += copy.nbytes
+        return moved[H2D], moved[D2H]
 
 
 @dataclass(frozen=True)
@@ -121,3 +121,11 @@ class IterationStats:
     d2h_busy_s: float
     layer_compute_s: tuple[float, ...] = ()  # per layer, where the backend measures layers
     layer_stall_s: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, plan: Plan, start_s: float, end_s: float, compute_s: float, stall_s: float, h2d_busy_s: float = 0.0,
+           d2h_busy_s: float = 0.0, layer_compute_s: tuple[float, ...] = (),
+           layer_stall_s: tuple[float, ...] = ()) -> "IterationStats":
+        """The stats of `plan` with the bytes its copies move (every backend moves exactly those)."""
+        return cls(plan.iteration, start_s, end_s, compute_s, stall_s, *plan.bytes_moved(), h2d_busy_s, d2h_busy_s,
+                   layer_compute_s, layer_stall_s)

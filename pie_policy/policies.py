@@ -1,22 +1,9 @@
-"""The policies behind one interface. A backend runs:
-
-    policy.add_request(...)                 # as requests arrive (arrival time supplied by the backend)
-    plan = policy.next_iteration()          # None when nothing can run until more requests arrive
-    stats = backend.execute(plan)           # simulated or real
-    finished = policy.observe(plan, stats)  # requests that completed in it
-
-A simulator may instead take several plain decode iterations at once (`next_run`, `commit_run`): the
-same iterations `next_iteration` would plan one by one, when nothing but the tokens changes in them.
-
-| name      | live KV            | when out of blocks               | CPU traffic                          |
-|-----------|--------------------|----------------------------------|--------------------------------------|
-| vllm      | GPU                | preempt, recompute               | none                                 |
-| vllm-swap | GPU                | preempt, swap blocks to CPU      | whole blocks before the iteration    |
-| static    | GPU + fixed share  | preempt, recompute               | FIFO layer swapping                  |
-| pie       | GPU + adaptive     | preempt, recompute               | FIFO layer swapping                  |
-
-FlexGen (`flexgen.py`) has the same interface without continuous batching; `sizing.build_policy` makes
-any of the five from a cost model.
+"""One continuous-batching engine under a placement rule: vllm, vllm-swap, static, pie and prompt-offload
+(registry.py says what each does). It implements `DecodeRunPolicy` (interfaces.py): plans go to a backend,
+stats come back; a simulator may also take several plain decode iterations at once (`next_run`,
+`commit_run`): the same iterations `next_iteration` would plan one by one, when nothing but the tokens
+changes in them. FlexGen (`flexgen.py`) and the pipeline policies (`pipeline.py`) implement
+`ServingPolicy`; `sizing.build_policy` makes any of them from a cost model.
 """
 from __future__ import annotations
 
@@ -27,14 +14,14 @@ from hwmodels import BatchShape
 from . import decode_runs
 from .batching import Schedule, Scheduler
 from .blocks import CPU, GPU, BlockTables
-from .config import ConfigError, EngineConfig, check_share
+from .config import ConfigError, EngineConfig
 from .expansion import ExpansionController
 from .layerswap import FifoLayerSwap
-from .placement import Expanding, GpuOnly, StaticShare
 from .plan import BLOCK_KV, D2H, H2D, Copy, DecodeRun, IterationStats, LayerStep, Plan, SeqWork
+from .registry import ENGINE, EXEC, REGISTRY, SWAP_SPACE, names
 from .request import Request
 
-POLICIES = ("vllm", "vllm-swap", "static", "pie")
+POLICIES = names(ENGINE, EXEC)  # the single-engine policies, which both backends run
 
 
 def work_of(work, tables: BlockTables) -> tuple[SeqWork, ...]:
@@ -50,28 +37,27 @@ def shape_of(seqs) -> BatchShape:
 
 
 class Policy:
+    """One engine: owns the block tables, the scheduler (its queues), the placement it asks where new
+    blocks go and, when CPU blocks hold live KV, the layer-swap planner; it turns each schedule into a
+    `Plan` and each `IterationStats` into the requests' progress (and the controller's next share)."""
+    micro_batches = 1
+
     def __init__(self, name: str, config: EngineConfig, cpu_share: float = 0.0,
                  controller: ExpansionController | None = None):
         if name not in POLICIES:
             raise ConfigError(f"unknown policy '{name}' (known: {', '.join(POLICIES)})")
+        policy = REGISTRY[name]
         self.name, self.config = name, config
         self.tables = BlockTables(config.num_gpu_blocks, config.num_cpu_blocks)
         self._ids = count()
-        self.controller = None
-        keep = config.watermark_blocks
-        if name in ("vllm", "vllm-swap"):
-            placement = GpuOnly(self.tables, keep)
-        elif name == "static":
-            placement = StaticShare(self.tables, keep, check_share("cpu_share", cpu_share), config.num_cpu_blocks)
-        else:
-            self.controller = controller or ExpansionController()
-            placement = Expanding(self.tables, keep, self.controller, config.num_cpu_blocks)
-        if name == "vllm-swap" and config.num_cpu_blocks == 0:
-            raise ConfigError("vllm-swap needs CPU swap space: num_cpu_blocks must be at least 1")
+        placement = policy.placement(self.tables, config, cpu_share, controller)
+        self.controller = placement.controller
+        if policy.cpu_blocks == SWAP_SPACE and config.num_cpu_blocks == 0:
+            raise ConfigError(f"{name} needs CPU swap space: num_cpu_blocks must be at least 1")
         self.swapper = FifoLayerSwap(config.num_layers, config.prefetch_depth, config.num_cpu_blocks,
                                      config.block_bytes_layer, config.block_size, config.dirty_only_writeback,
                                      self._ids, config.coalesce_gap) if placement.live_cpu else None
-        self.scheduler = Scheduler(config, self.tables, placement, swap_preemption=name == "vllm-swap")
+        self.scheduler = Scheduler(config, self.tables, placement, swap_preemption=policy.swap_preemption)
         self._iteration = 0  # the next plan's number
         self._open_run: tuple | None = None
         self._pending: dict[int, Schedule] = {}
@@ -82,6 +68,10 @@ class Policy:
         request = Request(request_id, arrival_s, prompt_tokens, output_tokens)
         self.scheduler.add(request)
         return request
+
+    def refusal(self, max_context: int) -> str:
+        """Why a request holding up to `max_context` tokens of KV could never run ("" if it can)."""
+        return self.scheduler.refusal(max_context)
 
     @property
     def has_work(self) -> bool:
@@ -105,7 +95,7 @@ class Policy:
         return pools[GPU].num_used * block, pools[CPU].num_used * block
 
     # ---- iterations
-    def next_iteration(self) -> Plan | None:
+    def next_iteration(self, micro_batch: int = 0) -> Plan | None:
         schedule = self.scheduler.schedule()
         if not schedule.work:
             return None

@@ -15,29 +15,29 @@ equally by the micro-batches' engines; pipemax streams from `cpu_mem_bytes`.
 """
 from __future__ import annotations
 
-import argparse
 from functools import lru_cache
 
-from hwmodels import BatchShape, CapacityError, CostModel, HardwareSpec, ModelSpec
+from hwmodels import BatchShape, CapacityError, CostModel, GiB, HardwareSpec, ModelSpec
 
 from .config import ConfigError, EngineConfig, check_share
 from .expansion import ExpansionController
 from .flexgen import FlexGenPolicy
 from .flexgen_lp import search
-from .pipeline import PIPELINE_POLICIES, PipelinePolicy, check_micro_batches
+from .pipeline import PipelinePolicy, check_micro_batches
 from .pipeline_layout import stage_layout
 from .pipemax import SLOTS, Streamer, copy_bandwidth_share, slot_blocks
 from .plan import H2D
-from .policies import POLICIES, Policy
+from .policies import Policy
+from .registry import FLEXGEN, LIVE_KV, PIPELINE, REGISTRY, SIM, SWAP_SPACE, entry, names
 
-ALL_POLICIES = POLICIES + ("flexgen",)
-KNOWN_POLICIES = ALL_POLICIES + PIPELINE_POLICIES  # the pipeline ones run on the pipeline simulator
-DEFAULT_SHARE = {"static": 0.2, "pie": 0.5}
+# What a one-GPU system runs: every simulated policy but the pipelines, which take a server's GPUs.
+SINGLE_GPU_POLICIES = tuple(name for name in names(backend=SIM) if REGISTRY[name].family != PIPELINE)
 
 
 def policy_share(name: str, share: float | None) -> float:
-    """`share` if given, else the policy's default: static's CPU share, pie's largest, 0 for the rest."""
-    return DEFAULT_SHARE.get(name, 0.0) if share is None else share
+    """`share` if given, else the policy's default (registry.py): static's CPU share, pie's largest, 0 for
+    the GPU-only ones."""
+    return REGISTRY[name].default_share if share is None else share
 
 
 def engine_config(model: ModelSpec, policy: str, kv_pool_bytes: int, *, cpu_mem_bytes: int = 0,
@@ -47,8 +47,9 @@ def engine_config(model: ModelSpec, policy: str, kv_pool_bytes: int, *, cpu_mem_
     block_layer = block_size * model.kv_bytes_per_token_layer
     block = block_layer * model.num_layers
     cpu_blocks = cpu_mem_bytes // block
-    gpu_blocks, live_cpu = kv_pool_bytes // block, cpu_blocks if policy == "vllm-swap" else 0
-    if policy in ("static", "pie"):
+    cpu_use = REGISTRY[policy].cpu_blocks
+    gpu_blocks, live_cpu = kv_pool_bytes // block, cpu_blocks if cpu_use == SWAP_SPACE else 0
+    if cpu_use == LIVE_KV:
         ratio = check_share("share", share) / (1 - share)
         ring = options.get("prefetch_depth", 1) + 1
         gpu_blocks = int(kv_pool_bytes // (block + ring * ratio * block_layer))
@@ -83,9 +84,9 @@ def coalesce_gap(cost_model: CostModel, block_size: int) -> int:
 
 
 def make_policy(name: str, config: EngineConfig, share: float | None = None) -> Policy:
-    """vllm, vllm-swap, static or pie over `config`; `share` as in engine_config (defaults per policy)."""
+    """A single-engine policy over `config`; `share` as in engine_config (defaults per policy)."""
     share = policy_share(name, share)
-    if name == "pie":
+    if REGISTRY[name].adaptive:
         return Policy(name, config, controller=ExpansionController(max_share=share))
     return Policy(name, config, cpu_share=share)
 
@@ -97,25 +98,24 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
     keeps what it offloads within `cpu_mem_bytes` of CPU memory (0: the host's) and the disk, if any.
     `micro_batches` applies to the pipeline policies only (None: their default)."""
     m, hw = cost_model.model, cost_model.hw
-    if name not in KNOWN_POLICIES:
-        raise ConfigError(f"unknown policy '{name}' (known: {', '.join(KNOWN_POLICIES)})")
+    policy = entry(name, SIM)
     if cpu_mem_bytes > hw.host.memory_bytes:
-        raise ConfigError(f"cpu_mem_bytes {cpu_mem_bytes / 1024**3:.1f} GiB exceeds {hw.name}'s host memory "
-                          f"{hw.host.memory_bytes / 1024**3:.1f} GiB")
+        raise ConfigError(f"cpu_mem_bytes {cpu_mem_bytes / GiB:.1f} GiB exceeds {hw.name}'s host memory "
+                          f"{hw.host.memory_bytes / GiB:.1f} GiB")
     micro_batches = settings.pop("micro_batches", None)
-    if name in PIPELINE_POLICIES:
+    if policy.family == PIPELINE:
         return build_pipeline_policy(name, cost_model, micro_batches=micro_batches, gpu_mem_util=gpu_mem_util,
                                      cpu_mem_bytes=cpu_mem_bytes, context=mean_prompt + mean_output // 2, **settings)
-    if name == "flexgen":
+    if policy.family == FLEXGEN:
         output = min(mean_output, m.max_context - mean_prompt)
         placement = _flexgen_placement(hw, m, mean_prompt, output, gpu_mem_util, cpu_mem_bytes or None)
         return FlexGenPolicy(cost_model, placement)
     tokens = settings.get("max_num_batched_tokens") or max(2048, m.max_context)
     pool = cost_model.memory_budget(gpu_mem_util, tokens, settings.get("max_num_seqs", 256)).kv_pool_bytes
-    if name == "pie" and share is None:
+    if policy.adaptive and share is None:
         share = link_bound_share(cost_model, pool, mean_prompt + mean_output)
     share = policy_share(name, share)
-    if name in ("static", "pie"):
+    if policy.cpu_blocks == LIVE_KV:
         settings.setdefault("coalesce_gap", coalesce_gap(cost_model, settings.get("block_size", 16)))
     config = engine_config(m, name, pool, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
     return make_policy(name, config, share)
@@ -157,20 +157,3 @@ def _flexgen_placement(hw: HardwareSpec, model: ModelSpec, prompt: int, output: 
                        cpu_mem_bytes: int | None):
     """FlexGen's LP search (seconds) once per system and shape: a sweep over rates re-uses it."""
     return search(CostModel(hw, model), prompt, output, gpu_mem_util, cpu_mem_bytes=cpu_mem_bytes)
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine options both command lines take (see `engine_settings`)."""
-    parser.add_argument("--share", type=float, help="static: CPU share (default 0.2); pie: largest share (default: the link's bound "
-                        "in pie-sim, 0.5 in pie-exec)")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--chunked-prefill", action="store_true")
-    parser.add_argument("--prefetch-depth", type=int, default=1, help="layers prefetched ahead (pie, static)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def engine_settings(args: argparse.Namespace) -> dict:
-    """Keyword arguments for engine_config / build_policy from `add_engine_arguments`' options."""
-    return dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs, chunked_prefill=args.chunked_prefill,
-                prefetch_depth=args.prefetch_depth)

@@ -16,8 +16,9 @@ from rich.table import Table
 from hwmodels import CatalogError, CostModel, GiB, load_hardware, load_model
 from pie_policy import ConfigError
 from pie_policy.pipeline import PIPELINE_POLICIES
-from pie_policy.records import request_table
-from pie_policy.sizing import ALL_POLICIES, KNOWN_POLICIES, add_engine_arguments
+from pie_policy.registry import SIM, entry, names
+from pie_serving.options import add_engine_arguments
+from pie_serving.records import request_table
 from traces import TraceError, load_trace
 
 from .chrome_trace import write_chrome_trace
@@ -30,6 +31,7 @@ from .sweep import BACKENDS, load_grid, run_sweep, todo, varying_options, write_
 
 
 DEFAULT_HW = "gh200-96g,h100-pcie5,h200-pcie5,a100-80g-pcie4"
+COMPARED = "vllm,vllm-swap,static,pie,flexgen"  # compare's default: the baselines on one GPU and Pie
 
 
 def _names(text: str) -> list[str]:
@@ -61,9 +63,9 @@ def cmd_preview(args: argparse.Namespace, console: Console) -> None:
 
     with open(out / "preview.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        names = [field.name for field in dataclasses.fields(rows[0])] if rows else []
-        writer.writerow(names + ["gain"])
-        writer.writerows([getattr(r, n) for n in names] + [r.gain] for r in rows)
+        fields = [field.name for field in dataclasses.fields(rows[0])] if rows else []
+        writer.writerow(fields + ["gain"])
+        writer.writerows([getattr(r, n) for n in fields] + [r.gain] for r in rows)
     from .plots import plot_preview  # here: matplotlib takes half a second to import
 
     plot_preview(SHARES, rows, curves, out / "preview.png")
@@ -91,13 +93,13 @@ def _plot_runs(*args) -> None:
     plot_runs(*args)
 
 
-def _simulate_policies(args: argparse.Namespace, names: list[str], console: Console) -> dict:
+def _simulate_policies(args: argparse.Namespace, policies: list[str], console: Console) -> dict:
     """Run each policy on the same requests; write each one's files under --out; returns the summaries.
     The plot is drawn by a second process (the painter, forked: it starts with this one's modules), which
     imports matplotlib while this one simulates and draws while this one writes the files."""
     with ProcessPoolExecutor(1, mp_context=get_context("fork")) as painter:
         painter.submit(_import_plots)
-        summaries, runs, title = _simulate(args, names, console)
+        summaries, runs, title = _simulate(args, policies, console)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         drawing = painter.submit(_plot_runs, runs, Path(args.out) / "runs.png", title)
         for name, (summary, folder, result) in summaries.items():
@@ -114,22 +116,21 @@ def scenario_of(args: argparse.Namespace, policy: str) -> Scenario:
                                  | {"policy": policy})
 
 
-def _simulate(args: argparse.Namespace, names: list[str], console: Console):
+def _simulate(args: argparse.Namespace, policies: list[str], console: Console):
     """({policy: (summary, its folder, result)}, what the plot needs, the plot's title)."""
-    unknown = [n for n in names if n not in KNOWN_POLICIES]
-    if unknown:
-        raise ConfigError(f"unknown policy '{unknown[0]}' (known: {', '.join(KNOWN_POLICIES)})")
+    for name in policies:
+        entry(name, SIM)
     out = Path(args.out)
     summaries, runs = {}, {}
     with Progress(console=console, transient=True) as bar:
-        for name in names:
+        for name in policies:
             scenario = scenario_of(args, name)
             task = bar.add_task(f"{name:9s}", total=len(workload_of(scenario)))
             summary, result = simulate_scenario(scenario, layer_events=args.layer_events,
                                                 traced_iterations=args.trace_iterations,
                                                 on_finish=lambda n, task=task: bar.advance(task, n))
             bar.update(task, visible=False)
-            summaries[name] = (summary, out / name if len(names) > 1 else out, result)
+            summaries[name] = (summary, out / name if len(policies) > 1 else out, result)
             requests, its = request_table(result.requests), result.recorder.iterations
             runs[name] = ({k: requests[k] for k in PLOTTED_REQUESTS}, {k: its[k] for k in PLOTTED_ITERATIONS})
     return summaries, runs, (f"{summary['model']} on {summary['hw']}, {args.trace}, {len(result.requests)} "
@@ -167,8 +168,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> None:
-    names = _names(args.policies)
-    summaries = _simulate_policies(args, names, console)
+    summaries = _simulate_policies(args, _names(args.policies), console)
     out = Path(args.out)
     with open(out / "compare.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, sorted({k for s in summaries.values() for k in s}))
@@ -292,12 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_preview)
 
     p = commands.add_parser("run", help="simulate one policy on a workload")
-    _workload_options(p, lambda q: q.add_argument("--policy", default="pie", help=", ".join(KNOWN_POLICIES)))
+    _workload_options(p, lambda q: q.add_argument("--policy", default="pie", help=", ".join(names(backend=SIM))))
     p.add_argument("--out", required=True, help="folder for the run's files")
     p.set_defaults(run=cmd_run)
 
     p = commands.add_parser("compare", help="simulate several policies on the same requests")
-    _workload_options(p, lambda q: q.add_argument("--policies", default=",".join(ALL_POLICIES)))
+    _workload_options(p, lambda q: q.add_argument("--policies", default=COMPARED))
     # The default is a KV-limited serving load: GH200 with half its HBM for the engine, where vLLM preempts.
     p.set_defaults(rate=20.0, gpu_mem_util=0.5, num_requests=600)
     p.add_argument("--out", default="out/compare", help="folder for compare.csv, runs.png and per-policy files")

@@ -20,9 +20,12 @@ from .timeline import head_seconds, layer_seconds
 
 
 class LayerEvents:
-    def __init__(self, cost_model: CostModel, env: simpy.Environment | None = None):
+    """A `Backend` in simulated time, as `Timeline`, built of SimPy processes in an environment of its own
+    that `run` steps up to each plan's end."""
+
+    def __init__(self, cost_model: CostModel):
         self.cm, self.hw = cost_model, cost_model.hw
-        self.env = env or simpy.Environment()
+        self.env = simpy.Environment()
         self.done: dict[int, simpy.Event] = {}
         self.moving: dict[str, str] = {}          # stream → direction moving bytes
         self.engines: dict[str, tuple[simpy.Store, simpy.Process]] = {}
@@ -93,7 +96,8 @@ class LayerEvents:
         return process.value
 
     def _wait_then(self, start: float, plan: Plan):
-        yield self.env.timeout(start - self.env.now)
+        # The caller's clock reaches the previous plan's end by a sum that may round a bit below it.
+        yield self.env.timeout(max(0.0, start - self.env.now))
         return (yield from self.iteration(plan))
 
     def iteration(self, plan: Plan):
@@ -118,6 +122,6 @@ class LayerEvents:
         head = head_seconds(cm, plan)
         yield env.timeout(head)
         issuing = sum(cm.issue_time(copy.calls) for copy in plan.copies())
-        return IterationStats(
-            plan.iteration, start, env.now, sum(computes) + head + issuing, sum(stalls), *plan.bytes_moved(),
-            self.busy[H2D] - busy_before[H2D], self.busy[D2H] - busy_before[D2H], tuple(computes), tuple(stalls))
+        return IterationStats.of(plan, start, env.now, sum(computes) + head + issuing, sum(stalls),
+                                 self.busy[H2D] - busy_before[H2D], self.busy[D2H] - busy_before[D2H],
+                                 tuple(computes), tuple(stalls))

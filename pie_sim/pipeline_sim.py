@@ -1,6 +1,7 @@
 """A simulated run of a pipeline-parallel policy (pp-vllm, pipemax) on a multi-GPU server, in SimPy.
 
-Processes: arrivals (as in simulate.py) and a driver that plans micro-batch iterations; the stages (one
+Processes: arrivals and a driver that plans micro-batch iterations, both doing the serving loop's steps
+(pie_serving.loop: several plans are in flight here, one per micro-batch at most); the stages (one
 per GPU) and the copies over the server's PCIe tree (fabric.py) run on SimPy timeouts and events. Rules:
 - A plan is made when its micro-batch's previous one has come back and the first stage has taken every
   plan made before (one ahead of it). A micro-batch with nothing to run waits for an arrival or for any
@@ -19,6 +20,7 @@ back, so rows of different micro-batches overlap; compute and stall are summed o
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from typing import Callable
@@ -27,19 +29,19 @@ import pandas as pd
 import simpy
 
 from hwmodels import CostModel
-from pie_policy import IterationStats
-from pie_policy.pipeline import MicroBatchPlan, PipelinePolicy
+from pie_policy import IterationStats, Plan
+from pie_policy.pipeline import PipelinePolicy
 from pie_policy.pipeline_layout import stage_time
-from pie_policy.plan import D2H, H2D, NO_OPS
-from pie_policy.records import RunRecorder
+from pie_policy.plan import D2H, H2D
+from pie_serving import Serving
 
 from .fabric import Copier, Fabric
-from .simulate import CountingEnvironment, SimResult, arrivals, check_all_done, workload_rows
+from .simulate import CountingEnvironment, SimResult, workload_rows
 
 TOKEN_ID_BYTES = 8
 
 
-def activation_bytes(cost_model: CostModel, plan: MicroBatchPlan) -> int:
+def activation_bytes(cost_model: CostModel, plan: Plan) -> int:
     """What a stage sends the next for a plan: vLLM's intermediate tensors, per token the hidden states
     (and, for Llama, the residual)."""
     m = cost_model.model
@@ -59,7 +61,7 @@ class _Run:
         self.made, self.in_flight = 0, 0
         self.times: dict[int, list[float]] = {}          # plan → [start, compute, stall]
         self.wake = env.event()
-        self.came_back: Callable[[MicroBatchPlan], None] = lambda plan: None
+        self.came_back: Callable[[Plan], None] = lambda plan: None
 
     def notify(self) -> None:
         if not self.wake.triggered:
@@ -70,7 +72,7 @@ class _Run:
         self.idle.clear()
         self.notify()
 
-    def start(self, plan: MicroBatchPlan) -> None:
+    def start(self, plan: Plan) -> None:
         """Send a plan just made to the first stage."""
         self.made += 1
         self.in_flight += 1
@@ -83,10 +85,10 @@ class _Stage:
     def __init__(self, run: _Run, index: int):
         self.run, self.index, self.env = run, index, run.env
         self.last = index == run.policy.layout.num_stages - 1
-        self.queue: deque[MicroBatchPlan] = deque()
+        self.queue: deque[Plan] = deque()
         self.busy, self.taken = False, -1
 
-    def arrive(self, plan: MicroBatchPlan) -> None:
+    def arrive(self, plan: Plan) -> None:
         self.queue.append(plan)
         if not self.busy:
             self._take()
@@ -97,7 +99,7 @@ class _Stage:
         if self.index == 0:
             run.times[plan.iteration] = [self.env.now, 0.0, 0.0]
             run.notify()
-        step = plan.stages[self.index] if plan.stages else NO_OPS
+        step = plan.step(self.index)
         for copy in step.issue:
             run.copier.issue(copy, self.index)
         reached = self.env.now
@@ -108,7 +110,7 @@ class _Stage:
             (waiting[0] if len(waiting) == 1 else simpy.AllOf(self.env, waiting)).callbacks.append(
                 lambda _: self._compute(plan, reached))
 
-    def _compute(self, plan: MicroBatchPlan, reached: float) -> None:
+    def _compute(self, plan: Plan, reached: float) -> None:
         run = self.run
         took = stage_time(run.cost_model, run.policy.layout, self.index, plan.shape, run.fabric.gpu_rate(self.index))
         times = run.times[plan.iteration]
@@ -116,9 +118,9 @@ class _Stage:
         times[2] += self.env.now - reached
         self.env.timeout(took).callbacks.append(lambda _: self._computed(plan))
 
-    def _computed(self, plan: MicroBatchPlan) -> None:
+    def _computed(self, plan: Plan) -> None:
         run = self.run
-        for copy in plan.stages[self.index].evict if plan.stages else ():
+        for copy in plan.step(self.index).evict:
             run.copier.issue(copy, self.index)
         if self.last:
             sent = run.copier.send(TOKEN_ID_BYTES * plan.shape.sampled_tokens, self.index, None)
@@ -136,15 +138,21 @@ def simulate_pipeline(policy: PipelinePolicy, cost_model: CostModel, workload: p
     """Serve `workload` with a pipeline policy over every GPU of `cost_model`'s server."""
     started = time.perf_counter()
     env = CountingEnvironment()
-    run, recorder, requests = _Run(policy, cost_model, env), RunRecorder(), []
-    rows = workload_rows(workload)
+    run, serving = _Run(policy, cost_model, env), Serving(policy, workload_rows(workload), on_finish)
+
+    def arrivals():
+        """Queue each request at its arrival time (all those arriving together at once), then wake the
+        micro-batches that had nothing to run."""
+        while (upcoming := serving.next_arrival) < math.inf:
+            if upcoming > env.now:
+                yield env.timeout(upcoming - env.now)
+            serving.admit(max(env.now, upcoming))
+            run.wake_idle()
 
     def driver(arriving: simpy.Process):
         while True:
             if run.made - 1 > run.stages[0].taken or not run.ready:
-                if not run.ready and not run.in_flight and not arriving.is_alive:
-                    if policy.has_work:
-                        raise RuntimeError(f"{policy.name}: requests are waiting but none can run")
+                if not run.ready and not run.in_flight and serving.over():
                     return
                 run.wake = env.event()
                 yield run.wake | arriving if arriving.is_alive else run.wake
@@ -156,24 +164,19 @@ def simulate_pipeline(policy: PipelinePolicy, cost_model: CostModel, workload: p
             else:
                 run.start(plan)
 
-    def came_back(plan: MicroBatchPlan) -> None:
+    def came_back(plan: Plan) -> None:
         start, compute, stall = run.times.pop(plan.iteration)
         busy = {H2D: 0.0, D2H: 0.0}
         for copy in plan.copies():
             if copy.op_id in run.copier.spans:  # a write-back still in flight is not counted
                 begin, end = run.copier.spans[copy.op_id]
                 busy[copy.direction] += end - begin
-        stats = IterationStats(plan.iteration, start, env.now, compute, stall, *plan.bytes_moved(), busy[H2D], busy[D2H])
-        finished = policy.observe(plan, stats)
-        recorder.iteration(plan, stats, policy)
-        if on_finish and finished:
-            on_finish(len(finished))
+        serving.observe(plan, IterationStats.of(plan, start, env.now, compute, stall, busy[H2D], busy[D2H]))
         run.in_flight -= 1
         run.ready.append(plan.micro_batch)
         run.wake_idle()
 
     run.came_back = came_back
-    arriving = env.process(arrivals(env, rows, policy, requests, run.wake_idle))
+    arriving = env.process(arrivals())
     env.run(until=env.process(driver(arriving)))
-    check_all_done(policy.name, requests, rows)
-    return SimResult(requests, recorder, None, env.scheduled, time.perf_counter() - started)
+    return SimResult(serving.close(), serving.recorder, None, env.scheduled, time.perf_counter() - started)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hwmodels import BatchShape, CapacityError, CostModel
+from hwmodels import BatchShape, CapacityError, CostModel, GiB
 
 SHARES = np.round(np.arange(0.0, 0.91, 0.01), 2)
 
@@ -55,8 +55,7 @@ def preview(cm: CostModel, context: int, gpu_mem_util: float, max_seqs: int) -> 
     points = [decode_point(cm, budget.kv_pool_bytes, context, s, max_seqs) for s in SHARES]
     curve = np.array([tok_s for _, tok_s in points])
     best = int(np.argmax(curve))
-    gib = 1024**3
-    row = PreviewRow(cm.hw.name, cm.model.name, budget.weight_bytes / gib, budget.kv_pool_bytes / gib,
+    row = PreviewRow(cm.hw.name, cm.model.name, budget.weight_bytes / GiB, budget.kv_pool_bytes / GiB,
                      points[0][0], points[0][1], float(SHARES[best]), points[best][0], points[best][1])
     return row, curve
 

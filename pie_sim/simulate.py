@@ -1,5 +1,6 @@
-"""A simulated run: requests arrive (a SimPy process) while the engine loop (another) plans iterations
-with the policy and executes them on the timeline, until every request has finished or been rejected."""
+"""A simulated run: the serving loop (pie_serving.loop) as a SimPy process, with the simulated clock, on a
+backend that prices each plan by exact recurrence (`Timeline`) or by one SimPy event per layer and copy
+(`LayerEvents`, a check), until every request has finished or been rejected."""
 from __future__ import annotations
 
 import time
@@ -10,8 +11,10 @@ import pandas as pd
 import simpy
 
 from hwmodels import CostModel
-from pie_policy import Request, State
-from pie_policy.records import RunRecorder
+from pie_policy import Plan, Request
+from pie_policy.interfaces import ServingPolicy
+from pie_policy.plan import DecodeRun
+from pie_serving import Arrival, RunRecorder, Serving, serve
 
 from .layer_events import LayerEvents
 from .timeline import Timeline
@@ -35,73 +38,51 @@ class SimResult:
     wall_s: float
 
 
-def workload_rows(workload: pd.DataFrame) -> list[tuple]:
+def workload_rows(workload: pd.DataFrame) -> list[Arrival]:
     """(request_id, arrival_s, prompt_tokens, output_tokens) per request, in arrival order."""
     return list(zip(workload.request_id.tolist(), workload.arrival_s.tolist(),
                     workload.prompt_tokens.tolist(), workload.output_tokens.tolist()))
 
 
-def arrivals(env: simpy.Environment, rows: list[tuple], policy, requests: list, arrived: Callable[[], object]):
-    """SimPy process body: queue each request with `policy` at its arrival time, then call `arrived`;
-    requests arriving together are all queued before the engine plans."""
-    for request_id, arrival, prompt, output in rows:
-        if arrival > env.now:
-            yield env.timeout(arrival - env.now)
-        requests.append(policy.add_request(request_id, arrival, prompt, output))
-        arrived()
+def engine(env: simpy.Environment, serving: Serving, backend: Timeline | LayerEvents,
+           accepts_runs: Callable[[], bool] | None):
+    """SimPy process body: the serving loop's steps done in simulated time. A plan is priced from now and
+    the clock moves to its end; a decode run likewise, up to the next arrival; an idle loop waits for it."""
+    loop = serve(serving, lambda: env.now, accepts_runs)
+    reply = None
+    while True:
+        try:
+            step = loop.send(reply)
+        except StopIteration:
+            return
+        if isinstance(step, Plan):
+            reply = backend.run(step, env.now)
+            yield env.timeout(reply.end_s - env.now)
+        elif isinstance(step, DecodeRun):
+            assert isinstance(backend, Timeline)
+            reply = backend.decode_run(step, env.now, serving.next_arrival)
+            yield env.timeout(reply.ends[-1] - reply.start)
+        else:
+            reply = None
+            yield env.timeout(step - env.now)
 
 
-def check_all_done(name: str, requests: list[Request], rows: list[tuple]) -> None:
-    """Conservation: every request of the workload arrived and finished or was rejected."""
-    unfinished = [r for r in requests if r.state not in (State.FINISHED, State.REJECTED)]
-    if unfinished or len(requests) != len(rows):
-        raise RuntimeError(f"{name}: {len(unfinished)} requests never finished")
-
-
-def simulate(policy, cost_model: CostModel, workload: pd.DataFrame, *, layer_events: bool = False,
+def simulate(policy: ServingPolicy, cost_model: CostModel, workload: pd.DataFrame, *, layer_events: bool = False,
              decode_runs: bool = True, traced_iterations: int = 0,
              on_finish: Callable[[int], None] | None = None) -> SimResult:
-    """Serve `workload` (request_id, arrival_s, prompt_tokens, output_tokens) with `policy`. With
-    `decode_runs` (not in `layer_events` mode), stretches of plain decode iterations are planned and
-    priced together up to the next arrival: the same iterations as one by one, far fewer Python steps."""
+    """Serve `workload` (request_id, arrival_s, prompt_tokens, output_tokens) with a single-engine policy
+    or FlexGen. With `decode_runs` (not in `layer_events` mode), stretches of plain decode iterations are
+    planned and priced together up to the next arrival: the same iterations as one by one, far fewer
+    Python steps."""
     started = time.perf_counter()
     env = CountingEnvironment()
-    backend = LayerEvents(cost_model, env) if layer_events else Timeline(cost_model, env, traced_iterations)
-    recorder, requests = RunRecorder(), []
-    wake = [env.event()]
-    rows = workload_rows(workload)
-    runs = decode_runs and not layer_events
-
-    def engine(arriving: simpy.Process):
-        while True:
-            run = policy.next_run() if runs and backend.accepts_runs(env.now) else None
-            if run is not None:
-                upcoming = rows[len(requests)][1] if len(requests) < len(rows) else float("inf")
-                start = env.now
-                seconds, ends, sequences, blocks = backend.decode_run(run, start, upcoming)
-                yield env.timeout(ends[-1] - start)
-                finished = policy.commit_run(run, ends)
-                recorder.decode_run(run, start, seconds, ends, sequences, blocks)
-                if on_finish and finished:
-                    on_finish(len(finished))
-                continue
-            plan = policy.next_iteration()
-            if plan is None:
-                if not arriving.is_alive:
-                    if policy.has_work:
-                        raise RuntimeError(f"{policy.name}: requests are waiting but none can run")
-                    return
-                wake[0] = env.event()
-                yield wake[0] | arriving
-                continue
-            stats = yield from backend.iteration(plan)
-            finished = policy.observe(plan, stats)
-            recorder.iteration(plan, stats, policy)
-            if on_finish and finished:
-                on_finish(len(finished))
-
-    arriving = env.process(arrivals(env, rows, policy, requests, lambda: wake[0].triggered or wake[0].succeed()))
-    env.run(until=env.process(engine(arriving)))
-    check_all_done(policy.name, requests, rows)
-    return SimResult(requests, recorder, backend if isinstance(backend, Timeline) else None, env.scheduled,
-                     time.perf_counter() - started)
+    serving = Serving(policy, workload_rows(workload), on_finish)
+    if layer_events:
+        backend: Timeline | LayerEvents = LayerEvents(cost_model)
+        accepts_runs = None
+    else:
+        timeline = backend = Timeline(cost_model, traced_iterations)
+        accepts_runs = (lambda: timeline.accepts_runs(env.now)) if decode_runs else None
+    env.run(until=env.process(engine(env, serving, backend, accepts_runs)))
+    return SimResult(serving.close(), serving.recorder, backend if isinstance(backend, Timeline) else None,
+                     env.scheduled, time.perf_counter() - started)

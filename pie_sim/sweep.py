@@ -47,13 +47,13 @@ import pandas as pd
 from hwmodels import load_hardware, load_model
 from hwmodels.spec import read_toml
 from pie_policy import ConfigError
-from pie_policy.sizing import ALL_POLICIES
+from pie_policy.registry import SIM, entry
 from traces import load_trace
 
 from .scenario import Scenario, summarize
 
 BACKENDS = ("local", "ray")
-PACKAGES = ("hwmodels", "pie_policy", "pie_sim", "traces")  # what a point's run imports: shipped to Ray
+PACKAGES = ("hwmodels", "pie_policy", "pie_serving", "pie_sim", "traces")  # what a point's run imports: shipped to Ray
 
 _OPTION_TYPES = typing.get_type_hints(Scenario)
 # Checked once per distinct value before anything runs: a misspelt name is the grid's error, not each point's.
@@ -62,8 +62,10 @@ _NAMED_BY = {"hw": load_hardware, "model": load_model, "trace": load_trace}
 
 def _check_name(key: str, value: str) -> None:
     if key == "policy":
-        if value not in ALL_POLICIES:
-            raise ConfigError(f"policy: unknown policy '{value}' (known: {', '.join(ALL_POLICIES)})")
+        try:
+            entry(value, SIM)
+        except ConfigError as e:
+            raise ConfigError(f"policy: {e}") from None
     elif key in _NAMED_BY:
         _NAMED_BY[key](value)
 

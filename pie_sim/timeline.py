@@ -11,17 +11,15 @@ Copies still in flight carry on into the next iteration. Issuing a copy takes `C
 the compute clock (a calibrated host cost; zero on the roofline): the copy starts when it has been
 issued, and the layers after it start that much later.
 
-In a run this is one SimPy event per iteration (`iteration`), however many layers and copies it has,
-and one per decode run (`decode_run`: plain decode iterations, priced in one array operation).
+In a run this is one SimPy event per iteration (simulate.py), however many layers and copies it has,
+and one per decode run (`decode_run`: plain decode iterations, priced in one pass).
 """
 from __future__ import annotations
 
-import simpy
-
 from hwmodels import CostModel
 from pie_policy import IterationStats, Plan
-from pie_policy.plan import DecodeRun
-from pie_policy.plan import D2H, H2D
+from pie_policy.plan import D2H, H2D, DecodeRun
+from pie_serving import RunResult
 
 from .links import links_for
 
@@ -38,28 +36,24 @@ def head_seconds(cm: CostModel, plan: Plan) -> float:
 
 
 class Timeline:
-    def __init__(self, cost_model: CostModel, env: simpy.Environment | None = None, traced_iterations: int = 0):
-        self.cost_model, self.env, self.links = cost_model, env, links_for(cost_model.hw)
+    """A `Backend` in simulated time: prices each plan from its start on the cost model, keeping the copy
+    engines' state (links.py) from one plan to the next, and the first iterations for the trace."""
+
+    def __init__(self, cost_model: CostModel, traced_iterations: int = 0):
+        self.cost_model, self.links = cost_model, links_for(cost_model.hw)
         self.traced_iterations = traced_iterations
         # The first `traced_iterations` iterations, and the first as many that move data: the trace shows the
         # latter when there are any. computes: (iteration, layer, start, seconds); copies: (iteration, Copy).
         self.trace = {"any": ([], []), "copying": ([], [])}
         self._counted = {"any": 0, "copying": 0}
 
-    def iteration(self, plan: Plan):
-        """SimPy process body: the whole iteration as one timeout; its value is the stats."""
-        stats = self.run(plan, self.env.now)
-        yield self.env.timeout(stats.end_s - self.env.now)
-        return stats
-
     def accepts_runs(self, at: float) -> bool:
         """Decode runs need the links idle (no copy in flight to slow compute) and the trace filled."""
         return self._counted["any"] >= self.traced_iterations and self.links.idle(at)
 
-    def decode_run(self, run: DecodeRun, start: float, before: float) -> tuple[list, list, list, list]:
-        """(seconds, end, sequences, GPU blocks held after) of each iteration of `run` that starts before
-        `before` (the next arrival; at least the first). Without copies each takes `CostModel.iteration_time`
-        of its batch, stall-free."""
+    def decode_run(self, run: DecodeRun, start: float, before: float) -> RunResult:
+        """The iterations of `run` that start before `before` (the next arrival; at least the first), from
+        `start`. Without copies each takes `CostModel.iteration_time` of its batch, stall-free."""
         seconds, ends, sequences, blocks = [], [], [], []
         end, price = start, self.cost_model.decode_time
         for n, attended, padded, held in run.steps:
@@ -72,7 +66,7 @@ class Timeline:
             sequences.append(n)
             blocks.append(held)
         self.links.advance(end)
-        return seconds, ends, sequences, blocks
+        return RunResult(start, seconds, ends, sequences, blocks)
 
     def _issue(self, copies, t: float) -> float:
         """Issue `copies` one after another from `t`, each when the host has issued it; returns when it is done."""
@@ -82,12 +76,13 @@ class Timeline:
         return t
 
     def run(self, plan: Plan, start: float) -> IterationStats:
+        """Price `plan` from `start` (not before the previous plan's start: the links only move forward)."""
         cm, links = self.cost_model, self.links
         if not (plan.prologue or plan.layers) and self.accepts_runs(start):
             took, head = layer_seconds(cm, plan), head_seconds(cm, plan)  # every layer alike, no copy
             seconds, layers = cm.model.num_layers * took + head, cm.model.num_layers
-            return IterationStats(plan.iteration, start, start + seconds, seconds, 0.0, 0, 0, 0.0, 0.0,
-                                  (took,) * layers, (0.0,) * layers)
+            return IterationStats.of(plan, start, start + seconds, seconds, 0.0,
+                                     layer_compute_s=(took,) * layers, layer_stall_s=(0.0,) * layers)
         copies = list(plan.copies())
         traced = [kind for kind in (("any", "copying") if copies else ("any",))
                   if self._counted[kind] < self.traced_iterations]
@@ -118,6 +113,6 @@ class Timeline:
         for kind in traced:
             self.trace[kind][1].extend((plan.iteration, c) for c in copies)
         issuing = sum(cm.issue_time(copy.calls) for copy in copies)
-        return IterationStats(plan.iteration, start, t + head, sum(computes) + head + issuing, sum(stalls),
-                              *plan.bytes_moved(), links.busy[H2D] - busy_before[H2D], links.busy[D2H] - busy_before[D2H],
-                              tuple(computes), tuple(stalls))
+        return IterationStats.of(plan, start, t + head, sum(computes) + head + issuing, sum(stalls),
+                                 links.busy[H2D] - busy_before[H2D], links.busy[D2H] - busy_before[D2H],
+                                 tuple(computes), tuple(stalls))

@@ -162,19 +162,19 @@ def test_each_window_moves_no_more_than_its_budget(streaming):
     assert copy_bandwidth_share(cm.hw, 8) == {H2D: share, D2H: share}
     by_prefetch = {}
     for plan in plans:
-        for stage, step in enumerate(plan.stages):
+        for stage, step in enumerate(plan.layers):
             for copy in step.issue:
                 by_prefetch[copy.op_id] = (plan, stage)
     checked = 0
     for plan in plans:
-        for stage, step in enumerate(plan.stages):
+        for stage, step in enumerate(plan.layers):
             if not step.wait:
                 continue
             window_plan, window_stage = by_prefetch[step.wait[0]]
             assert window_stage == stage
             if window_plan is plan:
                 continue  # chosen on an empty pipeline: no window, taken whatever it costs
-            prefetch = next(c for c in window_plan.stages[stage].issue if c.op_id == step.wait[0])
+            prefetch = next(c for c in window_plan.layers[stage].issue if c.op_id == step.wait[0])
             writeback, = step.evict
             seconds = (prefetch.calls + writeback.calls) * 10e-6 + (prefetch.nbytes + writeback.nbytes) / share
             assert seconds <= policy.layout.layers[stage] * cm.layer_time(window_plan.shape) * (1 + 1e-9)

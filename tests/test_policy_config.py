@@ -3,7 +3,7 @@ import pytest
 
 from hwmodels import CostModel, load_hardware, load_model
 from pie_policy import ConfigError, EngineConfig, Policy
-from pie_policy.sizing import ALL_POLICIES, build_policy, engine_config
+from pie_policy.sizing import SINGLE_GPU_POLICIES, build_policy, engine_config
 
 BASE = dict(num_layers=2, block_bytes_layer=64, num_gpu_blocks=10)
 
@@ -26,7 +26,7 @@ def test_bad_policy_settings_are_refused():
     config = EngineConfig(**BASE, num_cpu_blocks=4)
     with pytest.raises(ConfigError, match="cpu_share must be in \\[0, 1\\), got 1.5"):
         Policy("static", config, cpu_share=1.5)
-    with pytest.raises(ConfigError, match="unknown policy 'vllm2' \\(known: vllm, vllm-swap, static, pie\\)"):
+    with pytest.raises(ConfigError, match="unknown policy 'vllm2' \\(known: vllm, vllm-swap, static, pie, prompt-offload\\)"):
         Policy("vllm2", config)
     with pytest.raises(ConfigError, match="vllm-swap needs CPU swap space"):
         Policy("vllm-swap", EngineConfig(**BASE))
@@ -57,7 +57,7 @@ def test_pools_are_sized_from_the_budget():
     assert small.num_cpu_blocks == 10 and small.num_gpu_blocks == (pool - 2 * 10 * layer_block) // block
 
 
-@pytest.mark.parametrize("name", ALL_POLICIES)
+@pytest.mark.parametrize("name", SINGLE_GPU_POLICIES)
 def test_every_policy_builds_from_the_catalog(name):
     cm = CostModel(load_hardware("gh200-96g"), load_model("opt-13b"))
     policy = build_policy(name, cm, cpu_mem_bytes=100 * 1024**3, mean_prompt=90, mean_output=306)

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from pie_policy import EngineConfig, ExpansionController, Policy, State
 from pie_policy.blocks import CPU
 from pie_policy.plan import IterationStats
+from pie_serving import Serving
+from pie_serving import drive as run_loop
 
 MAX_ITERATIONS = 20_000
 
@@ -44,36 +46,50 @@ def check_accounting(policy: Policy, plan, copies: dict) -> None:
             assert max(cpu_in_batch) < policy.swapper.capacity
 
 
-def drive(policy: Policy, workload: list[tuple[float, int, int]]):
-    """Feed arrivals, run plans to completion; returns the requests and whether the CPU held blocks."""
-    requests, pending, now, iterations, cpu_used = [], list(enumerate(workload)), 0.0, 0, False
-    history: dict[int, int] = {}
-    copies: dict = {}
-    while pending or policy.has_work:
-        while pending and pending[0][1][0] <= now:
-            i, (arrival, prompt, output) = pending.pop(0)
-            requests.append(policy.add_request(i, arrival, prompt, output))
-        plan = policy.next_iteration()
-        check_accounting(policy, plan, copies)
-        if plan is None:
-            if not pending:
-                assert not policy.has_work, "work is left but nothing can run and nothing will arrive"
-                break
-            now = pending[0][1][0]
-            continue
-        stats = IterationStats(plan.iteration, now, now + 1.0, 1.0, 0.0, 0, 0, 0, 0)
-        finished = policy.observe(plan, stats)
-        now += 1.0
-        iterations += 1
-        assert iterations < MAX_ITERATIONS, "no progress"
-        check_accounting(policy, None, copies)
-        cpu_used = cpu_used or policy.tables.pools[CPU].num_used > 0
+class OneSecond:
+    """A backend that executes every plan in 1 s, checking the policy's accounting as each plan comes."""
+
+    def __init__(self, policy: Policy):
+        self.policy, self.now, self.iterations, self.copies = policy, 0.0, 0, {}
+
+    def run(self, plan, start_s: float) -> IterationStats:
+        check_accounting(self.policy, plan, self.copies)
+        self.iterations += 1
+        assert self.iterations < MAX_ITERATIONS, "no progress"
+        self.now = start_s + 1.0
+        return IterationStats.of(plan, start_s, self.now, 1.0, 0.0)
+
+    def wait_until(self, t: float) -> None:
+        self.now = t
+
+
+class CheckedServing(Serving):
+    """The serving loop's run, checking after every executed plan that blocks add up, that the requests
+    it finished finished then, and that no request ever loses a generated token."""
+
+    def __init__(self, policy: Policy, workload: list[tuple[float, int, int]], backend: OneSecond):
+        super().__init__(policy, [(i, *request) for i, request in enumerate(workload)])
+        self.backend, self.history, self.cpu_used = backend, {}, False
+
+    def observe(self, plan, stats):
+        finished = super().observe(plan, stats)
+        check_accounting(self.policy, None, self.backend.copies)
+        self.cpu_used = self.cpu_used or self.policy.tables.pools[CPU].num_used > 0
         for r in finished:
-            assert r.state is State.FINISHED and r.finish_s == now
-        for r in requests:  # generated tokens are never lost, not even by a preemption
-            assert r.generated >= history.get(r.request_id, 0)
-            history[r.request_id] = r.generated
-    return requests, cpu_used
+            assert r.state is State.FINISHED and r.finish_s == self.backend.now
+        for r in self.requests:  # generated tokens are never lost, not even by a preemption
+            assert r.generated >= self.history.get(r.request_id, 0)
+            self.history[r.request_id] = r.generated
+        return finished
+
+
+def drive(policy: Policy, workload: list[tuple[float, int, int]]):
+    """Serve the workload (arrival times in the order given); returns the requests and whether the CPU
+    held blocks. The loop itself refuses work left with nothing able to run."""
+    backend = OneSecond(policy)
+    serving = CheckedServing(policy, workload, backend)
+    requests = run_loop(serving, backend, lambda: backend.now, backend.wait_until)
+    return requests, serving.cpu_used
 
 
 workloads = st.lists(st.tuples(st.floats(0, 10), st.integers(1, 120), st.integers(1, 100)), min_size=1, max_size=25)

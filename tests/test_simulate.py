@@ -4,7 +4,7 @@ import pytest
 
 from hwmodels import CostModel, load_hardware, load_model
 from pie_policy import State
-from pie_policy.sizing import ALL_POLICIES, build_policy
+from pie_policy.sizing import SINGLE_GPU_POLICIES, build_policy
 from pie_sim.simulate import simulate
 from traces import load_workload
 
@@ -17,7 +17,7 @@ def run(name, workload, **options):
     return policy, simulate(policy, CM, workload, **options)
 
 
-@pytest.mark.parametrize("name", ALL_POLICIES)
+@pytest.mark.parametrize("name", SINGLE_GPU_POLICIES)
 def test_every_request_finishes_once_with_its_tokens_and_memory_stays_within_the_pools(name):
     workload = load_workload("sharegpt", 80, rate=40.0, seed=1)
     policy, result = run(name, workload)

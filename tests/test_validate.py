@@ -1,4 +1,4 @@
-"""`pie-exec validate` on a tiny model: the loop runs end to end, the simulator makes the executor's very
+"""`pie-validate` on a tiny model: the loop runs end to end, the simulator makes the executor's very
 plans (same bytes moved), and its timing of serving with and without layer copies stays within loose
 bounds (a 2-core machine timing millisecond iterations; the figures and where they disagree are in
 bench/RESULTS.md). It runs with the profile's thread count, and refuses another."""
@@ -10,9 +10,10 @@ import torch
 
 from hwmodels import BatchShape, CostModel, load_hardware, load_model
 from pie_exec.cli import main as pie_exec
-from pie_exec.validate import replay
 from pie_policy import LayerStep, Plan
 from pie_policy.plan import H2D, LAYER_KV, Copy
+from pie_validate.cli import main as pie_validate
+from pie_validate.validate import replay
 
 from .conftest import DATA
 
@@ -30,7 +31,7 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
     assert pie_exec(["calibrate", "--model", str(DATA / "tiny-opt.toml"), "--batches", "1,4", "--contexts", "16,96",
                      "--prefills", "16,64", "--copy-blocks", "1,8", "--repeats", "3", "--out", str(profile)]) == 0
     out = tmp_path / "validate"
-    assert pie_exec(["validate", "--profile", str(profile), "--model", str(tmp_path / "tiny-opt-float32.toml"),
+    assert pie_validate(["--profile", str(profile), "--model", str(tmp_path / "tiny-opt-float32.toml"),
                      "--num-requests", "8", "--rate", "inf", "--policies", "vllm,static", "--gpu-kv-gb", "0.002",
                      "--cpu-kv-gb", "0.01", "--rounds", "2", "--out", str(out)]) == 0
     assert "predicted" in capsys.readouterr().out and (out / "validate.png").exists()
@@ -65,10 +66,10 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
         ratio = float(rows["static", "throughput_tok_s"][column]) / float(rows["vllm", "throughput_tok_s"][column])
         assert float(rows["static", "throughput_tok_s_vs_first"][column]) == pytest.approx(ratio)
         assert float(rows["vllm", "e2e_mean_s_vs_first"][column]) == 1.0
-    assert pie_exec(["validate", "--profile", str(profile), "--model", str(tmp_path / "tiny-opt-float32.toml"),
+    assert pie_validate(["--profile", str(profile), "--model", str(tmp_path / "tiny-opt-float32.toml"),
                      "--threads", "2", "--out", str(out)]) == 2
     assert "calibrated with 1 threads" in capsys.readouterr().out
-    assert pie_exec(["validate", "--profile", str(profile), "--rounds", "0", "--out", str(out)]) == 2
+    assert pie_validate(["--profile", str(profile), "--rounds", "0", "--out", str(out)]) == 2
     assert "--rounds must be at least 1" in capsys.readouterr().out
 
 
@@ -91,7 +92,7 @@ head_us_per_sampled_token = 3
 head_us_per_token = 0
 copy_slowdown_per_gb_s = 0
 """)
-    assert pie_exec(["validate", "--profile", str(profile), "--model", "opt-125m", "--out", str(tmp_path / "v")]) == 2
+    assert pie_validate(["--profile", str(profile), "--model", "opt-125m", "--out", str(tmp_path / "v")]) == 2
     assert "calibrated for tiny-opt" in capsys.readouterr().out
 
 

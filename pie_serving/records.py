@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .plan import DecodeRun, IterationStats, Plan
-from .request import Request, State
+from pie_policy.plan import DecodeRun, IterationStats, Plan
+from pie_policy.request import Request, State
 
 REQUEST_COLUMNS = ("request_id", "arrival_s", "prompt_tokens", "output_tokens", "first_token_s", "finish_s",
                    "ttft_s", "tpot_s", "e2e_s", "preemptions", "status", "reason")

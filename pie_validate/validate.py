@@ -1,4 +1,4 @@
-"""`pie-exec validate`: the executor measures, the simulator predicts, on the same requests.
+"""`pie-validate`: the executor measures, the simulator predicts, on the same requests.
 
 For each policy: the executor serves the prompts for real (arrivals at their times), once or in several
 rounds that take the policies in turn; then the simulator serves requests of the same lengths and
@@ -10,7 +10,7 @@ plan on the profile (`Timeline` replaying the executed plans from their measured
 the per-iteration view of the same error. The next rows split those iterations' time into the layers'
 compute, their stalls and the rest, measured and priced, to say where the error comes from; the last
 give each policy's throughput and mean latency against the first policy's, measured and predicted. This
-is the one module where the two backends meet.
+package is the one place where the two backends meet.
 """
 from __future__ import annotations
 
@@ -23,14 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 from hwmodels import CostModel, HardwareSpec, ModelSpec
+from pie_exec.engine import Executor
+from pie_exec.run import Prompt, run
 from pie_policy import IterationStats
-from pie_policy.records import write_csv
 from pie_policy.sizing import engine_config, make_policy, policy_share
+from pie_serving.records import write_csv
 from pie_sim.simulate import simulate
 from pie_sim.timeline import Timeline
-
-from .engine import Executor
-from .run import Prompt, run
 
 # summary key → label; iteration_mean_s is added from the iterations (`serve`)
 METRICS = (("throughput_tok_s", "throughput tok/s"), ("ttft_mean_s", "TTFT mean s"), ("ttft_p50_s", "TTFT p50 s"),
