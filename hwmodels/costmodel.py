@@ -36,6 +36,11 @@ class MemoryBudget:
 
 
 class CostModel:
+    """What a system does with a model, in seconds and bytes: a layer's and the LM head's compute for a
+    batch (roofline, or a calibrated profile's fit), a copy's transfer, the host's cost of issuing one, and
+    how HBM splits into weights, activations and the KV pool. The simulator prices plans with it and the
+    policies size their pools with it."""
+
     def __init__(self, hw: HardwareSpec, model: ModelSpec):
         self.hw, self.model = hw, model
         gpu = hw.gpu

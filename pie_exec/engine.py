@@ -99,6 +99,10 @@ class StageTimes:
 
 
 class Executor:
+    """Runs plans for real on one device: owns the model's layers it computes, their paged KV (`PagedKV`),
+    the copier that carries the plans' copies and the device clock that times them. It never decides:
+    every block, copy and wait comes from the plan."""
+
     def __init__(self, model: Transformer, config, device: torch.device, staging_slots: int,
                  layers: range | None = None):
         """`layers`: the slice of the model's layers this executor computes (default all of them)."""

@@ -23,6 +23,9 @@ from pie_policy.blocks import CPU, GPU, BlockRef
 
 
 class PagedKV:
+    """The executor's KV memory: the GPU pool and the staging slots (views of one device tensor), and the
+    CPU pool (pinned on a GPU host), laid out by block slot as the policy's block tables number them."""
+
     def __init__(self, config: EngineConfig, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, staging_slots: int, layers: range | None = None):
         block = (2, config.block_size, kv_heads, head_dim)

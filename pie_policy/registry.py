@@ -45,7 +45,8 @@ class PolicyEntry:
     backends: tuple[str, ...]
     family: str = ENGINE
     cpu_blocks: str = NO_CPU
-    default_share: float = 0.0       # the CPU share when none is given (pie: its largest)
+    default_share: float = 0.0       # the CPU share when none is given: static's, pie's largest, the most the
+                                     # staging area is sized for (prompt-offload)
     adaptive: bool = False           # the share is the most an online controller may reach (pie)
     placement: PlacementMaker | None = None
 
@@ -79,7 +80,7 @@ REGISTRY: dict[str, PolicyEntry] = {entry.name: entry for entry in (
     PolicyEntry("pie", "Pie: layer swapping with the CPU share grown and cut online by adaptive expansion",
                 (SIM, EXEC), cpu_blocks=LIVE_KV, default_share=0.5, adaptive=True, placement=_expanding),
     PolicyEntry("prompt-offload", "every admitted prompt's full blocks in CPU memory, the rest on the GPU",
-                (SIM, EXEC), cpu_blocks=LIVE_KV, placement=_prompt_offload),
+                (SIM, EXEC), cpu_blocks=LIVE_KV, default_share=0.5, placement=_prompt_offload),
     PolicyEntry("flexgen", "FlexGen: offline LP placement over GPU/CPU/disk, large fixed blocks, zig-zag",
                 (SIM,), family=FLEXGEN),
     PolicyEntry("pp-vllm", "pipeline parallelism over the server's GPUs, vLLM's virtual engines",

@@ -22,6 +22,8 @@ class State(Enum):
 
 @dataclass(eq=False)
 class Request:
+    """One request's life: its lengths, state, tokens generated and computed, and the times the policy was
+    told (first token, finish). The policy owns it; backends read it."""
     request_id: int
     arrival_s: float
     prompt_tokens: int

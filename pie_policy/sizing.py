@@ -41,9 +41,11 @@ def policy_share(name: str, share: float | None) -> float:
 
 
 def engine_config(model: ModelSpec, policy: str, kv_pool_bytes: int, *, cpu_mem_bytes: int = 0,
-                  share: float = 0.0, block_size: int = 16, max_num_seqs: int = 256,
+                  share: float | None = None, block_size: int = 16, max_num_seqs: int = 256,
                   max_num_batched_tokens: int | None = None, **options) -> EngineConfig:
-    """Pool sizes for `policy`; `options` go to EngineConfig (chunked_prefill, prefetch_depth, ...)."""
+    """Pool sizes for `policy` (`share`: as `policy_share`); `options` go to EngineConfig (chunked_prefill,
+    prefetch_depth, ...)."""
+    share = policy_share(policy, share)
     block_layer = block_size * model.kv_bytes_per_token_layer
     block = block_layer * model.num_layers
     cpu_blocks = cpu_mem_bytes // block
@@ -61,17 +63,31 @@ def engine_config(model: ModelSpec, policy: str, kv_pool_bytes: int, *, cpu_mem_
                         max_model_len=model.max_context, **options)
 
 
+def pooled_batch(model: ModelSpec, pool_bytes: int, context: int, share: float) -> int:
+    """Sequences of `context` tokens whose KV fits a GPU pool of `pool_bytes` when `share` of it is in CPU
+    memory."""
+    return int(pool_bytes / (1 - share) // (context * model.kv_bytes_per_token))
+
+
+def layer_and_stream(cost_model: CostModel, batch: int, context: int, share: float) -> tuple[float, float]:
+    """(one layer's compute, the host→device transfer of its CPU-resident KV in one call) for `batch`
+    decodes of `context` tokens with `share` of their KV in CPU memory. Layer swapping hides the transfer
+    while it is no longer than the layer (the closed form of `link_bound_share` and the preview)."""
+    layer = cost_model.layer_time(BatchShape.of(decodes=[context] * batch))
+    transfer = cost_model.transfer_time(int(share * batch * context * cost_model.model.kv_bytes_per_token_layer))
+    return layer, transfer
+
+
 def link_bound_share(cost_model: CostModel, pool_bytes: int, context: int) -> float:
     """The largest CPU share (in steps of 0.01, at most 0.5) at which decodes of `context` tokens filling
     the KV pool and its CPU part stream a layer's CPU-resident KV over the host→device link in no more
-    time than the layer computes (the preview's bound, in one contiguous call). Per-call latency and
-    prefills only lower what the link carries, so pie's controller never needs more, and the staging
-    area sized for it is a few times smaller than one sized for 0.5."""
-    m = cost_model.model
+    time than the layer computes (`layer_and_stream`). Per-call latency and prefills only lower what the
+    link carries, so pie's controller never needs more, and the staging area sized for it is a few times
+    smaller than one sized for 0.5."""
     for share in [k / 100 for k in range(50, 0, -1)]:
-        batch = max(1, int(pool_bytes / (1 - share) // (context * m.kv_bytes_per_token)))
-        layer = cost_model.layer_time(BatchShape.of(decodes=[context] * batch))
-        if cost_model.transfer_time(int(share * batch * context * m.kv_bytes_per_token_layer)) <= layer:
+        layer, transfer = layer_and_stream(cost_model, max(1, pooled_batch(cost_model.model, pool_bytes, context, share)),
+                                           context, share)
+        if transfer <= layer:
             return share
     return 0.0
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hwmodels import BatchShape, CapacityError, CostModel, GiB
+from pie_policy.sizing import layer_and_stream, pooled_batch
 
 SHARES = np.round(np.arange(0.0, 0.91, 0.01), 2)
 
@@ -39,13 +40,12 @@ class PreviewRow:
 def decode_point(cm: CostModel, pool_bytes: int, context: int, share: float, max_seqs: int) -> tuple[int, float]:
     """(batch, decode tokens/s) at CPU share `share` in steady state; (0, 0) when nothing fits."""
     m, host = cm.model, cm.hw.host.memory_bytes
-    seq_bytes = context * m.kv_bytes_per_token
-    batch = min(max_seqs, int(pool_bytes / (1.0 - share) // seq_bytes), int(host / max(share, 1e-12) // seq_bytes))
+    batch = min(max_seqs, pooled_batch(m, pool_bytes, context, share),
+                int(host / max(share, 1e-12) // (context * m.kv_bytes_per_token)))
     if batch == 0:
         return 0, 0.0
-    shape = BatchShape.of(decodes=[context] * batch)
-    transfer = cm.transfer_time(int(share * batch * context * m.kv_bytes_per_token_layer), calls=1)
-    iteration = m.num_layers * max(cm.layer_time(shape), transfer) + cm.head_time(shape)
+    layer, transfer = layer_and_stream(cm, batch, context, share)
+    iteration = m.num_layers * max(layer, transfer) + cm.head_time(BatchShape.of(decodes=[context] * batch))
     return batch, batch / iteration
 
 

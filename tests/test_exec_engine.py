@@ -67,6 +67,7 @@ CASES = {
                                                  controller=ExpansionController(share=0.5, max_share=0.5)),
     "pie, chunked prefill, CPU": lambda s: Policy("pie", config(s, 14, 14, chunked_prefill=True),
                                                   controller=ExpansionController(share=0.5, max_share=0.5)),
+    "prompt-offload, prompts on CPU": lambda s: Policy("prompt-offload", config(s, 14, 20)),
 }
 
 
