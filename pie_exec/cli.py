@@ -11,7 +11,7 @@ from rich.console import Console
 from hwmodels import CatalogError, GiB, hardware_names, load_hardware, load_model
 from pie_policy import POLICIES, ConfigError
 from pie_policy.sizing import engine_config, make_policy, policy_share
-from pie_serving.options import engine_settings
+from pie_serving.options import engine_settings, run_command
 from traces import TraceError, load_workload
 
 from .calibrate import add_grid_arguments, calibrate, grid_from
@@ -127,15 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (CatalogError, TraceError, ConfigError, ModelFolderError, InputError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
-    try:
-        args.run(args, console)
-    except (CatalogError, TraceError, ConfigError, ModelFolderError, InputError) as e:
-        console.print(f"[red]pie-exec: error:[/] {e}", highlight=False, soft_wrap=True)
-        return 2
-    return 0
+    return run_command("pie-exec", lambda console: args.run(args, console), USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,24 @@
-"""Command-line options for the engine that both `pie-sim` and `pie-exec` take, and the settings they
-make for `pie_policy.sizing` (the policy package itself parses no command line)."""
+"""What the command lines (`pie-sim`, `pie-exec`, `pie-validate`) share: the engine options and the settings
+they make for `pie_policy.sizing` (the policy package itself parses no command line), and how a command
+runs and reports a user's error."""
 from __future__ import annotations
 
 import argparse
+from typing import Callable
+
+from rich.console import Console
+from rich.markup import escape
+
+
+def run_command(prog: str, command: Callable[[Console], int | None], user_errors: tuple[type[Exception], ...]) -> int:
+    """Run `command` with a console at least 120 columns wide (tables stay whole in a log or a pipe); a
+    user's error is one line naming it, exit status 2 (its text printed as it is, brackets included)."""
+    console = Console(width=max(Console().width, 120))
+    try:
+        return command(console) or 0
+    except user_errors as e:
+        console.print(f"[red]{prog}: error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 2
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from hwmodels import CatalogError, CostModel, GiB, load_hardware, load_model
 from pie_policy import ConfigError
 from pie_policy.pipeline import PIPELINE_POLICIES
 from pie_policy.registry import SIM, entry, names
-from pie_serving.options import add_engine_arguments
+from pie_serving.options import add_engine_arguments, run_command
 from pie_serving.records import request_table
 from traces import TraceError, load_trace
 
@@ -336,12 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(width=max(Console().width, 120))
-    try:
-        return args.run(args, console) or 0
-    except (CatalogError, TraceError, ConfigError, ValueError) as e:
-        console.print(f"[red]pie-sim: error:[/] {e}", highlight=False, soft_wrap=True)
-        return 2
+    return run_command("pie-sim", lambda console: args.run(args, console), (CatalogError, TraceError, ConfigError,
+                                                                          ValueError))
 
 
 if __name__ == "__main__":

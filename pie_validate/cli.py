@@ -7,14 +7,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hwmodels import CatalogError, CostModel, GiB, load_hardware
+from hwmodels import CostModel, GiB, load_hardware
+from pie_exec.cli import USER_ERRORS
 from pie_exec.options import (add_device_arguments, add_threads_argument, add_workload_arguments, catalog_model,
                               device_dtype, set_threads)
 from pie_exec.run import InputError, trace_prompts
-from pie_exec.weights import ModelFolderError
-from pie_policy import POLICIES, ConfigError
-from pie_serving.options import engine_settings
-from traces import TraceError, load_workload
+from pie_policy import POLICIES
+from pie_serving.options import engine_settings, run_command
+from traces import load_workload
 
 from .validate import report, validate
 
@@ -63,13 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
-    try:
-        cmd_validate(args, console)
-    except (CatalogError, TraceError, ConfigError, ModelFolderError, InputError) as e:
-        console.print(f"[red]pie-validate: error:[/] {e}", highlight=False, soft_wrap=True)
-        return 2
-    return 0
+    return run_command("pie-validate", lambda console: cmd_validate(args, console), USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,11 @@ def test_compare_runs_the_pipeline_policies_on_the_multi_gpu_server(tmp_path, ca
     assert all(int(r["finished"]) + int(r["rejected"]) == 30 for r in rows)
     assert pie_sim(args + ["--policies", "pipemax", "--micro-batches", "7", "--out", str(tmp_path)]) == 2
     assert "7 micro-batches cannot fill 8 pipeline stages" in capsys.readouterr().out
+
+
+def test_errors_print_names_with_brackets_as_they_are(tmp_path, capsys):
+    """A user's error is printed as text, not as terminal markup: square brackets in a path survive."""
+    trace = tmp_path / "neg[run1].csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,-5,3\n")
+    assert pie_sim(["run", "--trace", str(trace), "--num-requests", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "neg[run1].csv" in capsys.readouterr().out.replace("\n", "")
