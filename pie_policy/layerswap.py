@@ -53,7 +53,7 @@ def runs(pairs) -> list[tuple[int, int, int]]:
 class FifoLayerSwap:
     def __init__(self, num_layers: int, depth: int, capacity: int, block_bytes_layer: int,
                  block_size: int, dirty_only: bool, op_ids: count, coalesce_gap: int = 0):
-        self.num_layers, self.depth, self.capacity = num_layers, min(depth, num_layers), capacity
+        self.num_layers, self.depth, self.capacity = num_layers, depth, capacity
         self.block_bytes_layer, self.block_size, self.dirty_only = block_bytes_layer, block_size, dirty_only
         self.ring, self.coalesce_gap = self.depth + 1, coalesce_gap
         self._ids = op_ids
