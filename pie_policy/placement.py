@@ -51,16 +51,24 @@ class GpuOnly:
         return self.tables.pools[GPU].capacity
 
 
-class StaticShare(GpuOnly):
+class LiveCpu(GpuOnly):
+    """A placement whose CPU blocks are live KV (streamed in by layer swapping), at most `cpu_capacity` of
+    them: what the GPU staging area holds."""
     live_cpu = True
 
-    def __init__(self, tables: BlockTables, watermark: int, share: float, cpu_capacity: int):
+    def __init__(self, tables: BlockTables, watermark: int, cpu_capacity: int):
         super().__init__(tables, watermark)
-        self.share, self.cpu_capacity = share, cpu_capacity
+        self.cpu_capacity = cpu_capacity
 
     def cpu_room(self, unlimited: bool = False) -> int:
         cpu = self.tables.pools[CPU]
         return min(cpu.num_free, self.cpu_capacity - cpu.num_used)
+
+
+class StaticShare(LiveCpu):
+    def __init__(self, tables: BlockTables, watermark: int, share: float, cpu_capacity: int):
+        super().__init__(tables, watermark, cpu_capacity)
+        self.share = share
 
     def place(self, blocks, full=0, admitting=False, unlimited=False):
         """Block by block, the CPU while it holds less than `share` of the live blocks."""
@@ -92,8 +100,8 @@ class Expanding(StaticShare):
     gpu_first = True
 
     def __init__(self, tables: BlockTables, watermark: int, controller: ExpansionController, cpu_capacity: int):
-        GpuOnly.__init__(self, tables, watermark)
-        self.controller, self.cpu_capacity = controller, cpu_capacity
+        LiveCpu.__init__(self, tables, watermark, cpu_capacity)
+        self.controller = controller
 
     def cpu_room(self, unlimited: bool = False) -> int:
         room = super().cpu_room()

@@ -157,7 +157,7 @@ def validate(names: list[str], model, spec: ModelSpec, device, hw: HardwareSpec,
 def report(comparisons: list[Comparison], out: Path, console: Console) -> None:
     """Print the side-by-side table; write validate.csv and validate.png under `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    view = Table(title="pie-exec validate: measured (executor) vs predicted (simulator); error = predicted / measured - 1")
+    view = Table(title="pie-validate: measured (executor) vs predicted (simulator); error = predicted / measured - 1")
     view.add_column("metric")
     for c in comparisons:
         for header in ("measured", "predicted", "error"):

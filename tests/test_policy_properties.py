@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pie_policy import EngineConfig, ExpansionController, Policy, State
+from pie_policy import POLICIES, EngineConfig, ExpansionController, Policy, State
 from pie_policy.blocks import CPU
 from pie_policy.plan import IterationStats
 from pie_serving import Serving
@@ -96,7 +96,7 @@ workloads = st.lists(st.tuples(st.floats(0, 10), st.integers(1, 120), st.integer
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workload=workloads, name=st.sampled_from(["vllm", "vllm-swap", "static", "pie"]),
+@given(workload=workloads, name=st.sampled_from(POLICIES),
        block_size=st.sampled_from([4, 8, 16]), gpu_blocks=st.integers(8, 60), cpu_blocks=st.integers(1, 80),
        chunked=st.booleans(), share=st.floats(0.0, 0.8), max_seqs=st.integers(1, 12))
 def test_every_admitted_request_finishes_with_exactly_its_tokens(workload, name, block_size, gpu_blocks,
@@ -120,7 +120,7 @@ def test_every_admitted_request_finishes_with_exactly_its_tokens(workload, name,
     assert all(pool.num_used == 0 for pool in policy.tables.pools.values())
 
 
-@pytest.mark.parametrize("name", ["vllm", "vllm-swap", "static", "pie"])
+@pytest.mark.parametrize("name", POLICIES)
 @pytest.mark.parametrize("chunked", [False, True])
 def test_under_memory_pressure_every_policy_preempts_and_still_finishes_everything(name, chunked):
     rng = random.Random(7)
