@@ -41,7 +41,7 @@ def cmd_preview(args: argparse.Namespace, console: Console) -> None:
     context = int(round((table.prompt_tokens + table.output_tokens).mean()))
     models = [load_model(name) for name in _names(args.model)]
     systems = [load_hardware(name) for name in _names(args.hw)]
-    pairs = [CostModel(hw, model) for model in models for hw in systems]
+    pairs = [CostModel(hw, model, args.tp) for model in models for hw in systems]
     rows, curves, skipped = preview_all(pairs, context, args.gpu_mem_util, args.max_seqs)
 
     out = Path(args.out)
@@ -274,6 +274,8 @@ def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
     add_engine_arguments(p)
     p.add_argument("--micro-batches", type=int, help="pp-vllm, pipemax: micro-batches in the pipeline "
                                                      "(default: one per GPU of --hw)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism: GPUs of --hw's server that split every "
+                   "layer as one engine (vllm, vllm-swap, static, pie, flexgen; default 1)")
     p.add_argument("--layer-events", action="store_true",
                    help="one SimPy event per layer and copy instead of the recurrence (slow; for checking)")
     p.add_argument("--trace-iterations", type=int, default=3, help="iterations to draw in timeline.json")
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", default="sharegpt", help="trace name or CSV/JSONL file (sets the mean context)")
     p.add_argument("--gpu-mem-util", type=float, default=0.9, help="share of HBM the engine may use")
     p.add_argument("--max-seqs", type=int, default=256, help="most sequences in one batch (vLLM's default)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism: GPUs splitting every layer (default 1)")
     p.add_argument("--out", default="out/preview", help="folder for preview.csv and preview.png")
     p.set_defaults(run=cmd_preview)
 
