@@ -151,7 +151,7 @@ def vidur_folder_table(folder: Path) -> dict:
     devices = sorted(p.name for p in compute.iterdir() if p.is_dir()) if compute.is_dir() else []
     if len(devices) != 1 or devices[0] not in VIDUR_BASES:
         raise CatalogError(f"{folder}: a Vidur-format folder given as hardware needs one device under compute/ "
-                           f"among {', '.join(VIDUR_BASES)} (it has: {', '.join(devices) or 'none'}); for another, "
+                           f"among {', '.join(VIDUR_BASES)} (it has: {', '.join(devices) or 'none'}); to pick one or another GPU, "
                            f"write a hardware TOML with base = \"<catalog entry>\" and a [profile] of vidur = "
                            f"\"{folder}\", device = \"<name>\", network = \"<name>\"")
     device = devices[0]

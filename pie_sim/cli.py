@@ -5,11 +5,13 @@ import argparse
 import csv
 import dataclasses
 import sys
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 
@@ -340,10 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(width=max(Console().width, 120))
+    warnings.formatwarning = lambda message, *_: f"pie-sim: warning: {message}\n"
     try:
         return args.run(args, console) or 0
     except (CatalogError, TraceError, ConfigError, ValueError) as e:
-        console.print(f"[red]pie-sim: error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]pie-sim: error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
 
 

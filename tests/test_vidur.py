@@ -9,6 +9,7 @@ import pytest
 
 from hwmodels import BatchShape, CatalogError, CostModel, load_hardware, load_model
 from hwmodels.hardware import VIDUR_BASES
+from pie_sim.cli import main
 from hwmodels.vidur import DENSE_OPS, ProfileWarning, Table, attention_fit, knot_weights, median, read_attention
 
 from .conftest import REPO
@@ -169,6 +170,12 @@ def test_bad_profile_sections_are_refused_naming_the_field(folder, write):
     two.mkdir()
     with pytest.raises(CatalogError, match=r"needs one device under compute/ among a100, h100 \(it has: a100, h100\)"):
         load_hardware(folder)
+
+
+def test_the_command_line_prints_a_profile_error_whole(folder, tmp_path, capsys):
+    (folder / "compute" / "a100").mkdir()
+    assert main(["run", "--hw", str(folder), "--model", "llama-2-7b", "--out", str(tmp_path / "out")]) == 2
+    assert 'write a hardware TOML with base = "<catalog entry>" and a [profile] of vidur' in capsys.readouterr().out
 
 
 def test_a_toml_with_a_base_and_a_relative_profile_is_the_folder_form(folder, write):
