@@ -21,6 +21,7 @@ figures are not held out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import warnings
 from collections import defaultdict
 
@@ -34,6 +35,11 @@ from hwmodels.vidur import ProfileWarning, VidurProfile
 from .vidur_points import DEGREES, DEVICES, MODELS, REGIMES, Point, fold, group_curves, points, profile, server
 
 PARTS = ("gemm", "elementwise", "attention", "all_reduce")
+# The catalog's roofline before it was fitted (every GPU entry: 60% of peak FLOPs, 80% of HBM bandwidth,
+# 10 µs a layer, no element-wise work, no ridge): shown beside the fitted one on one GPU.
+PREVIOUS = dict(flops_efficiency=0.6, hbm_efficiency=0.8, layer_overhead=10e-6, gemm_ridge_tokens=0.0,
+                elementwise_efficiency=None, decode_attention_efficiency=None, prefill_attention_efficiency=None)
+SOURCES = ("previous", "roofline", "profile")
 
 
 def roofline_parts(point: Point, roofline: Roofline) -> dict:
@@ -102,11 +108,14 @@ def errors(degrees: tuple = DEGREES, held_out: bool = True) -> list[dict]:
     false): the relative error of each part and of the whole layer."""
     halves = build_halves(degrees) if held_out else {}
     lines = {(d, m, tp): Roofline(server(d), load_model(m), tp) for d in DEVICES for m in MODELS for tp in degrees}
+    previous = {(d, m): Roofline(dataclasses.replace(server(d), gpu=dataclasses.replace(server(d).gpu, **PREVIOUS)),
+                                 load_model(m)) for d in DEVICES for m in MODELS}
     rows = []
     for point in (p for p in points() if p.tp in degrees):
         measured = point.parts | {"whole": point.whole}
         predicted = {"roofline": roofline_parts(point, lines[point.device, point.model, point.tp]),
-                     "profile": held_out_parts(point, halves) if held_out else None}
+                     "profile": held_out_parts(point, halves) if held_out else None,
+                     "previous": roofline_parts(point, previous[point.device, point.model]) if point.tp == 1 else None}
         for source, parts in predicted.items():
             if parts is None:
                 continue
@@ -131,12 +140,13 @@ def cell(stats) -> str:
 
 def print_tables(rows: list[dict]) -> None:
     head = "| | " + " | ".join(REGIMES) + " |\n|---|" + "---|" * len(REGIMES)
-    print("Whole layer, one GPU (tp = 1), mean / worst |error| (points): roofline defaults; profile-driven held out\n")
+    print("Whole layer, one GPU (tp = 1), mean / worst |error| (points): the previous roofline, the fitted roofline "
+          "defaults, the profile-driven model held out\n")
     print("| profile | model | " + " | ".join(REGIMES) + " |\n|---|---|" + "---|" * len(REGIMES))
     for device in DEVICES:
         for model in MODELS:
             for attention in (False, True):
-                for source in ("roofline", "profile"):
+                for source in SOURCES:
                     stats = summary([r for r in rows if r["tp"] == 1 and r["measured_attention"] == attention],
                                     lambda r: (r["source"], r["device"], r["model"], r["regime"]))
                     got = [stats.get((source, device, model, regime)) for regime in REGIMES]
@@ -147,13 +157,13 @@ def print_tables(rows: list[dict]) -> None:
         print(f"\nWhole layer over every shipped profile, {title}: mean / worst |error| (points)\n")
         print(head.replace("| |", "| model |", 1))
         stats = summary([r for r in rows if selected(r)], lambda r: (r["source"], r["regime"]))
-        for source in ("roofline", "profile"):
+        for source in SOURCES if title == "one GPU" else SOURCES[1:]:
             print(f"| {source} | " + " | ".join(cell(stats.get((source, regime))) for regime in REGIMES) + " |")
     print("\nBy part of the layer, every profile and degree: mean / worst |error| (points)\n")
     print("| part | model | " + " | ".join(REGIMES) + " |\n|---|---|" + "---|" * len(REGIMES))
     for part in PARTS:
-        stats = summary(rows, lambda r: (r["source"], r["regime"]), part)
-        for source in ("roofline", "profile"):
+        stats = summary([r for r in rows if r["source"] != "previous"], lambda r: (r["source"], r["regime"]), part)
+        for source in SOURCES[1:]:
             print(f"| {part} | {source} | " + " | ".join(cell(stats.get((source, regime))) for regime in REGIMES) + " |")
     print("\nWhole layer by number of GPUs, every profile: mean / worst |error| (points)\n")
     print("| GPUs | model | " + " | ".join(REGIMES) + " |\n|---|---|" + "---|" * len(REGIMES))
