@@ -57,7 +57,8 @@ def roofline_parts(point: Point, roofline: Roofline) -> dict:
 
 def held_out_parts(point: Point, halves: dict) -> dict | None:
     """The profile-driven price of `point` from the halves that did not see it (None: out of their range)."""
-    dense_fold = 1 - point_fold(point)
+    dense_fold = 1 - halves["fold", point.device, point.model, point.tp].get(point.tokens, 1) \
+        if point.has_attention else 1 - point.index % 2
     layers: MeasuredLayers = halves[point.device, point.model, point.tp, dense_fold, 1 - point.index % 2]
     tokens, groups = point.tokens, halves["groups", point.device, point.model, point.tp, dense_fold]
     try:
@@ -72,26 +73,18 @@ def held_out_parts(point: Point, halves: dict) -> dict | None:
     return parts | {"whole": whole}
 
 
-def point_fold(point: Point) -> int:
-    """The fold a point's token count belongs to (for attention points, the count's own index if it was
-    measured, else fold 0)."""
-    xs = FOLD_XS[point.device, point.model, point.tp]
-    return xs.get(point.tokens, 1) if point.has_attention else point.index % 2
-
-
-FOLD_XS: dict = {}
-
-
 def build_halves(degrees: tuple = DEGREES) -> dict:
-    """MeasuredLayers for every (device, model, tp, dense fold, attention fold), and the folds' gemm and
-    elementwise curves."""
+    """MeasuredLayers for every (device, model, tp, dense fold, attention fold); the folds' gemm and
+    elementwise curves; and each measured token count's fold (an attention point's dense part is held out
+    by the fold its token count is not in; a count never measured is in neither: fold 1 by convention)."""
     halves = {}
     for device in DEVICES:
         hw = server(device)
         for model in MODELS:
             m = load_model(model)
             for tp in degrees:
-                FOLD_XS[device, model, tp] = {int(x): i % 2 for i, x in enumerate(group_curves(device, model, tp)["gemm"].xs)}
+                counts = group_curves(device, model, tp)["gemm"].xs
+                halves["fold", device, model, tp] = {int(x): i % 2 for i, x in enumerate(counts)}
                 roofline = Roofline(hw, m, tp)
                 for dense in (0, 1):
                     halves["groups", device, model, tp, dense] = group_curves(device, model, tp, fold(dense))
