@@ -4,7 +4,7 @@ Measured: the dense part of a layer by token count, attention (when the profile 
 all-reduces (when the hardware entry names the profile's network) and the embedding lookup, each for one
 GPU of the tp that split the layer. The roofline (roofline.py, the same entry's figures): attention and
 all-reduces the profile lacks, the LM head and the engine's per-iteration host time, which Vidur's compute
-profiles do not time. Copies in flight slow a measured layer by the ratio the roofline prices for them.
+profiles do not time. Copies in flight slow a measured layer by the ratio they slow the roofline's kernels.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class MeasuredLayers:
     def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
         seconds = self.dense_time(batch.tokens) + self.attention_time(batch)
         if copy_bandwidth:
-            seconds *= self.roofline.layer_time(batch, copy_bandwidth) / self.roofline.layer_time(batch)
+            seconds *= self.roofline.kernel_time(batch, copy_bandwidth) / self.roofline.kernel_time(batch)
         return seconds
 
     def head_time(self, batch: BatchShape) -> float:

@@ -97,8 +97,15 @@ class Roofline:
         if self.tp == 1:
             return 0.0
         server = self.hw.server
+        assert server.all_reduce_bandwidth is not None  # check_tensor_parallel refuses tp > 1 without it
         return server.all_reduce_latency + 2 * (self.tp - 1) / self.tp * tokens * self._message_bytes \
             / server.all_reduce_bandwidth
+
+    def kernel_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
+        """A layer's own kernels, all-reduces left out: the part copies in flight slow down."""
+        tokens = batch.tokens
+        return (self.gemm_time(tokens, copy_bandwidth) + self.elementwise_time(tokens, copy_bandwidth)
+                + self.attention_time(batch, copy_bandwidth) + self.hw.gpu.layer_overhead)
 
     def _rate(self, rate: float, copy_bandwidth: float) -> float:
         """`rate` less what copies at `copy_bandwidth` bytes/s (over all tp GPUs) take from each GPU's HBM."""

@@ -71,7 +71,8 @@ class Table:
     error."""
 
     def __init__(self, path: Path, columns: dict):
-        self.path, self.columns, self._converted = path, columns, {}
+        self.path, self.columns = path, columns
+        self._converted: dict[tuple, np.ndarray] = {}
 
     @classmethod
     def read(cls, path: Path, required: tuple[str, ...]) -> "Table":

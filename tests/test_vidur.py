@@ -12,7 +12,7 @@ from hwmodels.hardware import VIDUR_BASES
 from pie_sim.cli import main
 from hwmodels.vidur import DENSE_OPS, ProfileWarning, Table, attention_fit, knot_weights, median, read_attention
 
-from .conftest import REPO
+from .conftest import DATA, REPO
 
 SHIPPED = REPO / "hwmodels" / "profiles" / "vidur"
 SHAPE = {"n_head": 32, "n_kv_head": 32, "n_embd": 4096, "n_expanded_embd": 11008, "use_gated_mlp": "True"}  # llama-2-7b
@@ -206,3 +206,17 @@ def test_table_refuses_a_value_that_is_not_a_number(tmp_path):
     path.write_text("a,b\n1,2\n3,oops\n")
     with pytest.raises(CatalogError, match=r"x\.csv: column 'b' line 3: not a number: 'oops'"):
         Table.read(path, ("a", "b")).number("b")
+
+
+def test_copies_slow_a_measured_layer_as_they_slow_the_rooflines_kernels(folder, write):
+    """On a 2-GPU server with no all-reduce figures of its own: the profile's all-reduces are the only ones."""
+    (folder / "compute/h100/meta-llama/Llama-2-7b-hf/attention.csv").unlink()
+    text = (DATA / "tiny-hw.toml").read_text().replace("num_gpus = 1", "num_gpus = 2")
+    hw = load_hardware(write("two.toml", text + f'\n[profile]\nvidur = "{folder}"\ndevice = "h100"\nnetwork = "h100_dgx"\n'))
+    cm = CostModel(hw, load_model("llama-2-7b"), tp=2)
+    batch = BatchShape.of(decodes=[30] * 8)
+    r = cm.roofline
+    kernels = [r.gemm_time(8, bw) + r.elementwise_time(8, bw) + r.attention_time(batch, bw) + hw.gpu.layer_overhead
+               for bw in (0.0, 4e9)]
+    assert cm.layer_time(batch, copy_bandwidth=4e9) == pytest.approx(cm.layer_time(batch) * kernels[1] / kernels[0], rel=1e-12)
+    assert kernels[1] > kernels[0]
