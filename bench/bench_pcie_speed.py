@@ -17,17 +17,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-PCIE_13B = dict(hw="h100-pcie5", model="opt-13b", num_requests=100, rate=15, gpu_mem_util=0.322)
+PCIE_13B = dict(hw="h100-sxm-pcie5", model="opt-13b", num_requests=100, rate=15, gpu_mem_util=0.322)
 TIMED = [dict(PCIE_13B, policy="pie"), dict(PCIE_13B, policy="static")]
 # FlexGen plans every decode step of a block with its copies (thousands of iterations for 20 requests,
 # minutes before): 5 requests each.
 FLEXGEN = dict(num_requests=5, rate=15, policy="flexgen")
 CHECKED = [dict(PCIE_13B, policy="vllm-swap"),
            dict(hw="gh200-96g", model="opt-13b", num_requests=100, rate=15, policy="pie", gpu_mem_util=0.322),
-           dict(FLEXGEN, hw="h100-pcie5", model="opt-13b", gpu_mem_util=0.322),
+           dict(FLEXGEN, hw="h100-sxm-pcie5", model="opt-13b", gpu_mem_util=0.322),
            dict(FLEXGEN, hw="gh200-96g", model="opt-13b", gpu_mem_util=0.322),
            # the weights and KV cache mostly on disk (RESULTS.md: FlexGen with disk)
-           dict(FLEXGEN, hw="h100-pcie5", model="opt-175b", cpu_mem_gb=240)]
+           dict(FLEXGEN, hw="h100-sxm-pcie5", model="opt-175b", cpu_mem_gb=240)]
 
 # Run in the tree under test: only what both trees have (pie_sim.scenario, pie_policy.records).
 CHILD = """

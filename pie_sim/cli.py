@@ -31,7 +31,7 @@ from .scenario import Scenario, simulate_scenario, workload_of
 from .sweep import BACKENDS, load_grid, run_sweep, todo, varying_options, write_results
 
 
-DEFAULT_HW = "gh200-96g,h100-pcie5,h200-pcie5,a100-80g-pcie4"
+DEFAULT_HW = "gh200-96g,h100-sxm-pcie5,h200-sxm-pcie5,a100-80g-sxm-pcie4"
 
 
 def _names(text: str) -> list[str]:
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     _workload_options(p, lambda q: q.add_argument("--policy", default="pie,vllm",
                                                   help="comma-separated policies (default pie,vllm)"))
     # The question: OPT-30B within 0.2 s/token (OPT-13B meets it even with 1,000 requests at once).
-    p.set_defaults(num_requests=1000, hw="gh200-96g,h100-pcie5,h200-pcie5", model="opt-30b")
+    p.set_defaults(num_requests=1000, hw="gh200-96g,h100-sxm-pcie5,h200-sxm-pcie5", model="opt-30b")
     p.add_argument("--slo-normalized-latency", type=float, default=0.2,
                    help="SLO on mean end-to-end latency per output token, s/token (default 0.2)")
     p.add_argument("--tolerance", type=float, default=0.02, help="relative bisection tolerance (default 0.02)")

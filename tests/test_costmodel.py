@@ -67,8 +67,8 @@ def test_memory_budget_by_hand(tiny):
 
 
 def test_memory_budget_refuses_what_does_not_fit():
-    cm = CostModel(load_hardware("a100-80g-pcie4"), load_model("opt-66b"))
-    with pytest.raises(CapacityError, match="opt-66b on a100-80g-pcie4 leaves no KV pool: weights 122.4 GiB"):
+    cm = CostModel(load_hardware("a100-80g-sxm-pcie4"), load_model("opt-66b"))
+    with pytest.raises(CapacityError, match="opt-66b on a100-80g-sxm-pcie4 leaves no KV pool: weights 122.4 GiB"):
         cm.memory_budget()
     with pytest.raises(ValueError, match="gpu_mem_util must be in"):
         cm.memory_budget(gpu_mem_util=1.5)

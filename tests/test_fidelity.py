@@ -11,7 +11,7 @@ from bench.vidur_points import DEVICES, REGIMES, server
 from hwmodels import load_hardware
 from hwmodels.vidur import ProfileWarning
 
-GPU_ENTRIES = ("gh200-96g", "gh200-144g", "h100-pcie5", "h200-pcie5", "a100-80g-pcie4", "pcie-8x-l40s",
+GPU_ENTRIES = ("gh200-96g", "gh200-144g", "h100-sxm-pcie5", "h200-sxm-pcie5", "a100-80g-sxm-pcie4", "pcie-8x-l40s",
                "h100-sxm-8x-nvlink", "a100-80g-sxm-8x-nvlink")
 
 

@@ -107,10 +107,10 @@ def test_the_command_line_refuses_bad_degrees(tmp_path, capsys):
 def test_tp_1_is_the_run_without_tensor_parallelism_bit_for_bit(policy):
     """A scenario at tp = 1 against the same run built as before tensor parallelism existed (CostModel
     without a degree, the policy sized on it): the same iterations and requests, on a load that copies KV."""
-    scenario = Scenario(hw="h100-pcie5", model="opt-13b", num_requests=30, rate=15.0, gpu_mem_util=0.322,
+    scenario = Scenario(hw="h100-sxm-pcie5", model="opt-13b", num_requests=30, rate=15.0, gpu_mem_util=0.322,
                         policy=policy, tp=1)
     _, with_tp = simulate_scenario(scenario)
-    cm = CostModel(load_hardware("h100-pcie5"), load_model("opt-13b"))
+    cm = CostModel(load_hardware("h100-sxm-pcie5"), load_model("opt-13b"))
     workload = workload_of(scenario)
     built = build_policy(policy, cm, gpu_mem_util=0.322, cpu_mem_bytes=240 * 2**30,
                          mean_prompt=int(workload.prompt_tokens.mean()), mean_output=int(workload.output_tokens.mean()))
