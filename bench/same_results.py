@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PCIE = ["--hw", "h100-pcie5", "--model", "opt-13b", "--num-requests", "100", "--rate", "15", "--gpu-mem-util", "0.322"]
+PCIE = ["--hw", "h100-sxm-pcie5", "--model", "opt-13b", "--num-requests", "100", "--rate", "15", "--gpu-mem-util", "0.322"]
 GH200 = ["--hw", "gh200-96g", "--model", "opt-13b", "--num-requests", "200", "--rate", "20", "--gpu-mem-util", "0.5"]
 SERVER = ["--hw", "pcie-8x-l40s", "--model", "opt-66b", "--num-requests", "100", "--rate", "4"]
 # name → pie-sim arguments (the folder is added); "quick" runs in about a minute a tree on 2 cores.
@@ -45,7 +45,7 @@ QUICK = {
 ALL = QUICK | {
     "capacity-small": ["capacity", "--hw", "gh200-96g", "--model", "opt-13b", "--num-requests", "200",
                        "--policy", "pie,vllm", "--tolerance", "0.1"],
-    "disk-flexgen": ["run", "--hw", "h100-pcie5", "--model", "opt-175b", "--cpu-mem-gb", "240",
+    "disk-flexgen": ["run", "--hw", "h100-sxm-pcie5", "--model", "opt-175b", "--cpu-mem-gb", "240",
                      "--num-requests", "5", "--rate", "15", "--policy", "flexgen"],
     "reproduce-quick": ["reproduce", "--quick"],
 }

@@ -48,9 +48,9 @@ def curve(key: str, unit: str) -> Any:
     return dataclasses.field(default=(), metadata=dict(key=key, unit=UNITS[unit], curve=True))
 
 
-def text(key: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A required string field, optionally restricted to `choices`."""
-    return dataclasses.field(metadata=dict(key=key, choices=choices))
+def text(key: str, choices: tuple[str, ...] | None = None, default: Any = dataclasses.MISSING) -> Any:
+    """A string field, optionally restricted to `choices`; required unless it has a `default`."""
+    return dataclasses.field(default=default, metadata=dict(key=key, choices=choices))
 
 
 def flag(key: str) -> Any:

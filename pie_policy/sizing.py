@@ -120,11 +120,15 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
                           f"{hw.host.memory_bytes / GiB:.1f} GiB")
     micro_batches = settings.pop("micro_batches", None)
     if policy.family == PIPELINE:
+        if cost_model.tp > 1:
+            raise ConfigError(f"{name} splits the layers over every GPU of the server; tensor parallelism within "
+                              f"its stages is not modelled (tp must be 1, got {cost_model.tp})")
         return build_pipeline_policy(name, cost_model, micro_batches=micro_batches, gpu_mem_util=gpu_mem_util,
                                      cpu_mem_bytes=cpu_mem_bytes, context=mean_prompt + mean_output // 2, **settings)
     if policy.family == FLEXGEN:
         output = min(mean_output, m.max_context - mean_prompt)
-        placement = _flexgen_placement(hw, m, mean_prompt, output, gpu_mem_util, cpu_mem_bytes or None)
+        placement = _flexgen_placement(cost_model.gpu_hw, m, cost_model.tp, mean_prompt, output, gpu_mem_util,
+                                       cpu_mem_bytes or None)
         return FlexGenPolicy(cost_model, placement)
     tokens = settings.get("max_num_batched_tokens") or max(2048, m.max_context)
     pool = cost_model.memory_budget(gpu_mem_util, tokens, settings.get("max_num_seqs", 256)).kv_pool_bytes
@@ -169,7 +173,7 @@ def build_pipeline_policy(name: str, cost_model: CostModel, *, micro_batches: in
 
 
 @lru_cache(maxsize=16)
-def _flexgen_placement(hw: HardwareSpec, model: ModelSpec, prompt: int, output: int, gpu_mem_util: float,
+def _flexgen_placement(hw: HardwareSpec, model: ModelSpec, tp: int, prompt: int, output: int, gpu_mem_util: float,
                        cpu_mem_bytes: int | None):
     """FlexGen's LP search (seconds) once per system and shape: a sweep over rates re-uses it."""
-    return search(CostModel(hw, model), prompt, output, gpu_mem_util, cpu_mem_bytes=cpu_mem_bytes)
+    return search(CostModel(hw, model, tp), prompt, output, gpu_mem_util, cpu_mem_bytes=cpu_mem_bytes)

@@ -4,6 +4,7 @@ runs and reports a user's error."""
 from __future__ import annotations
 
 import argparse
+import warnings
 from typing import Callable
 
 from rich.console import Console
@@ -12,8 +13,10 @@ from rich.markup import escape
 
 def run_command(prog: str, command: Callable[[Console], int | None], user_errors: tuple[type[Exception], ...]) -> int:
     """Run `command` with a console at least 120 columns wide (tables stay whole in a log or a pipe); a
-    user's error is one line naming it, exit status 2 (its text printed as it is, brackets included)."""
+    user's error is one line naming it, exit status 2 (its text printed as it is, brackets included); a
+    warning is one line too."""
     console = Console(width=max(Console().width, 120))
+    warnings.formatwarning = lambda message, *_: f"{prog}: warning: {message}\n"
     try:
         return command(console) or 0
     except user_errors as e:

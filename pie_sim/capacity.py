@@ -114,9 +114,9 @@ def max_rate(scenario: Scenario, slo: float, tolerance: float = 0.02, evaluate: 
 def lowest_gpu_mem_util(scenario: Scenario) -> float:
     """The smallest gpu_mem_util (in steps of 0.001) that leaves the model a KV pool of at least one
     full-length sequence: below it no policy can run."""
-    cm = CostModel(load_hardware(scenario.hw), load_model(scenario.model))
-    m, hbm = cm.model, cm.hw.gpu.hbm_bytes
-    needed = (m.weight_bytes + m.activation_bytes(max(2048, m.max_context), scenario.max_num_seqs)
+    cm = CostModel(load_hardware(scenario.hw), load_model(scenario.model), scenario.tp)
+    m, hbm = cm.model, cm.hw.gpu.hbm_bytes  # with tensor parallelism: the GPUs' together, each its own working set
+    needed = (m.weight_bytes + cm.tp * m.activation_bytes(max(2048, m.max_context), scenario.max_num_seqs)
               + m.max_context * m.kv_bytes_per_token)
     return math.ceil(1000 * needed / hbm) / 1000
 

@@ -30,7 +30,7 @@ from .scenario import Scenario, simulate_scenario, workload_of
 from .sweep import BACKENDS, load_grid, run_sweep, todo, varying_options, write_results
 
 
-DEFAULT_HW = "gh200-96g,h100-pcie5,h200-pcie5,a100-80g-pcie4"
+DEFAULT_HW = "gh200-96g,h100-sxm-pcie5,h200-sxm-pcie5,a100-80g-sxm-pcie4"
 COMPARED = "vllm,vllm-swap,static,pie,flexgen"  # compare's default: the baselines on one GPU and Pie
 
 
@@ -43,7 +43,7 @@ def cmd_preview(args: argparse.Namespace, console: Console) -> None:
     context = int(round((table.prompt_tokens + table.output_tokens).mean()))
     models = [load_model(name) for name in _names(args.model)]
     systems = [load_hardware(name) for name in _names(args.hw)]
-    pairs = [CostModel(hw, model) for model in models for hw in systems]
+    pairs = [CostModel(hw, model, args.tp) for model in models for hw in systems]
     rows, curves, skipped = preview_all(pairs, context, args.gpu_mem_util, args.max_seqs)
 
     out = Path(args.out)
@@ -274,6 +274,8 @@ def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
     add_engine_arguments(p)
     p.add_argument("--micro-batches", type=int, help="pp-vllm, pipemax: micro-batches in the pipeline "
                                                      "(default: one per GPU of --hw)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism: GPUs of --hw's server that split every "
+                   "layer as one engine (vllm, vllm-swap, static, pie, flexgen; default 1)")
     p.add_argument("--layer-events", action="store_true",
                    help="one SimPy event per layer and copy instead of the recurrence (slow; for checking)")
     p.add_argument("--trace-iterations", type=int, default=3, help="iterations to draw in timeline.json")
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", default="sharegpt", help="trace name or CSV/JSONL file (sets the mean context)")
     p.add_argument("--gpu-mem-util", type=float, default=0.9, help="share of HBM the engine may use")
     p.add_argument("--max-seqs", type=int, default=256, help="most sequences in one batch (vLLM's default)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism: GPUs splitting every layer (default 1)")
     p.add_argument("--out", default="out/preview", help="folder for preview.csv and preview.png")
     p.set_defaults(run=cmd_preview)
 
@@ -307,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     _workload_options(p, lambda q: q.add_argument("--policy", default="pie,vllm",
                                                   help="comma-separated policies (default pie,vllm)"))
     # The question: OPT-30B within 0.2 s/token (OPT-13B meets it even with 1,000 requests at once).
-    p.set_defaults(num_requests=1000, hw="gh200-96g,h100-pcie5,h200-pcie5", model="opt-30b")
+    p.set_defaults(num_requests=1000, hw="gh200-96g,h100-sxm-pcie5,h200-sxm-pcie5", model="opt-30b")
     p.add_argument("--slo-normalized-latency", type=float, default=0.2,
                    help="SLO on mean end-to-end latency per output token, s/token (default 0.2)")
     p.add_argument("--tolerance", type=float, default=0.02, help="relative bisection tolerance (default 0.02)")

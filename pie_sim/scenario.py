@@ -36,6 +36,7 @@ class Scenario:
     chunked_prefill: bool = False
     prefetch_depth: int = 1
     micro_batches: int | None = None  # pp-vllm, pipemax: None for the policy's default
+    tp: int = 1                      # tensor parallelism: GPUs of the server splitting every layer
     seed: int = 0
 
     @classmethod
@@ -71,7 +72,7 @@ def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterati
     """Run `s`: (its summary, the whole result). Requests too long for the model stay in: the policy
     rejects them, with the reason, in requests.csv."""
     hw, model = load_hardware(s.hw), load_model(s.model)
-    cm = CostModel(hw, model)
+    cm = CostModel(hw, model, s.tp)
     workload = workload_of(s)
     cpu_bytes = int(s.cpu_mem_gb * GiB) if s.cpu_mem_gb is not None else min(240 * GiB, hw.host.memory_bytes)
     policy = build_policy(s.policy, cm, share=s.share, gpu_mem_util=s.gpu_mem_util, cpu_mem_bytes=cpu_bytes,
@@ -87,7 +88,7 @@ def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterati
     else:
         result = simulate(policy, cm, workload, layer_events=layer_events, traced_iterations=traced_iterations,
                           on_finish=on_finish)
-    summary = result.recorder.summary(result.requests, result.wall_s, backend="sim", policy=s.policy, hw=hw.name,
+    summary = result.recorder.summary(result.requests, result.wall_s, backend="sim", policy=s.policy, hw=cm.hw.name,
                                       model=model.name, trace=str(s.trace), rate=s.rate, seed=s.seed,
                                       events=result.events)
     return summary, result

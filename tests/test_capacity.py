@@ -59,8 +59,9 @@ def test_bad_search_settings_are_refused(bad):
 
 
 def test_bisection_matches_brute_force_on_a_tiny_simulated_scenario():
-    """The brute-force answer: the highest passing rate on a 2%-step scan around the offline throughput."""
-    slo, tolerance = 0.012, 0.02
+    """The brute-force answer: the highest passing rate on a 2%-step scan around the offline throughput
+    (the SLO lies between the latency at a light load and with every request at once)."""
+    slo, tolerance = 0.018, 0.02
     answer = max_rate(TINY, slo, tolerance)
     offline = summarize(TINY.replace(rate=math.inf))["throughput_req_s"]
     rates = offline * np.exp(np.arange(np.log(0.5), np.log(2.5), 0.02))

@@ -7,7 +7,7 @@ from hwmodels import BatchShape, CatalogError, hardware_names, load_hardware, lo
 
 from .conftest import DATA
 
-REQUIRED_HARDWARE = {"gh200-96g", "gh200-144g", "h100-pcie5", "h200-pcie5", "a100-80g-pcie4", "cpu-host"}
+REQUIRED_HARDWARE = {"gh200-96g", "gh200-144g", "h100-sxm-pcie5", "h200-sxm-pcie5", "a100-80g-sxm-pcie4", "cpu-host"}
 REQUIRED_MODELS = {"opt-125m", "opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "llama-2-7b",
                    "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b"}
 
@@ -136,7 +136,7 @@ def test_unknown_name_lists_the_known_ones():
 
 
 def test_the_disk_is_optional_and_read_in_si_units(write):
-    assert load_hardware("a100-80g-pcie4").disk is None
+    assert load_hardware("a100-80g-sxm-pcie4").disk is None
     disk = load_hardware("gh200-96g").disk
     assert (disk.capacity_bytes, disk.read_bandwidth, disk.write_bandwidth, disk.transfer_latency) == (
         7152 * 1024**3, 13e9, 6.6e9, 20e-6)

@@ -8,12 +8,12 @@ from pie_sim.cli import main as pie_sim
 
 def test_preview_writes_table_and_plot(tmp_path, capsys):
     out = tmp_path / "preview"
-    assert pie_sim(["preview", "--hw", "gh200-96g,h100-pcie5", "--model", "opt-30b", "--out", str(out)]) == 0
+    assert pie_sim(["preview", "--hw", "gh200-96g,h100-sxm-pcie5", "--model", "opt-30b", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "gh200-96g" in printed and "h100-pcie5" in printed
+    assert "gh200-96g" in printed and "h100-sxm-pcie5" in printed
     with open(out / "preview.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["hw"] for r in rows] == ["gh200-96g", "h100-pcie5"]
+    assert [r["hw"] for r in rows] == ["gh200-96g", "h100-sxm-pcie5"]
     # The faster link hides a larger CPU share, and pooling never loses to GPU-only.
     assert float(rows[0]["best_cpu_share"]) > float(rows[1]["best_cpu_share"])
     assert all(float(r["gain"]) >= 1.0 for r in rows)
@@ -21,9 +21,9 @@ def test_preview_writes_table_and_plot(tmp_path, capsys):
 
 
 def test_preview_reports_models_that_do_not_fit(tmp_path, capsys):
-    assert pie_sim(["preview", "--hw", "a100-80g-pcie4,gh200-144g", "--model", "opt-66b", "--out", str(tmp_path)]) == 0
+    assert pie_sim(["preview", "--hw", "a100-80g-sxm-pcie4,gh200-144g", "--model", "opt-66b", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "skipped:" in printed and "opt-66b on a100-80g-pcie4 leaves no KV pool" in printed
+    assert "skipped:" in printed and "opt-66b on a100-80g-sxm-pcie4 leaves no KV pool" in printed
     with open(tmp_path / "preview.csv") as f:
         assert [r["hw"] for r in csv.DictReader(f)] == ["gh200-144g"]
 

@@ -66,10 +66,10 @@ def test_coalesce_gap_is_the_block_layers_one_call_latency_moves():
     0.950 µs: a gap of 8 costs less than a call. PCIe Gen5: 10 µs against 6.18 µs at 53 GB/s: 1."""
     model = load_model("opt-13b")
     assert coalesce_gap(CostModel(load_hardware("gh200-96g"), model), 16) == 8
-    assert coalesce_gap(CostModel(load_hardware("h100-pcie5"), model), 16) == 1
+    assert coalesce_gap(CostModel(load_hardware("h100-sxm-pcie5"), model), 16) == 1
 
 
-@pytest.mark.parametrize("hw", ["gh200-96g", "h100-pcie5"])
+@pytest.mark.parametrize("hw", ["gh200-96g", "h100-sxm-pcie5"])
 def test_link_bound_share_is_the_largest_share_whose_layer_streams_under_compute(hw):
     cm, context = CostModel(load_hardware(hw), load_model("opt-13b")), 500
     pool = cm.memory_budget(0.5, 2048, 256).kv_pool_bytes
