@@ -34,11 +34,6 @@ class EngineConfig:
                      "max_num_batched_tokens", "max_model_len", "prefetch_depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.prefetch_depth >= self.num_layers:
-            # the prefetch of the next iteration's layer l is issued when this one reaches layer l - depth + L:
-            # at depth L, before layer l has computed, so before its write-back of the tokens it adds
-            raise ConfigError(f"prefetch depth {self.prefetch_depth} must be less than the model's {self.num_layers} "
-                              f"layers (a layer's prefetch for the next iteration must follow its write-back)")
         if self.coalesce_gap < 0:
             raise ConfigError(f"coalesce_gap must not be negative, got {self.coalesce_gap}")
         if self.num_cpu_blocks < 0:
