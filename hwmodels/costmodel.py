@@ -48,6 +48,7 @@ class CostModel:
         self._linear_flops = model.linear_flops(token)
         self._weight_bytes = model.linear_bytes(empty)
         self._token_bytes = model.linear_bytes(token) - self._weight_bytes
+        self._experts_read = model.expert_bytes_read if model.moe else None  # not linear in the tokens
         self._pair_flops = model.attention_flops(BatchShape(attended_pairs=1))
         self._read_bytes = model.attention_bytes(BatchShape(kv_tokens_read=1))
         self._new_bytes = model.attention_bytes(token)
@@ -70,9 +71,15 @@ class CostModel:
         if hbm_rate <= 0:
             raise ValueError(f"copies at {copy_bandwidth:.3g} B/s leave no HBM bandwidth to compute")
         flops = self._flops_rate
-        linear = max(self._linear_flops * tokens / flops, (self._weight_bytes + self._token_bytes * tokens) / hbm_rate)
+        linear = max(self._linear_flops * tokens / flops, self._linear_bytes(tokens) / hbm_rate)
         attention = max(self._pair_flops * pairs / flops, (self._read_bytes * read + self._new_bytes * tokens) / hbm_rate)
         return linear + attention + self.hw.gpu.layer_overhead
+
+    def _linear_bytes(self, tokens: int) -> float:
+        """HBM bytes of a layer's GEMMs for `tokens` tokens: linear in them, plus, in a mixture of experts,
+        the experts' weights they are expected to read."""
+        nbytes = self._weight_bytes + self._token_bytes * tokens
+        return nbytes if self._experts_read is None else nbytes + self._experts_read(tokens)
 
     def head_time(self, batch: BatchShape) -> float:
         """Seconds for the LM head over the batch's sampled tokens (embedding lookup is negligible)."""
@@ -104,7 +111,7 @@ class CostModel:
         known = self._per_batch_size.get(sequences)
         if known is None:
             linear = max(self._linear_flops * sequences / self._flops_rate,
-                         (self._weight_bytes + self._token_bytes * sequences) / self._hbm_rate)
+                         self._linear_bytes(sequences) / self._hbm_rate)
             known = self._per_batch_size[sequences] = (linear, self._new_bytes * sequences, self._roofline_head(sequences))
         linear, new_bytes, head = known
         attention = max(self._pair_flops * attended / self._flops_rate, (self._read_bytes * attended + new_bytes) / self._hbm_rate)

@@ -19,9 +19,10 @@ from .engine import Executor
 from .pipeline import serve
 from .run import InputError, read_prompts, run, trace_prompts, write_outputs
 from .validate import report, validate
-from .weights import ModelFolderError, load_hf_folder, random_transformer
+from .weights import ModelFolderError, load_hf_folder, model_shape, random_transformer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODEL_HELP = "catalog model, model TOML, Hugging Face config.json or model folder"
 
 
 def cmd_env(args: argparse.Namespace, console: Console) -> None:
@@ -47,9 +48,11 @@ def _device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 
 
 def _catalog_model(name: str, seed: int, dtype: torch.dtype, device: torch.device):
-    """A catalog model (or model TOML) at `dtype`, randomly initialised: (model, spec)."""
-    spec = dataclasses.replace(load_model(name), dtype_bytes=torch.finfo(dtype).bits // 8)
-    return random_transformer(spec, seed, dtype=dtype, device=device), spec
+    """A model named as pie-sim names one (catalog name, TOML, config.json, model folder) at `dtype`,
+    randomly initialised: (model, spec)."""
+    spec, details = model_shape(name)
+    spec = dataclasses.replace(spec, dtype_bytes=torch.finfo(dtype).bits // 8)
+    return random_transformer(spec, seed, details=details, dtype=dtype, device=device), spec
 
 
 def _set_threads(threads: int | None) -> None:
@@ -164,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("env", help="show the devices the executor can use").set_defaults(run=cmd_env)
     p = commands.add_parser("run", help="serve a workload through a policy and measure it")
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--model", default="opt-125m", help="catalog model, randomly initialised with --seed")
-    model.add_argument("--model-path", help="a local Hugging Face folder (config.json + *.safetensors)")
+    model.add_argument("--model", default="opt-125m", help=f"{MODEL_HELP}, randomly initialised with --seed "
+                       f"(default opt-125m)")
+    model.add_argument("--model-path", help="a local Hugging Face folder (config.json + *.safetensors): its weights")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
     p.add_argument("--policy", default="pie", choices=POLICIES)
@@ -180,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_run)
     p = commands.add_parser("calibrate", help="time this machine and write a hardware profile for pie-sim --hw")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--model", default="opt-125m", help="catalog model or model TOML")
+    p.add_argument("--model", default="opt-125m", help=f"{MODEL_HELP} (default opt-125m)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
     p.add_argument("--base", help="hardware entry whose memory and roofline figures the profile keeps "
                                   "(default cpu-host on cpu)")
@@ -190,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_calibrate)
     p = commands.add_parser("validate", help="run the executor and the simulator on the same requests, compare")
     p.add_argument("--profile", required=True, help="hardware profile from `pie-exec calibrate` on this machine")
-    p.add_argument("--model", default="opt-125m", help="catalog model or model TOML (the profile's)")
+    p.add_argument("--model", default="opt-125m", help=f"{MODEL_HELP}: the profile's (default opt-125m)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
     p.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")

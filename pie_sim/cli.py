@@ -261,7 +261,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
 def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
     p.add_argument("--hw", default="gh200-96g", help="system name or TOML file")
-    p.add_argument("--model", default="opt-13b", help="model name or TOML file")
+    p.add_argument("--model", default="opt-13b", help="model name, TOML file, Hugging Face config.json or model folder")
     p.add_argument("--trace", default="sharegpt", help="trace name or CSV/JSONL file")
     p.add_argument("--num-requests", type=int, default=500, help="requests to take (0: the whole trace)")
     p.add_argument("--rate", type=float, help="re-time arrivals as Poisson at this rate (req/s; inf: all at 0); "
@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("preview", help="closed-form cost-model preview of CPU pooling per system")
     p.add_argument("--hw", default=DEFAULT_HW, help=f"comma-separated systems or TOML files (default {DEFAULT_HW})")
-    p.add_argument("--model", default="opt-13b,opt-30b", help="comma-separated models or TOML files")
+    p.add_argument("--model", default="opt-13b,opt-30b", help="comma-separated models (names, TOML files, Hugging "
+                                                             "Face config.json files or model folders)")
     p.add_argument("--trace", default="sharegpt", help="trace name or CSV/JSONL file (sets the mean context)")
     p.add_argument("--gpu-mem-util", type=float, default=0.9, help="share of HBM the engine may use")
     p.add_argument("--max-seqs", type=int, default=256, help="most sequences in one batch (vLLM's default)")
