@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
     p.add_argument("--policy", default="pie", choices=POLICIES)
     work = p.add_mutually_exclusive_group()
-    work.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
+    work.add_argument("--trace", default="azure-conv", help="trace name or file, as pie-sim reads it (random prompt ids)")
     work.add_argument("--prompts", help="JSONL: {\"id\", \"prompt_token_ids\", \"max_new_tokens\"} per line")
     _workload_arguments(p)
     _threads_argument(p, "torch's; with --pipeline-stages, a stage's, default the cores shared out")
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="opt-125m", help=f"{MODEL_HELP}: the profile's (default opt-125m)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
-    p.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
+    p.add_argument("--trace", default="azure-conv", help="trace name or file, as pie-sim reads it (random prompt ids)")
     p.add_argument("--policies", default="vllm,static,pie", help=", ".join(POLICIES))
     p.add_argument("--rounds", type=int, default=1, help="serve every policy this many times, in turn, and "
                    "compare the medians (a machine whose speed drifts then moves every policy alike)")
