@@ -6,7 +6,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError:  # the simulator installs without it
+    raise SystemExit("pie-exec: error: the executor needs PyTorch: bash scripts/install.sh exec "
+                     "(or pip install 'pie[exec]')") from None
 from rich.console import Console
 
 from hwmodels import CatalogError, CostModel, GiB, hardware_names, load_hardware, load_model
