@@ -45,7 +45,7 @@ SLIDING_WINDOW = {"mistral": 4096, "qwen2": 4096}  # else none (qwen2: with use_
 # ModelSpec's fields by their names in config.json (for error messages).
 NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
          "ffn_size": "intermediate_size", "max_context": "max_position_embeddings", "num_experts": "num_local_experts",
-         "experts_per_token": "num_experts_per_tok", "qkv_bias": "model_type"}
+         "experts_per_token": "num_experts_per_tok"}
 
 
 @dataclass(frozen=True)
@@ -163,12 +163,13 @@ class _Reader:
 
     def _llama(self, model_type: str, hidden: int, heads: int) -> dict:
         self.require("hidden_act", "silu", "silu", "the Llama family's MLP is SwiGLU with SiLU")
-        if model_type == "llama":  # Llama 1 configs have no num_key_value_heads: LlamaConfig reads it as heads
+        if model_type == "llama":
             self.require("attention_bias", False, False, "biases on Q, K, V and O are not modelled")
             self.require("mlp_bias", False, False, "biases in the MLP are not modelled")
         if self.has("head_dim") and hidden % heads == 0:
             self.require("head_dim", hidden // heads, hidden // heads,
                          "head_dim must be hidden_size / num_attention_heads")
+        # Llama 1 configs have no num_key_value_heads (LlamaConfig reads it as heads); the others must say.
         sizes = dict(ffn_size=self.number("intermediate_size"),
                      num_kv_heads=self.number("num_key_value_heads", heads if model_type == "llama" else None),
                      tied_embeddings=self.flag("tie_word_embeddings", False), qkv_bias=model_type == "qwen2")

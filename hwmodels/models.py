@@ -193,12 +193,18 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
     """A built-in model by name (see `model_names()`), a user's TOML file of the same shape, or a Hugging
     Face `config.json` (any `.json` file) or model folder (its `config.json`)."""
     path = Path(name_or_path)
-    if path.is_dir() or path.suffix == ".json":
+    if is_hf_config(path):
         from .hf_config import read_hf_config  # it builds ModelSpecs: imported here, not at the top
 
         return read_hf_config(path).spec
     path = resolve(name_or_path, MODELS_DIR, "model", "the path of a .toml file, a config.json or a model folder")
     return checked(parse(ModelSpec, read_toml(path), path, name=path.stem), path)
+
+
+def is_hf_config(name_or_path: str | Path) -> bool:
+    """Whether `load_model` reads `name_or_path` as a Hugging Face config: a .json file or a folder."""
+    path = Path(name_or_path)
+    return path.is_dir() or path.suffix == ".json"
 
 
 def checked(spec: ModelSpec, path: Path, names: dict[str, str] | None = None) -> ModelSpec:

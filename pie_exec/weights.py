@@ -19,6 +19,7 @@ from torch import Tensor
 
 from hwmodels import ModelSpec, load_model
 from hwmodels.hf_config import HFConfig, read_hf_config
+from hwmodels.models import is_hf_config
 
 from .model import ArchDetails, Transformer
 
@@ -49,8 +50,7 @@ def executable_details(source: HFConfig | ModelSpec, where: str | Path) -> ArchD
 def model_shape(name_or_path: str | Path) -> tuple[ModelSpec, ArchDetails]:
     """A model as `pie-sim --model` names it (catalog name, TOML, config.json or model folder) and the
     numerics to build it with; refuses what the executor does not run."""
-    path = Path(name_or_path)
-    source = read_hf_config(path) if path.is_dir() or path.suffix == ".json" else load_model(name_or_path)
+    source = read_hf_config(name_or_path) if is_hf_config(name_or_path) else load_model(name_or_path)
     return (source.spec if isinstance(source, HFConfig) else source), executable_details(source, name_or_path)
 
 
