@@ -115,8 +115,10 @@ class ComputeFit:
 
 def architecture(model: ModelSpec) -> str:
     """What sets a model's compute time: its shapes and bytes per value (not its name or context)."""
+    extras = (", Q/K/V biases" if model.qkv_bias else "") + \
+        (f", {model.experts_per_token} of {model.num_experts} experts" if model.moe else "")
     return (f"{model.family}, {model.num_layers} layers, hidden {model.hidden_size}, heads "
-            f"{model.num_heads}/{model.num_kv_heads}, ffn {model.ffn_size}, vocab {model.vocab_size}, "
+            f"{model.num_heads}/{model.num_kv_heads}, ffn {model.ffn_size}{extras}, vocab {model.vocab_size}, "
             f"{model.dtype_bytes}-byte values")
 
 

@@ -15,6 +15,8 @@ attention from hiding under compute-bound GEMMs):
 - with tp > 1, two all-reduces of the layer's hidden states (after attention, after the MLP), each
   `all_reduce_latency + 2(tp-1)/tp · bytes / all_reduce_bandwidth` (ring all-reduce over the server's
   GPU interconnect).
+In a mixture of experts the GEMMs read only the experts the batch's tokens are routed to (expected under
+uniform routing, `ModelSpec.expert_bytes_read`) and compute those of each token's top-k.
 Outside the layers: the LM head as a GEMM, then the engine's per-iteration host time
 (`iteration_overhead + iteration_overhead_per_sequence · sequences`: scheduling, input preparation,
 sampling). Copies in flight (bytes/s over the host link, shared by the tp GPUs) take `compute_contention`
@@ -55,6 +57,7 @@ class Roofline:
         empty, token = BatchShape(), BatchShape(decode_tokens=1)
         self._linear_flops = model.linear_flops(token) / tp
         self._weight_bytes = model.linear_bytes(empty) / tp
+        self._experts_read = model.expert_bytes_read if model.moe else None  # not linear in the tokens
         self._token_bytes = (model.linear_bytes(token) - model.linear_bytes(empty)) / tp
         self._elementwise_bytes = elementwise_bytes_per_token(model, tp) if self._elementwise_rate else 0.0
         self._pair_flops = model.attention_flops(BatchShape(attended_pairs=1)) / tp
@@ -71,7 +74,15 @@ class Roofline:
     def gemm_time(self, tokens: int, copy_bandwidth: float = 0.0) -> float:
         """The layer's matrix products over `tokens` tokens."""
         return max(self._linear_flops * (tokens + self._ridge) / self._gemm_rate,
-                   (self._weight_bytes + self._token_bytes * tokens) / self._rate(self._hbm_rate, copy_bandwidth))
+                   (self._weights_read(tokens) + self._token_bytes * tokens) / self._rate(self._hbm_rate, copy_bandwidth))
+
+    def _weights_read(self, tokens: int) -> float:
+        """Weight bytes a layer's GEMMs read for `tokens` tokens: all of them, but in a mixture of experts
+        only the experts the tokens are expected to be routed to (`ModelSpec.expert_bytes_read`), each GPU
+        holding 1/tp of every expert."""
+        if self._experts_read is None:
+            return self._weight_bytes
+        return self._weight_bytes + self._experts_read(tokens) / self.tp
 
     def elementwise_time(self, tokens: int, copy_bandwidth: float = 0.0) -> float:
         if not self._elementwise_rate:

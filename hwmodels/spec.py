@@ -53,9 +53,9 @@ def text(key: str, choices: tuple[str, ...] | None = None, default: Any = datacl
     return dataclasses.field(default=default, metadata=dict(key=key, choices=choices))
 
 
-def flag(key: str) -> Any:
-    """A required boolean field."""
-    return dataclasses.field(metadata=dict(key=key, boolean=True))
+def flag(key: str, default: Any = dataclasses.MISSING) -> Any:
+    """A boolean field, required unless it has a `default`."""
+    return dataclasses.field(default=default, metadata=dict(key=key, boolean=True))
 
 
 def section(key: str, cls: type) -> Any:
@@ -126,8 +126,8 @@ def _convert(raw: Any, meta: dict, path: Path, name: str) -> Any:
     return meta["unit"](raw)
 
 
-def resolve(name_or_path: str | Path, catalog_dir: Path, what: str) -> Path:
-    """A catalog name (`gh200-96g`) or a path to a user's TOML file."""
+def resolve(name_or_path: str | Path, catalog_dir: Path, what: str, other: str = "the path of a .toml file") -> Path:
+    """A catalog name (`gh200-96g`) or a path to a user's TOML file; `other` says what else may be given."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
@@ -136,7 +136,7 @@ def resolve(name_or_path: str | Path, catalog_dir: Path, what: str) -> Path:
     candidate = catalog_dir / f"{name_or_path}.toml"
     if not candidate.is_file():
         raise CatalogError(f"unknown {what} '{name_or_path}' (known: {', '.join(names(catalog_dir))}; "
-                           f"or give the path of a .toml file)")
+                           f"or give {other})")
     return candidate
 
 

@@ -5,7 +5,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError:  # the simulator installs without it
+    raise SystemExit("pie-exec: error: the executor needs PyTorch: bash scripts/install.sh exec "
+                     "(or pip install 'pie[exec]')") from None
 from rich.console import Console
 
 from hwmodels import CatalogError, GiB, hardware_names, load_hardware, load_model
@@ -16,8 +20,8 @@ from traces import TraceError, load_workload
 
 from .calibrate import add_grid_arguments, calibrate, grid_from
 from .engine import Executor
-from .options import (add_device_arguments, add_threads_argument, add_workload_arguments, catalog_model, device_dtype,
-                      set_threads)
+from .options import (MODEL_HELP, add_device_arguments, add_threads_argument, add_workload_arguments, catalog_model,
+                      device_dtype, set_threads)
 from .pipeline import serve
 from .run import InputError, read_prompts, run, trace_prompts, write_outputs
 from .weights import ModelFolderError, load_hf_folder
@@ -102,12 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("env", help="show the devices the executor can use").set_defaults(run=cmd_env)
     p = commands.add_parser("run", help="serve a workload through a policy and measure it")
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--model", default="opt-125m", help="catalog model, randomly initialised with --seed")
-    model.add_argument("--model-path", help="a local Hugging Face folder (config.json + *.safetensors)")
+    model.add_argument("--model", default="opt-125m", help=f"{MODEL_HELP}, randomly initialised with --seed "
+                       f"(default opt-125m)")
+    model.add_argument("--model-path", help="a local Hugging Face folder (config.json + *.safetensors): its weights")
     add_device_arguments(p)
     p.add_argument("--policy", default="pie", choices=POLICIES)
     work = p.add_mutually_exclusive_group()
-    work.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
+    work.add_argument("--trace", default="azure-conv", help="trace name or file, as pie-sim reads it (random prompt ids)")
     work.add_argument("--prompts", help="JSONL: {\"id\", \"prompt_token_ids\", \"max_new_tokens\"} per line")
     add_workload_arguments(p)
     add_threads_argument(p, "torch's; with --pipeline-stages, a stage's, default the cores shared out")
@@ -117,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_run)
     p = commands.add_parser("calibrate", help="time this machine and write a hardware profile for pie-sim --hw")
     add_device_arguments(p)
-    p.add_argument("--model", default="opt-125m", help="catalog model or model TOML")
+    p.add_argument("--model", default="opt-125m", help=f"{MODEL_HELP} (default opt-125m)")
     p.add_argument("--base", help="hardware entry whose memory and roofline figures the profile keeps "
                                   "(default cpu-host on cpu)")
     add_grid_arguments(p)

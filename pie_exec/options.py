@@ -7,13 +7,13 @@ import dataclasses
 
 import torch
 
-from hwmodels import load_model
 from pie_serving.options import add_engine_arguments
 
 from .run import InputError
-from .weights import random_transformer
+from .weights import model_shape, random_transformer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODEL_HELP = "catalog model, model TOML, Hugging Face config.json or model folder"
 
 
 def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -24,9 +24,11 @@ def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 
 
 def catalog_model(name: str, seed: int, dtype: torch.dtype, device: torch.device):
-    """A catalog model (or model TOML) at `dtype`, randomly initialised: (model, spec)."""
-    spec = dataclasses.replace(load_model(name), dtype_bytes=torch.finfo(dtype).bits // 8)
-    return random_transformer(spec, seed, dtype=dtype, device=device), spec
+    """A model named as pie-sim names one (catalog name, TOML, config.json, model folder) at `dtype`,
+    randomly initialised: (model, spec)."""
+    spec, details = model_shape(name)
+    spec = dataclasses.replace(spec, dtype_bytes=torch.finfo(dtype).bits // 8)
+    return random_transformer(spec, seed, details=details, dtype=dtype, device=device), spec
 
 
 def set_threads(threads: int | None) -> None:

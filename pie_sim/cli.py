@@ -19,7 +19,7 @@ from pie_policy.pipeline import PIPELINE_POLICIES
 from pie_policy.registry import SIM, entry, names
 from pie_serving.options import add_engine_arguments, run_command
 from pie_serving.records import request_table
-from traces import TraceError, load_trace
+from traces import FORMATS, TraceError, load_trace
 
 from .chrome_trace import write_chrome_trace
 from .preview import SHARES, preview_all
@@ -39,7 +39,7 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_preview(args: argparse.Namespace, console: Console) -> None:
-    table = load_trace(args.trace)
+    table = load_trace(args.trace, args.trace_format)
     context = int(round((table.prompt_tokens + table.output_tokens).mean()))
     models = [load_model(name) for name in _names(args.model)]
     systems = [load_hardware(name) for name in _names(args.hw)]
@@ -259,10 +259,17 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     return 1 if failed else 0
 
 
+def _trace_format_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace-format", default="auto", choices=("auto", *FORMATS),
+                   help="a --trace file's format (default auto: by its extension, then its columns)")
+
+
 def _workload_options(p: argparse.ArgumentParser, policy_option) -> None:
     p.add_argument("--hw", default="gh200-96g", help="system name or TOML file")
-    p.add_argument("--model", default="opt-13b", help="model name or TOML file")
-    p.add_argument("--trace", default="sharegpt", help="trace name or CSV/JSONL file")
+    p.add_argument("--model", default="opt-13b", help="model name, TOML file, Hugging Face config.json or model folder")
+    p.add_argument("--trace", default="sharegpt", help="trace name or file (CSV/JSONL table, Azure or Vidur trace CSV, "
+                                                       "ShareGPT-format JSON)")
+    _trace_format_option(p)
     p.add_argument("--num-requests", type=int, default=500, help="requests to take (0: the whole trace)")
     p.add_argument("--rate", type=float, help="re-time arrivals as Poisson at this rate (req/s; inf: all at 0); "
                                               "default: the trace's own timestamps")
@@ -286,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("preview", help="closed-form cost-model preview of CPU pooling per system")
     p.add_argument("--hw", default=DEFAULT_HW, help=f"comma-separated systems or TOML files (default {DEFAULT_HW})")
-    p.add_argument("--model", default="opt-13b,opt-30b", help="comma-separated models or TOML files")
-    p.add_argument("--trace", default="sharegpt", help="trace name or CSV/JSONL file (sets the mean context)")
+    p.add_argument("--model", default="opt-13b,opt-30b", help="comma-separated models (names, TOML files, Hugging "
+                                                             "Face config.json files or model folders)")
+    p.add_argument("--trace", default="sharegpt", help="trace name or file (sets the mean context)")
+    _trace_format_option(p)
     p.add_argument("--gpu-mem-util", type=float, default=0.9, help="share of HBM the engine may use")
     p.add_argument("--max-seqs", type=int, default=256, help="most sequences in one batch (vLLM's default)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallelism: GPUs splitting every layer (default 1)")

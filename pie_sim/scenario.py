@@ -24,6 +24,7 @@ class Scenario:
     hw: str = "gh200-96g"
     model: str = "opt-13b"
     trace: str = "sharegpt"
+    trace_format: str = "auto"       # a trace file's format (traces.FORMATS); auto: told by the file
     num_requests: int = 500          # 0: the whole trace
     rate: float | None = None        # Poisson (Gamma with cv) re-timing, req/s; inf: all at 0; None: the trace's
     cv: float = 1.0
@@ -58,13 +59,13 @@ class Scenario:
 
 
 @lru_cache(maxsize=8)
-def _workload(trace: str, num_requests: int, rate: float | None, cv: float, seed: int):
+def _workload(trace: str, trace_format: str, num_requests: int, rate: float | None, cv: float, seed: int):
     """Kept between the runs of a bisection or a comparison, which re-use the same requests."""
-    return load_workload(trace, num_requests or None, rate=rate, cv=cv, seed=seed)
+    return load_workload(trace, num_requests or None, rate=rate, cv=cv, seed=seed, trace_format=trace_format)
 
 
 def workload_of(s: Scenario):
-    return _workload(s.trace, s.num_requests, s.rate, s.cv, s.seed)
+    return _workload(s.trace, s.trace_format, s.num_requests, s.rate, s.cv, s.seed)
 
 
 def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterations: int = 0,

@@ -48,7 +48,7 @@ from hwmodels import load_hardware, load_model
 from hwmodels.spec import read_toml
 from pie_policy import ConfigError
 from pie_policy.registry import SIM, entry
-from traces import load_trace
+from traces import FORMATS, load_trace
 
 from .scenario import Scenario, summarize
 
@@ -66,6 +66,9 @@ def _check_name(key: str, value: str) -> None:
             entry(value, SIM)
         except ConfigError as e:
             raise ConfigError(f"policy: {e}") from None
+    elif key == "trace_format":
+        if value not in ("auto", *FORMATS):
+            raise ConfigError(f"trace_format: unknown format '{value}' (known: auto, {', '.join(FORMATS)})")
     elif key in _NAMED_BY:
         _NAMED_BY[key](value)
 
@@ -110,10 +113,16 @@ def load_grid(path: str | Path) -> list[Scenario]:
     return expand_grid(read_toml(Path(path)))
 
 
+# Options added after sweeps were saved, with their defaults: hashed only when set, so that the points of
+# those sweeps keep their ids.
+LATER_OPTIONS = {"trace_format": "auto", "tp": 1}
+
+
 def point_id(s: Scenario) -> str:
     """Stable across runs and machines: a hash of every option, defaults included (so a grid that spells a
-    default out names the same point as one that leaves it out)."""
-    text = json.dumps(dataclasses.asdict(s), sort_keys=True)
+    default out names the same point as one that leaves it out), but LATER_OPTIONS at their defaults."""
+    options = {k: v for k, v in dataclasses.asdict(s).items() if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]}
+    text = json.dumps(options, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

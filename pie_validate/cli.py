@@ -9,7 +9,7 @@ from rich.console import Console
 
 from hwmodels import CostModel, GiB, load_hardware
 from pie_exec.cli import USER_ERRORS
-from pie_exec.options import (add_device_arguments, add_threads_argument, add_workload_arguments, catalog_model,
+from pie_exec.options import (MODEL_HELP, add_device_arguments, add_threads_argument, add_workload_arguments, catalog_model,
                               device_dtype, set_threads)
 from pie_exec.run import InputError, trace_prompts
 from pie_policy import POLICIES
@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pie-validate", description="Run the executor and the simulator on the same "
                                 "requests and compare them.")
     p.add_argument("--profile", required=True, help="hardware profile from `pie-exec calibrate` on this machine")
-    p.add_argument("--model", default="opt-125m", help="catalog model or model TOML (the profile's)")
+    p.add_argument("--model", default="opt-125m", help=f"{MODEL_HELP}: the profile's (default opt-125m)")
     add_device_arguments(p)
-    p.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
+    p.add_argument("--trace", default="azure-conv", help="trace name or file, as pie-sim reads it (random prompt ids)")
     p.add_argument("--policies", default="vllm,static,pie", help=", ".join(POLICIES))
     p.add_argument("--rounds", type=int, default=1, help="serve every policy this many times, in turn, and "
                    "compare the medians (a machine whose speed drifts then moves every policy alike)")

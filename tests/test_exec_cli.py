@@ -58,3 +58,26 @@ def test_bad_input_is_refused_and_writes_nothing(folder, write, tmp_path, capsys
     printed = capsys.readouterr().out
     assert code == 2 and message in printed, printed
     assert not out.exists()
+
+
+def test_run_takes_a_config_json_or_a_model_folder_as_the_simulator_does(tmp_path):
+    """--model reads a config.json or folder as pie-sim does (random weights from --seed); --model-path loads
+    the folder's weights."""
+    spec = SPECS["qwen2"]
+    folder = save_hf_folder(random_transformer(spec, seed=3), spec, ArchDetails(), tmp_path / "tiny-qwen2")
+    tokens = {}
+    for name, model in (("config", ["--model", str(folder / "config.json")]), ("folder", ["--model", str(folder)]),
+                        ("weights", ["--model-path", str(folder)])):
+        out = tmp_path / name
+        assert pie_exec(["run", *model, "--trace", "alpaca", "--num-requests", "3", "--rate", "inf",
+                         "--gpu-kv-gb", "0.01", "--seed", "5", "--out", str(out)]) == 0
+        assert json.loads((out / "summary.json").read_text())["model"] == "tiny-qwen2"
+        tokens[name] = (out / "tokens.jsonl").read_text()
+    assert tokens["config"] == tokens["folder"] != tokens["weights"]
+
+
+def test_run_refuses_a_mixture_of_experts_by_name(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert pie_exec(["run", "--model", "mixtral-8x7b", "--out", str(out)]) == 2
+    assert "mixtral-8x7b: unsupported feature: a mixture of 8 experts" in capsys.readouterr().out
+    assert not out.exists()

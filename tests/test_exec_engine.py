@@ -19,6 +19,9 @@ SPECS = {
     "llama": ModelSpec(name="tiny-llama", description="tiny Llama, GQA", family="llama", num_layers=2,
                        hidden_size=64, num_heads=4, num_kv_heads=2, ffn_size=128, vocab_size=256,
                        max_context=128, dtype_bytes=4, tied_embeddings=False),
+    "qwen2": ModelSpec(name="tiny-qwen2", description="tiny Qwen2: GQA, biases on Q, K and V", family="llama",
+                       num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_size=128, vocab_size=256,
+                       max_context=128, dtype_bytes=4, tied_embeddings=True, qkv_bias=True),
 }
 PROMPT_LENGTHS, NEW_TOKENS = (5, 23, 9, 40), (20, 12, 30, 16)
 

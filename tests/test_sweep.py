@@ -59,6 +59,14 @@ def test_a_point_is_named_by_all_its_options_defaults_included():
     assert len({point_id(Scenario(rate=5.0, seed=seed)) for seed in range(50)}) == 50
 
 
+def test_an_option_added_later_keeps_the_saved_points_ids():
+    """trace_format came after sweeps were saved: at its default, a point keeps the id those sweeps gave it
+    (these ids are the ones the code before it computed), and set, it names another point."""
+    assert point_id(Scenario(rate=5.0)) == "3e05a34c80728256"
+    assert point_id(Scenario(model="opt-30b", seed=3)) == "16503655a186ed67"
+    assert point_id(Scenario(rate=5.0, trace_format="vidur")) != point_id(Scenario(rate=5.0))
+
+
 @pytest.mark.parametrize("grid, message", [
     ({"modle": "opt-125m"}, "unknown option modle (known: hw, model"),
     ({"rate": []}, "rate: empty axis"),
@@ -70,6 +78,7 @@ def test_a_point_is_named_by_all_its_options_defaults_included():
     ({"rate": [5, 5.0]}, "rate: the axis repeats 5.0"),
     ({"policy": ["pie", "vlm"]}, "unknown policy 'vlm'"),
     ({"hw": ["gh200-96g", "gh300"]}, "unknown hardware 'gh300'"),
+    ({"trace_format": "csv"}, "trace_format: unknown format 'csv' (known: auto, tidy, azure, vidur, sharegpt)"),
 ])
 def test_bad_grids_are_refused_naming_the_key(grid, message):
     with pytest.raises((ConfigError, CatalogError)) as refused:

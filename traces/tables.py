@@ -1,8 +1,16 @@
-"""Read request tables (CSV or JSONL) into one tidy form, refusing bad input by file, line and problem.
+"""Read request tables into one tidy form, refusing bad input by file, line and problem.
 
 The tidy form is a DataFrame with `arrival_s` (float seconds), `prompt_tokens` and `output_tokens`
-(int64, at least 1). Files may use these column names (arrival_s optional: without it every request
-arrives at 0), or the Azure LLM inference trace's `TIMESTAMP, ContextTokens, GeneratedTokens`.
+(int64, at least 1). Formats (`FORMATS`), told apart by the file's extension and then its columns, or
+named with `trace_format`:
+
+    tidy      CSV or JSONL with those columns (arrival_s optional: without it every request arrives at 0)
+    azure     the Azure LLM inference trace's CSV: TIMESTAMP (date and time), ContextTokens, GeneratedTokens
+    vidur     Vidur's trace CSV: arrived_at (seconds), num_prefill_tokens, num_decode_tokens
+    sharegpt  ShareGPT-format JSON (vLLM's benchmark datasets): conversations, counted in tokens (sharegpt.py)
+
+A `.csv`, `.jsonl` or `.json` file is read as its extension says; a file with another extension as its
+first character says (`[` a JSON array, `{` JSONL, anything else CSV). Errors name the file's own columns.
 """
 from __future__ import annotations
 
@@ -13,42 +21,85 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .sharegpt import ShareGPTError, read_sharegpt
+
 COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
-AZURE_COLUMNS = {"TIMESTAMP": "arrival_s", "ContextTokens": "prompt_tokens", "GeneratedTokens": "output_tokens"}
+FORMATS = ("tidy", "azure", "vidur", "sharegpt")
+# Each table format's names of the tidy columns.
+LAYOUTS = {
+    "tidy": dict(zip(COLUMNS, COLUMNS)),
+    "azure": {"arrival_s": "TIMESTAMP", "prompt_tokens": "ContextTokens", "output_tokens": "GeneratedTokens"},
+    "vidur": {"arrival_s": "arrived_at", "prompt_tokens": "num_prefill_tokens", "output_tokens": "num_decode_tokens"},
+}
+LAYOUTS["sharegpt"] = LAYOUTS["tidy"]
+KNOWN_COLUMNS = {name for layout in LAYOUTS.values() for name in layout.values()}
 
 
 class TraceError(ValueError):
     """A trace file (built-in or user-supplied) cannot be used as it is."""
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path, trace_format: str = "auto") -> pd.DataFrame:
+    """The file's requests in the tidy form; `trace_format` one of FORMATS, or "auto" to tell by the file."""
     path = Path(path)
+    if trace_format not in ("auto", *FORMATS):
+        raise TraceError(f"unknown trace format '{trace_format}' (known: auto, {', '.join(FORMATS)})")
     if not path.is_file():
         raise TraceError(f"{path}: no such file")
-    if path.suffix == ".jsonl":
-        columns, lines = _read_jsonl(path)
-    elif path.suffix == ".csv":
-        columns, lines = _read_csv(path)
+    container = _container(path, trace_format)
+    if container == "json":
+        try:
+            columns, lines = read_sharegpt(path)
+        except ShareGPTError as e:
+            raise TraceError(f"{path}{'' if e.line is None else f', line {e.line}'}: {e.problem}") from None
+        if not lines:
+            raise TraceError(f"{path}: no requests in the file (no conversation has a human turn followed by a "
+                             f"gpt turn, both non-empty)")
     else:
-        raise TraceError(f"{path}: unknown format '{path.suffix}' (use .csv or .jsonl)")
-    if not lines:
-        raise TraceError(f"{path}: no requests in the file")
-    if set(AZURE_COLUMNS) <= set(columns):
-        columns = {AZURE_COLUMNS[k]: v for k, v in columns.items() if k in AZURE_COLUMNS}
-        arrival = _timestamps(columns["arrival_s"], lines, path)
+        columns, lines = _read_jsonl(path) if container == "jsonl" else _read_csv(path)
+        if not lines:
+            raise TraceError(f"{path}: no requests in the file")
+    names = LAYOUTS[_layout(columns, trace_format, path)]
+    arrival = columns.get(names["arrival_s"])
+    if names is LAYOUTS["azure"]:
+        seconds = _timestamps(arrival, lines, path)
     else:
-        for name in ("prompt_tokens", "output_tokens"):
-            if name not in columns:
-                raise TraceError(f"{path}: missing column '{name}' (have: {', '.join(columns) or 'none'}; "
-                                 f"need {', '.join(COLUMNS)}, arrival_s optional)")
-        raw_arrival = columns.get("arrival_s")
-        arrival = np.zeros(len(lines)) if raw_arrival is None else _seconds(raw_arrival, lines, path)
-    _check_sorted(arrival, lines, path)
+        seconds = np.zeros(len(lines)) if arrival is None else _seconds(arrival, lines, path, names["arrival_s"])
+    _check_sorted(seconds, lines, path)
     return pd.DataFrame({
-        "arrival_s": arrival,
-        "prompt_tokens": _counts(columns["prompt_tokens"], lines, path, "prompt_tokens"),
-        "output_tokens": _counts(columns["output_tokens"], lines, path, "output_tokens"),
+        "arrival_s": seconds,
+        "prompt_tokens": _counts(columns[names["prompt_tokens"]], lines, path, names["prompt_tokens"]),
+        "output_tokens": _counts(columns[names["output_tokens"]], lines, path, names["output_tokens"]),
     })
+
+
+def _container(path: Path, trace_format: str) -> str:
+    """"csv", "jsonl" or "json": by the format (ShareGPT is JSON), the extension, else the first character."""
+    if trace_format == "sharegpt":
+        return "json"
+    kind = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}.get(path.suffix)
+    if kind is None:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.read(4096).lstrip()[:1]
+        kind = {"[": "json", "{": "jsonl"}.get(first, "csv")
+    if kind == "json" and trace_format != "auto":
+        raise TraceError(f"{path}: a JSON array is read as ShareGPT conversations, not as a {trace_format} table "
+                         f"(a {trace_format} trace is CSV or JSONL)")
+    return kind
+
+
+def _layout(columns: dict[str, list], trace_format: str, path: Path) -> str:
+    """The format whose columns the file has (the one named, which must have them all)."""
+    if trace_format == "auto":
+        trace_format = next((f for f in ("azure", "vidur") if set(LAYOUTS[f].values()) <= set(columns)), "tidy")
+    optional = trace_format in ("tidy", "sharegpt")  # no arrival times: every request at 0
+    missing = [name for field, name in LAYOUTS[trace_format].items()
+               if name not in columns and not (optional and field == "arrival_s")]
+    if missing:
+        raise TraceError(f"{path}: missing column '{missing[0]}' (have: {', '.join(columns) or 'none'}; the "
+                         f"{trace_format} format has {', '.join(LAYOUTS[trace_format].values())}"
+                         f"{', arrival_s optional' if optional else ''})")
+    return trace_format
 
 
 def _read_csv(path: Path) -> tuple[dict[str, list], list[int]]:
@@ -89,7 +140,7 @@ def _read_jsonl(path: Path) -> tuple[dict[str, list], list[int]]:
     columns = {}
     for name in names:
         missing = next((line for r, line in zip(records, lines) if name not in r), None)
-        if missing is not None and name in COLUMNS:
+        if missing is not None and name in KNOWN_COLUMNS:
             raise TraceError(f"{path}, line {missing}: missing field '{name}'")
         columns[name] = [r.get(name) for r in records]
     return columns, lines
@@ -119,11 +170,11 @@ def _counts(values: list, lines: list[int], path: Path, name: str) -> np.ndarray
     return numbers.astype(np.int64)
 
 
-def _seconds(values: list, lines: list[int], path: Path) -> np.ndarray:
-    seconds = _numbers(values, lines, path, "arrival_s")
+def _seconds(values: list, lines: list[int], path: Path, name: str) -> np.ndarray:
+    seconds = _numbers(values, lines, path, name)
     i = _first_bad(seconds < 0)
     if i is not None:
-        raise TraceError(f"{path}, line {lines[i]}: arrival_s = {values[i]!r} is negative")
+        raise TraceError(f"{path}, line {lines[i]}: {name} = {values[i]!r} is negative")
     return seconds
 
 
