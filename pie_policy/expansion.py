@@ -69,7 +69,8 @@ class ExpansionController:
         is the share of the live KV on the CPU, `limited` whether the share refused a block."""
         target = self.target(stats, in_use)
         if self.stalled(stats):
-            self.share = min(self.share, target)
+            if target is not None:  # no CPU KV in use: whatever the GPU waited for, the share did not cause it
+                self.share = min(self.share, target)
         elif limited and self.share < self.max_share:
             rise = self.step if target is None else min(self.max_step, max(0.0, target - self.share))
             self.share = min(self.max_share, self.share + rise)

@@ -96,6 +96,14 @@ def test_holds_when_the_share_does_not_limit_the_batch_and_probes_with_nothing_t
     assert controller.observe(idle_link, limited=True, in_use=0.1) == pytest.approx(0.12 + controller.max_step)
 
 
+def test_holds_when_the_gpu_waited_with_no_kv_in_cpu_memory():
+    """A stall with nothing on the CPU (a noisy host clock, a prefetch of blocks since freed) measures no
+    link: the share holds (it used to raise TypeError comparing the share with no target)."""
+    controller = ExpansionController(share=0.2)
+    waited = IterationStats(0, 0.0, 1.0, 1.0, 0.5, 0, 0, 0.0, 0.0)
+    assert controller.observe(waited, limited=True, in_use=0.0) == 0.2
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_share=1.0), "max_share must be in \\[0, 1\\)"),
     (dict(share=-0.1), "share must be in \\[0, 1\\)"),
