@@ -12,14 +12,15 @@ from dataclasses import replace
 import pytest
 import torch
 
+from bench.gpu_check.tokens import prompts_for
 from pie_exec.copier import EVENTS, STREAM, CpuCopier, CudaCopier
 from pie_exec.engine import Executor
-from pie_exec.run import Prompt, run
+from pie_exec.run import run
 from pie_exec.weights import random_transformer
 from pie_policy import ExpansionController, Policy
 from pie_policy.plan import BLOCK_KV, D2H, H2D, LAYER_KV, Copy
 
-from .test_exec_engine import NEW_TOKENS, PROMPT_LENGTHS, SPECS, config
+from .test_exec_engine import SPECS, config
 
 
 class SpyCopier(CpuCopier):
@@ -70,12 +71,9 @@ def test_a_layer_copy_depends_on_the_latest_compute_issued_before_it(case):
     spec = replace(SPECS["llama"], num_layers=4)  # room for a prefetch 3 layers ahead
     model = random_transformer(spec, seed=1).eval()
     policy = POLICIES[case](spec)
-    gen = torch.Generator().manual_seed(2)
-    prompts = [Prompt(i, 0.0, tuple(torch.randint(0, spec.vocab_size, (n,), generator=gen).tolist()), new)
-               for i, (n, new) in enumerate(zip(PROMPT_LENGTHS, NEW_TOKENS))]
     executor = LoggingExecutor(model, policy.config, torch.device("cpu"), policy.staging_slots)
     try:
-        run(executor, policy, prompts, progress=False)
+        run(executor, policy, prompts_for(spec), progress=False)
     finally:
         executor.close()
     checked = {H2D: 0, D2H: 0}
