@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hw", help="hardware entry the figures are compared with (default: the one the GPU's name "
                    "matches; cpu-host on cpu)")
     p.add_argument("--steps", default=",".join(s.name for s in STEPS),
-                   help="the steps to run, in their order (default all: %(default)s)")
+                   help="the steps to run, always in this order (default all: %(default)s)")
     p.add_argument("--budget-s", type=float, default=480.0, help="time for all the steps, seconds (default 480)")
     return p
 

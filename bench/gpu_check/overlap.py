@@ -275,6 +275,11 @@ def report(bench: Bench, rows: list[dict]) -> list[str]:
                    [[f"{s['share']:.0%}", s["depth"], f"{s['iteration_ms']:.2f}", f"{e['iteration_ms']:.2f}",
                      f"{e['iteration_ms'] / s['iteration_ms']:.3f}", f"{s['stall_ms']:.2f}", f"{e['stall_ms']:.2f}"]
                     for s, e in pairs])
+    ratios = [e["iteration_ms"] / s["iteration_ms"] for s, e in pairs]
+    lines += ["", f"Median events / stream: {median(ratios):.3f} over {len(ratios)} pairs (in a whole-model plan both "
+              "wait for the same compute: 1.00 within noise is expected; bench/gpu_check/README.md)"
+              + (". On the CPU the two are one copy thread: their difference is the machine's noise." if not bench.cuda
+                 else ".")]
     lines += ["", "Compute under copy traffic (all KV on the GPU, copies unrelated to the batch at full speed):", ""]
     lines += table(["background", "copies GB/s", "layers slower", "per 100 GB/s", "simulator charges"],
                    [[r["background"], f"{r['background_gb_s']:.1f}", f"{r['slowdown']:+.1%}",
