@@ -15,7 +15,7 @@ from bench.gpu_check.main import main, run_all, step_limit
 from bench.gpu_check.probe import facts
 from bench.gpu_check.sizing import TINY_MODEL, decode_batch, matching_entry, model_at
 from bench.gpu_check.steps import STEPS
-from hwmodels import GiB, load_hardware
+from hwmodels import GiB, hardware_names, load_hardware
 from pie_policy import POLICIES
 
 from .conftest import DATA
@@ -124,11 +124,17 @@ def test_validate_says_so_when_simpy_is_missing(tmp_path, monkeypatch):
     assert result.status == "ERROR" and "SimPy is not importable" in result.note
 
 
-@pytest.mark.parametrize("name, gib, entry", [("NVIDIA H100 80GB HBM3", 80, "h100-pcie5"),
-                                              ("NVIDIA H200", 141, "h200-pcie5"), ("NVIDIA GH200 480GB", 96, "gh200-96g"),
-                                              ("NVIDIA GH200 144G HBM3e", 144, "gh200-144g"), ("Tesla T4", 16, None)])
-def test_the_hardware_entry_follows_the_gpus_name(name, gib, entry):
-    assert matching_entry("cuda", name, gib * GiB) == entry
+@pytest.mark.parametrize("name, gib, model", [("NVIDIA H100 80GB HBM3", 80, "h100"), ("NVIDIA H200", 141, "h200"),
+                                              ("NVIDIA A100-SXM4-80GB", 80, "a100")])
+def test_the_hardware_entry_is_the_catalogs_one_gpu_pcie_host_of_that_gpu(name, gib, model):
+    entry = matching_entry("cuda", name, gib * GiB)
+    assert entry in hardware_names() and entry.startswith(model) and "pcie" in entry and "8x" not in entry
+
+
+def test_a_grace_hopper_is_told_by_its_memory_and_an_unknown_gpu_matches_nothing():
+    assert matching_entry("cuda", "NVIDIA GH200 480GB", 96 * GiB) == "gh200-96g"
+    assert matching_entry("cuda", "NVIDIA GH200 144G HBM3e", 144 * GiB) == "gh200-144g"
+    assert matching_entry("cuda", "Tesla T4", 16 * GiB) is None
     assert matching_entry("cpu") == "cpu-host"
 
 
