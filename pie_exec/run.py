@@ -107,7 +107,7 @@ def run(executor, policy: Policy, prompts: list[Prompt], progress: bool = True,
     arrivals = [(i, p.arrival_s, len(p.token_ids), p.max_new_tokens) for i, p in enumerate(prompts)]
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("serving", total=len(prompts))
-        serving = Serving(policy, arrivals, on_finish=lambda n: bar.advance(task, n))
+        serving = Serving(policy, arrivals, on_finish=lambda n: bar.advance(task, n), token_gaps=True)
         start = time.perf_counter()
         server = TokenServer(executor, prompts, start, on_iteration)
 

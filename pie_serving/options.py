@@ -1,8 +1,11 @@
-"""Command-line options for the engine that both `pie-sim` and `pie-exec` take, and the settings they
-make for `pie_policy.sizing` (the policy package itself parses no command line)."""
+"""Command-line options that both `pie-sim` and `pie-exec` take: the engine's, and the settings they make
+for `pie_policy.sizing` (the policy package itself parses no command line); what benchmark.json reports."""
 from __future__ import annotations
 
 import argparse
+
+from .benchmark import DEFAULT_PERCENTILES
+from .slo import Slo, parse_percentiles, parse_slos
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,3 +23,20 @@ def engine_settings(args: argparse.Namespace) -> dict:
     """Keyword arguments for engine_config / build_policy from `add_engine_arguments`' options."""
     return dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs, chunked_prefill=args.chunked_prefill,
                 prefetch_depth=args.prefetch_depth)
+
+
+def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a run's benchmark.json reports beyond the fixed keys (see `metric_settings`)."""
+    default = ",".join(f"{p:g}" for p in DEFAULT_PERCENTILES)
+    parser.add_argument("--percentiles", default=default, help="percentiles of TTFT, TPOT, ITL and e2e latency "
+                        f"in benchmark.json, comma-separated, each in (0, 100] (vLLM's --metric-percentiles; "
+                        f"default {default})")
+    parser.add_argument("--slo", action="append", metavar="METRIC_STAT=SECONDS",
+                        help="an SLO whose per-request targets set benchmark.json's request_goodput, e.g. "
+                             "ttft_p99=2 (metrics ttft, tpot, e2e, normalized, itl; STAT pNN or mean); repeat "
+                             "for several (default: none, request_goodput null)")
+
+
+def metric_settings(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[Slo, ...]]:
+    """(percentiles, SLOs) from `add_metric_arguments`' options; a bad one raises SloError naming it."""
+    return parse_percentiles(args.percentiles), parse_slos(args.slo)

@@ -1,114 +1,153 @@
-"""Capacity questions answered by bisection over simulated runs.
+"""Capacity questions answered by searching over simulated runs, each judged at steady state
+(steady_state.py: sustainable, and within every SLO over the window):
 
-- `max_rate`: the highest Poisson request rate at which a scenario meets an SLO on normalized latency
-  (mean end-to-end latency per output token, the vLLM paper's metric).
-- `min_gpu_mem`: the least HBM (as `gpu_mem_util` of the GPU's HBM) at which a scenario, at its rate,
-  meets the SLO.
+- `max_rate`: the highest Poisson request rate that a scenario sustains within its SLOs;
+- `min_gpu_mem`: the least HBM (as `gpu_mem_util` of the GPU's HBM) with which it sustains its own rate
+  within its SLOs.
 
-Both assume the metric worsens monotonically with load and improves with memory. The rate search can
-rely on it more than most: re-timing keeps the seed's Gamma draws and only scales them by 1/rate, so a
-higher rate is the same arrival pattern compressed. Every probe is kept, so a caller can see where the
-assumption held. Tolerances are relative: the answer lies within `tolerance` of the true boundary
-(the largest passing rate or the smallest passing memory), always on the passing side.
+Both answer inside the range they were asked about, always on the passing side: the rate within
+(0, offline throughput), the HBM within [the least that runs at all, the scenario's `gpu_mem_util`].
+The offline throughput (every request at once, `steady_state.offline_throughput`) is run once per
+scenario (or given): no rate at or above it is sustainable, so it brackets the rate from above and is
+never probed. The rate search probes FIRST_PROBE of it, halving until a rate passes, then bisects in log
+space (the tolerance is relative) until hi / lo <= 1 + tolerance, like Vidur's capacity search (bisection
+to a 2.5% granularity under a scheduling-delay SLO). The HBM search bisects until hi - lo <= tolerance·hi.
+
+Both assume passing is monotone in the searched value. The rate search can rely on it more than most:
+re-timing keeps the seed's Gamma draws and only scales them by 1/rate, so a higher rate is the same
+arrival pattern compressed. Every probe is kept with its judgement, so a caller sees where the
+assumption held, and `Answer.binding` says what failed at the probe next to the answer.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 from hwmodels import CapacityError, CostModel, load_hardware, load_model
 from pie_policy import ConfigError
+from pie_serving.records import request_table
+from pie_serving.slo import Slo
 
-from .scenario import Scenario, summarize
+from .scenario import Scenario, simulate_scenario
+from .steady_state import Judgement, check_window, judge, offline_throughput
 
-Evaluate = Callable[[Scenario], dict]
-MAX_DOUBLINGS = 12
+Evaluate = Callable[[Scenario], Judgement]
+FIRST_PROBE = 0.8    # of the offline throughput
+MAX_HALVINGS = 12
 
 
 @dataclass(frozen=True)
 class Probe:
-    """One simulated point of a search."""
+    """One simulated point of a search: its judgement, or why it could not run at all."""
     value: float                 # the rate (req/s) or gpu_mem_util probed
-    normalized_latency_s: float | None
-    throughput_tok_s: float
-    meets: bool
-    error: str = ""              # why the point could not run at all
+    judgement: Judgement | None
+    error: str = ""
+
+    @property
+    def meets(self) -> bool:
+        return self.judgement is not None and self.judgement.meets
+
+    def misses(self) -> str:
+        return self.error or "; ".join(self.judgement.misses())
 
 
 @dataclass(frozen=True)
 class Answer:
-    """A search's result: `value` passes the SLO (None: nothing does); `bound` says how it ended:
-    'found' (bracketed to the tolerance), 'limit' (passes at the far end of the range: every request
-    at once, or the least memory that runs at all) or 'none' (nothing in the range passes)."""
+    """A search's result. `value` passes (None: nothing in the range does); `bound` says how it ended:
+    'found' (bracketed to the tolerance), 'limit' (passes at the end of the range: up to the offline
+    throughput, or with the least memory that runs at all) or 'none'. `upper` is the top of the range
+    searched; `binding` what fails next to the answer (at the probe above it for a rate, below it for
+    HBM; for 'none', at the end of the range that should have passed)."""
     value: float | None
     bound: str
     probes: tuple[Probe, ...]
+    upper: float
+    binding: str
+
+    @property
+    def at(self) -> Probe | None:
+        return next((p for p in self.probes if p.value == self.value), None)
+
+
+def judge_scenario(scenario: Scenario, slos: tuple[Slo, ...] = ()) -> Judgement:
+    """Simulate `scenario` and judge its steady-state window against `slos` (folding the gaps between
+    tokens only for an SLO on them)."""
+    _, result = simulate_scenario(scenario, token_gaps=any(s.metric == "itl" for s in slos))
+    return judge(request_table(result.requests), result.recorder.gaps, slos)
+
+
+def offline_summary(scenario: Scenario) -> dict:
+    """The summary of `scenario` with every request at once, and its offline throughput (`offline_req_s`,
+    steady_state.offline_throughput): the rate search's upper bound."""
+    summary, result = simulate_scenario(scenario.replace(rate=math.inf))
+    return summary | {"offline_req_s": offline_throughput(request_table(result.requests))}
+
+
+def offline_bound(scenario: Scenario) -> float:
+    """The offline throughput of `scenario` (req/s): every request at once."""
+    return offline_summary(scenario)["offline_req_s"]
 
 
 class _Search:
     """Runs `evaluate` on scenarios differing in one option and remembers every probe."""
 
-    def __init__(self, scenario: Scenario, option: str, slo: float, evaluate: Evaluate):
-        if not slo > 0:
-            raise ValueError(f"the SLO on normalized latency must be positive (s/token), got {slo}")
-        self.scenario, self.option, self.slo, self.evaluate = scenario, option, slo, evaluate
+    def __init__(self, scenario: Scenario, option: str, evaluate: Evaluate):
+        self.scenario, self.option, self.evaluate = scenario, option, evaluate
         self.probes: list[Probe] = []
-        self.last: dict = {}  # the summary of the last probe that ran
 
     def passes(self, value: float) -> bool:
-        """Whether the scenario at `value` meets the SLO; a setting the system cannot run at all
-        (no KV pool, a FlexGen block that fits nowhere) fails."""
+        """Whether the scenario at `value` meets the SLOs; a setting the system cannot run at all (no KV
+        pool, a FlexGen block that fits nowhere) fails."""
         try:
-            summary = self.evaluate(self.scenario.replace(**{self.option: value}))
+            probe = Probe(value, self.evaluate(self.scenario.replace(**{self.option: value})))
         except (CapacityError, ConfigError) as e:
-            self.probes.append(Probe(value, None, 0.0, False, str(e)))
-            self.last = {"throughput_req_s": 0.0}
-            return False
-        self.last, latency = summary, summary["normalized_latency_s"]
-        meets = latency is not None and latency <= self.slo
-        self.probes.append(Probe(value, latency, summary["throughput_tok_s"], meets))
-        return meets
+            probe = Probe(value, None, str(e))
+        self.probes.append(probe)
+        return probe.meets
 
-    def answer(self, value: float | None, bound: str) -> Answer:
-        return Answer(value, bound, tuple(sorted(self.probes, key=lambda p: p.value)))
+    def answer(self, value: float | None, bound: str, upper: float, binding: str = "") -> Answer:
+        probes = tuple(sorted(self.probes, key=lambda p: p.value))
+        if not binding:
+            if value is None:
+                end = max if self.option == "gpu_mem_util" else min
+                binding = end(probes, key=lambda p: p.value).misses() if probes else ""
+            else:
+                beyond = [p for p in probes if not p.meets and (p.value > value) == (self.option == "rate")]
+                nearest = min(beyond, key=lambda p: abs(p.value - value), default=None)
+                binding = nearest.misses() if nearest else ""
+        return Answer(value, bound, probes, upper, binding)
 
 
 def _check_tolerance(tolerance: float) -> None:
     if not 0 < tolerance < 1:
-        raise ValueError(f"tolerance must be in (0, 1), got {tolerance}")
+        raise ValueError(f"--tolerance must be in (0, 1), got {tolerance}")
 
 
-def max_rate(scenario: Scenario, slo: float, tolerance: float = 0.02, evaluate: Evaluate = summarize) -> Answer:
-    """The highest request rate meeting `slo`. Brackets from the offline throughput (every request at
-    once: the most the system serves), halving or doubling, then bisects until hi - lo <= tolerance·lo."""
+def max_rate(scenario: Scenario, slos: tuple[Slo, ...] = (), tolerance: float = 0.02,
+             evaluate: Evaluate | None = None, offline: float | None = None) -> Answer:
+    """The highest sustainable request rate meeting `slos`, below `offline` (the scenario's offline
+    throughput, simulated when not given)."""
     _check_tolerance(tolerance)
-    search = _Search(scenario, "rate", slo, evaluate)
-    if search.passes(math.inf):
-        return search.answer(math.inf, "limit")
-    lo = hi = search.last["throughput_req_s"]
-    if not lo > 0:
-        return search.answer(None, "none")
-    if search.passes(hi):
-        for _ in range(MAX_DOUBLINGS):
-            hi *= 2
-            if not search.passes(hi):
-                break
-            lo = hi
-        else:
-            return search.answer(hi, "limit")
+    check_window(scenario.num_requests, slos)
+    upper = offline_bound(scenario) if offline is None else offline
+    search = _Search(scenario, "rate", evaluate or partial(judge_scenario, slos=slos))
+    if not upper > 0:
+        return search.answer(None, "none", upper, "the offline run served nothing")
+    hi, lo = upper, upper * FIRST_PROBE
+    for _ in range(MAX_HALVINGS):
+        if search.passes(lo):
+            break
+        hi, lo = lo, lo / 2
     else:
-        for _ in range(MAX_DOUBLINGS):
-            lo /= 2
-            if search.passes(lo):
-                break
-            hi = lo
-        else:
-            return search.answer(None, "none")
-    while hi - lo > tolerance * lo:
-        mid = (lo + hi) / 2
+        return search.answer(None, "none", upper)
+    while hi / lo > 1 + tolerance:
+        mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if search.passes(mid) else (lo, mid)
-    return search.answer(lo, "found")
+    if hi == upper:
+        return search.answer(lo, "limit", upper, f"the offline throughput, {upper:.3g} req/s")
+    return search.answer(lo, "found", upper)
 
 
 def lowest_gpu_mem_util(scenario: Scenario) -> float:
@@ -121,26 +160,40 @@ def lowest_gpu_mem_util(scenario: Scenario) -> float:
     return math.ceil(1000 * needed / hbm) / 1000
 
 
-def min_gpu_mem(scenario: Scenario, slo: float, tolerance: float = 0.02, evaluate: Evaluate = summarize) -> Answer:
-    """The least gpu_mem_util at which `scenario` (at its own rate) meets `slo`, bisected between the
-    lowest that runs at all and 1 until hi - lo <= tolerance·hi."""
+def min_gpu_mem(scenario: Scenario, slos: tuple[Slo, ...] = (), tolerance: float = 0.02,
+                evaluate: Evaluate | None = None) -> Answer:
+    """The least gpu_mem_util, up to the scenario's own, with which `scenario` at its rate is
+    sustainable and meets `slos`, bisected until hi - lo <= tolerance·hi."""
     _check_tolerance(tolerance)
-    search = _Search(scenario, "gpu_mem_util", slo, evaluate)
-    lo, hi = lowest_gpu_mem_util(scenario), 1.0
+    if scenario.rate is None or not 0 < scenario.rate < math.inf:
+        raise ValueError("the least HBM is searched for a finite request rate (--rate)")
+    check_window(scenario.num_requests, slos)
+    search = _Search(scenario, "gpu_mem_util", evaluate or partial(judge_scenario, slos=slos))
+    lo, hi = lowest_gpu_mem_util(scenario), scenario.gpu_mem_util
     if lo > hi:
-        return search.answer(None, "none")
+        return search.answer(None, "none", hi, f"the model needs {lo:.3f} of HBM to run at all")
     if not search.passes(hi):
-        return search.answer(None, "none")
+        return search.answer(None, "none", hi)
     if search.passes(lo):
-        return search.answer(lo, "limit")
+        return search.answer(lo, "limit", hi, "the least HBM that runs at all")
     while hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if search.passes(mid) else (mid, hi)
-    return search.answer(hi, "found")
+    return search.answer(hi, "found", scenario.gpu_mem_util)
 
 
-def search(job: tuple[Scenario, float, float, bool]) -> Answer:
-    """One search as a picklable job for parallel workers: (scenario, slo, tolerance, least HBM?):
-    `min_gpu_mem` at the scenario's rate when the last is true, else `max_rate`."""
-    scenario, slo, tolerance, min_hbm = job
-    return (min_gpu_mem if min_hbm else max_rate)(scenario, slo, tolerance)
+@dataclass(frozen=True)
+class Job:
+    """One search as a picklable job for parallel workers: `min_gpu_mem` at the scenario's rate when
+    `min_hbm`, else `max_rate` (below `offline` when given)."""
+    scenario: Scenario
+    slos: tuple[Slo, ...]
+    tolerance: float
+    min_hbm: bool = False
+    offline: float | None = None
+
+
+def search(job: Job) -> Answer:
+    if job.min_hbm:
+        return min_gpu_mem(job.scenario, job.slos, job.tolerance)
+    return max_rate(job.scenario, job.slos, job.tolerance, offline=job.offline)
