@@ -120,8 +120,9 @@ def run(executor, policy: Policy, prompts: list[Prompt], progress: bool = True,
     return requests, generated, serving.recorder, wall
 
 
-def write_outputs(out: Path, prompts: list[Prompt], requests, generated, recorder: RunRecorder, summary: dict):
-    recorder.write(out, requests, summary)
+def write_outputs(out: Path, prompts: list[Prompt], requests, generated, recorder: RunRecorder, summary: dict,
+                  benchmark: dict | None = None):
+    recorder.write(out, requests, summary, benchmark)
     with open(out / "tokens.jsonl", "w") as f:
         for i, p in enumerate(prompts):
             f.write(json.dumps({"id": p.key, "prompt_token_ids": list(p.token_ids),
