@@ -7,15 +7,18 @@ to N·(1 - DRAIN), which arrive from t0 to t1, leaving out the warm-up (the engi
 and the drain (the engine emptying once arrivals stop).
 
 **λ is sustainable** when, over the window, the system
-1. *serves what arrives*: the requests that finish within [t0, t1] are at least (1 - SERVED_TOLERANCE)
-   of those that arrive within it. An engine overloaded by a factor 1 + x completes only 1/(1 + x) of
-   its arrivals: the test rejects overloads above about 5%, whether the backlog piles up in the queue or
-   in an ever larger (slower) batch;
+1. *serves what arrives*: the requests that finish within [t0 + L, t1 + L] are at least
+   (1 - SERVED_TOLERANCE) of those that arrive within [t0, t1], L being the window's median e2e latency:
+   shifted so, the completions counted are, at steady state, those of the window's own arrivals, and the
+   requests still in flight when the engine has only just filled up (or starts to drain) do not count
+   against it. An engine overloaded by a factor 1 + x completes only 1/(1 + x) of its arrivals: the test
+   rejects overloads above about 5%, whether the backlog piles up in the queue or in an ever larger
+   (slower) batch;
 2. *does not let its queue grow*: the median TTFT of the window's last third exceeds that of its first
    third by at most GROWTH_TOLERANCE seconds per second of arrival time between the two. Once its batch
    is full an engine overloaded by 1 + x queues x requests more per request served, and their wait
    grows by x seconds per second: the test rejects overloads above 2% where test 1's count, blurred by
-   the requests in flight at t0 and t1, may not.
+   the requests in flight at the window's ends, may not.
 Any rate at or above the **offline throughput** (every request at once: the engine never short of work)
 fails both, so the capacity search brackets from it (`offline_throughput`).
 
@@ -35,7 +38,7 @@ the search's resolution: a rate judged sustainable is below capacity, or above i
 **Window size.** A percentile needs requests beyond it (p99: 100 of them, else it is the maximum), and a
 third of the window needs enough requests for its median: the window must hold MIN_WINDOW_REQUESTS and
 100 / (100 - p) requests for every SLO percentile p < 100 (`check_window` refuses fewer). The window
-should also be long against a request's latency, or the requests in flight at t0 and t1 blur test 1:
+should also be long against a request's latency, or the spread of latencies around L blurs test 1:
 `Judgement.short` flags a window shorter than SHORT_WINDOW median e2e latencies.
 """
 from __future__ import annotations
@@ -98,7 +101,7 @@ class Judgement:
     window_requests: int
     window_s: float                       # t1 - t0
     offered_req_s: float                  # arrivals within the window per second
-    served: float                         # completions within the window / arrivals within it
+    served: float                         # completions within the window shifted by L / arrivals within it
     ttft_growth: float                    # s of median TTFT per s of arrivals, first third to last
     e2e_p50_s: float | None
     values: dict = field(default_factory=dict)  # SLO name → its statistic over the window (None: no value)
@@ -121,7 +124,9 @@ class Judgement:
         """Why the run does not meet the SLOs (empty when it does): sustainability first."""
         why = []
         if self.served < 1 - SERVED_TOLERANCE:
-            why.append(f"not sustainable: served {self.served:.2f}x of arrivals")
+            short = (f" (over {self.window_s / self.e2e_p50_s:.1f} median latencies only: too short to tell, raise "
+                     f"--num-requests)" if self.short and self.ttft_growth <= GROWTH_TOLERANCE else "")
+            why.append(f"not sustainable: served {self.served:.2f}x of arrivals{short}")
         if self.ttft_growth > GROWTH_TOLERANCE:
             why.append(f"not sustainable: TTFT grows {self.ttft_growth:.3f} s/s")
         for s in self.slos:
@@ -151,10 +156,12 @@ def judge(table: dict[str, np.ndarray], gaps: TokenGaps | None, slos: tuple[Slo,
     if not t1 > t0:
         raise SloError("the window's requests all arrive at once: a rate needs arrivals spread in time")
     kept = table["status"] != State.REJECTED.value  # refused for their length, whatever the load
+    values = {name: v[window] for name, v in request_values(table).items()}
+    e2e = values["e2e"][np.isfinite(values["e2e"])]
+    lag = float(np.median(e2e)) if e2e.size else 0.0
     finish = np.nan_to_num(table["finish_s"], nan=np.inf)
     arrived = int((kept & (arrival >= t0) & (arrival <= t1)).sum())
-    served = int((kept & (finish >= t0) & (finish <= t1)).sum()) / arrived
-    values = {name: v[window] for name, v in request_values(table).items()}
+    served = int((kept & (finish >= t0 + lag) & (finish <= t1 + lag)).sum()) / arrived if arrived else 1.0
     thirds = np.array_split(window, 3)
     ttft = [np.nanmedian(table["ttft_s"][part]) if np.isfinite(table["ttft_s"][part]).any() else np.nan
             for part in thirds]
@@ -163,9 +170,8 @@ def judge(table: dict[str, np.ndarray], gaps: TokenGaps | None, slos: tuple[Slo,
     statistics = {s.name: _statistic(s, values, gaps, t0, t1) for s in slos}
     goodput_slos = tuple(s for s in slos if s.metric in PER_REQUEST)
     goodput = int(good(values, goodput_slos).sum()) / (t1 - t0) if goodput_slos else None
-    e2e = values["e2e"][np.isfinite(values["e2e"])]
     return Judgement(len(window), t1 - t0, arrived / (t1 - t0), served, float(np.nan_to_num(growth, nan=np.inf)),
-                     float(np.median(e2e)) if e2e.size else None, statistics, slos, goodput)
+                     lag if e2e.size else None, statistics, slos, goodput)
 
 
 def sustainable(table: dict[str, np.ndarray], gaps: TokenGaps | None = None) -> bool | None:

@@ -96,3 +96,16 @@ def test_a_window_too_small_for_a_percentile_is_refused_before_anything_runs():
     with pytest.raises(SloError, match="--num-requests 166: its steady-state window \\(100 requests"):
         check_window(166, parse_slos(["ttft_p99.5=1"]))
     check_window(0)  # the whole trace: judged once it has run
+
+
+def test_a_window_short_against_latency_says_so_when_it_fails_the_served_test():
+    """Requests whose latency still climbs from 8 s to 40 s over a 100 s run: a window 60 s long,
+    under 5 median latencies, cannot tell a warming engine from one falling behind, and says so."""
+    n, rate = 200, 2.0
+    arrival = np.arange(n) / rate
+    e2e = 40.0 * np.minimum(1.0, 0.2 + arrival / 60)
+    judged = judge(table(arrival, arrival + 0.1, arrival + e2e), None)
+    assert judged.short and not judged.sustainable and judged.ttft_growth == pytest.approx(0.0, abs=1e-12)
+    assert judged.misses() == [f"not sustainable: served {judged.served:.2f}x of arrivals (over "
+                               f"{judged.window_s / judged.e2e_p50_s:.1f} median latencies only: too short to tell, "
+                               f"raise --num-requests)"]
