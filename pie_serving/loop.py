@@ -88,7 +88,7 @@ class Serving:
         finished = self.policy.commit_run(run, result.ends)
         self.recorder.decode_run(run, result.start, result.seconds, result.ends, result.sequences, result.blocks)
         if gaps is not None:
-            gaps.decoded(generated, result.ends)
+            gaps.decoded(generated, result.ends, result.sequences)
             gaps.finished(finished)
         self._finished(finished)
         return finished

@@ -75,7 +75,11 @@ def parse_slo(text: str, option: str = "--slo") -> Slo:
 
 
 def parse_slos(texts: list[str] | None, option: str = "--slo") -> tuple[Slo, ...]:
-    """Several objectives; a metric and statistic given twice is refused."""
+    """Several objectives (`none` alone: no objective); a metric and statistic given twice is refused."""
+    if texts and "none" in [t.strip() for t in texts]:
+        if len(texts) > 1:
+            raise SloError(f"{option} none: no SLO, so no other {option} beside it")
+        return ()
     slos = tuple(parse_slo(t, option) for t in texts or ())
     names = [s.name for s in slos]
     repeated = sorted({n for n in names if names.count(n) > 1})

@@ -14,7 +14,8 @@ only when asked (`Serving(..., token_gaps=True)`): for benchmark.json and for an
 from __future__ import annotations
 
 from array import array
-from operator import attrgetter
+from collections import Counter
+from operator import attrgetter, sub
 from typing import Iterable
 
 import numpy as np
@@ -53,13 +54,23 @@ class TokenGaps:
         """Tokens generated so far by each request with tokens to come, for `decoded` after a decode run."""
         return list(map(_GENERATED, self._requests))
 
-    def decoded(self, before: list[int], ends: list[float]) -> None:
+    def decoded(self, before: list[int], ends: list[float], sequences: list[int]) -> None:
         """A decode run was committed: every sequence in it decoded in its iterations 0, 1, ... up to the
-        tokens it gained since `generated` returned `before`, iteration j ending at ends[j]. (Plain Python:
-        a run's batch, about a hundred sequences, is too small for numpy to pay its overhead.)"""
+        tokens it gained since `generated` returned `before`, iteration j (of `sequences[j]` sequences)
+        ending at ends[j]."""
+        last = self._last
+        if sequences[0] == len(last):
+            # The usual run: every request with tokens to come is in it; after the first, each iteration's
+            # sequences emit their tokens one iteration apart.
+            for before_s, count in Counter(last).items():
+                self._add(ends[0], ends[0] - before_s, count)
+            self._at.extend(ends[1:])
+            self._gap.extend(map(sub, ends[1:], ends[:-1]))
+            self._count.extend(sequences[1:])
+            self._last = [ends[-1]] * len(last)  # those that finished in it leave by `finished`
+            return
         first: dict[float, int] = {}    # when their previous token came → sequences
         gained = [0] * (len(ends) + 1)  # sequences that gained k tokens
-        last = self._last
         for i, (now, was) in enumerate(zip(map(_GENERATED, self._requests), before)):
             if now != was:
                 first[last[i]] = first.get(last[i], 0) + 1

@@ -215,7 +215,7 @@ def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
     write_rows(out / "capacity.csv", rows)
     write_rows(out / "probes.csv", [row for job, answer in zip(jobs, answers) for row in probe_rows(job, answer)])
     question = (f"least HBM (up to {args.gpu_mem_util:g}) sustaining {args.rate:g} req/s" if args.min_hbm
-                else "highest sustainable request rate") + f" within {', '.join(map(str, slos)) or 'no SLO'}"
+                else "highest sustainable request rate") + (f" within {', '.join(map(str, slos))}" if slos else ", no SLO")
     console.print(capacity_table(rows, [slo.name for slo in slos],
                                  f"pie-sim capacity: {question}; {args.model}, {args.trace}, {args.num_requests} "
                                  f"requests, tolerance {args.tolerance:.0%}"))
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo", action="append", metavar="METRIC_STAT=SECONDS",
                    help="an SLO, e.g. ttft_p99=2: a percentile pNN (0 < NN <= 100) or the mean of ttft, tpot, "
                         "itl, e2e or normalized (e2e / output tokens), at most SECONDS over the steady-state "
-                        f"window; repeat for several (default {' '.join(DEFAULT_SLOS)})")
+                        f"window; repeat for several; none: sustainable alone (default {' '.join(DEFAULT_SLOS)})")
     p.add_argument("--tolerance", type=float, default=0.02, help="relative bisection tolerance (default 0.02)")
     p.add_argument("--min-hbm", action="store_true", help="search the least HBM (gpu_mem_util, up to "
                                                           "--gpu-mem-util) that sustains --rate within the SLOs")
