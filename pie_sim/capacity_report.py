@@ -49,7 +49,7 @@ def capacity_row(job: Job, answer: Answer) -> dict:
 def probe_rows(job: Job, answer: Answer) -> list[dict]:
     """Every probe of a search with its window's figures."""
     name = "gpu_mem_util" if job.min_hbm else "rate_req_s"
-    return [dict(hw=job.scenario.hw, policy=job.scenario.policy, **{name: p.value}, error=p.error,
+    return [dict(hw=job.scenario.hw, policy=job.scenario.policy, **{name: p.value}, requests=p.requests, error=p.error,
                  **(p.judgement.row() if p.judgement is not None else {}), misses=p.misses())
             for p in answer.probes]
 

@@ -26,7 +26,7 @@ from traces import TraceError, load_trace
 
 from .chrome_trace import write_chrome_trace
 from .preview import SHARES, preview_all
-from .capacity import Job, search
+from .capacity import CONFIRM, Job, search
 from .capacity_report import binding_lines, capacity_row, capacity_table, probe_rows, write_rows
 from .parallel import run_parallel
 from .scenario import Scenario, simulate_scenario, workload_of
@@ -200,11 +200,13 @@ def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
     check_window(args.num_requests, slos)
     if not 0 < args.tolerance < 1:
         raise ConfigError(f"--tolerance must be in (0, 1), got {args.tolerance}")
+    if args.confirm < 1:
+        raise ConfigError(f"--confirm must be at least 1 (1: no confirmation), got {args.confirm}")
     if args.min_hbm and not 0 < args.rate < math.inf:
         raise ConfigError(f"--rate {args.rate:g}: the least HBM is searched for a finite positive rate")
     for hw in _names(args.hw):
         load_hardware(hw)
-    jobs = [Job(scenario_of(args, policy).replace(hw=hw), slos, args.tolerance, args.min_hbm)
+    jobs = [Job(scenario_of(args, policy).replace(hw=hw), slos, args.tolerance, args.min_hbm, confirm=args.confirm)
             for hw in _names(args.hw) for policy in _names(args.policy)]
     for name in {job.scenario.policy for job in jobs}:
         entry(name, SIM)
@@ -216,9 +218,10 @@ def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
     write_rows(out / "probes.csv", [row for job, answer in zip(jobs, answers) for row in probe_rows(job, answer)])
     question = (f"least HBM (up to {args.gpu_mem_util:g}) sustaining {args.rate:g} req/s" if args.min_hbm
                 else "highest sustainable request rate") + (f" within {', '.join(map(str, slos))}" if slos else ", no SLO")
+    confirmed = f", answers confirmed with {args.confirm * args.num_requests}" if args.confirm > 1 else ""
     console.print(capacity_table(rows, [slo.name for slo in slos],
                                  f"pie-sim capacity: {question}; {args.model}, {args.trace}, {args.num_requests} "
-                                 f"requests, tolerance {args.tolerance:.0%}"))
+                                 f"requests a probe{confirmed}, tolerance {args.tolerance:.0%}"))
     console.print("What binds:", highlight=False)
     for line in binding_lines(rows, args.min_hbm):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
@@ -339,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "itl, e2e or normalized (e2e / output tokens), at most SECONDS over the steady-state "
                         f"window; repeat for several; none: sustainable alone (default {' '.join(DEFAULT_SLOS)})")
     p.add_argument("--tolerance", type=float, default=0.02, help="relative bisection tolerance (default 0.02)")
+    p.add_argument("--confirm", type=int, default=CONFIRM, help="judge the answer again with this many times "
+                   f"--num-requests, searching on with such runs where it misses (1: not; default {CONFIRM})")
     p.add_argument("--min-hbm", action="store_true", help="search the least HBM (gpu_mem_util, up to "
                                                           "--gpu-mem-util) that sustains --rate within the SLOs")
     p.add_argument("--workers", type=int, help="parallel searches (default: one per CPU core)")

@@ -9,7 +9,9 @@ and Alpaca), measured the way its claims are stated:
   throughput), each SLO being a factor (`slo_factors`) x vLLM's normalized latency at light load
   (`rate_factors[0]`): a tight one before the knee of the curves and, in the full grid, a loose one past it;
 - GPU memory at equal performance: the least HBM, up to the paper's 0.9, with which pie, and vllm, sustain
-  the rate vLLM sustains with 0.9 of HBM within the tight SLO (`capacity.min_gpu_mem`);
+  the rate vLLM sustains with 0.9 of HBM within the tight SLO (`capacity.min_gpu_mem`). Unlike `pie-sim
+  capacity`, these searches are not confirmed with longer runs: the paper's metric is a mean, which the rare
+  congestion episodes that move a tail percentile move little, and the grid is large;
 - FlexGen: offline throughput (every request at once, its best case) and latency, pie against flexgen.
 
 Every point is an ordinary `Scenario`, so any number here can be re-run alone with `pie-sim run`.
@@ -102,13 +104,13 @@ def run(grid: Grid, hw: str, console: Console, workers: int | None = None) -> li
         p.curves.setdefault(name, []).append(summary)
     for p in panels:
         p.slos = tuple(f * p.curves["vllm"][0]["normalized_latency_s"] for f in grid.slo_factors)
-    searches = [Job(p.base.replace(policy=name), slos_of(slo), grid.tolerance, offline=p.offline[name]["offline_req_s"])
-                for p in panels for slo in p.slos for name in SEARCHED]
+    searches = [Job(p.base.replace(policy=name), slos_of(slo), grid.tolerance, offline=p.offline[name]["offline_req_s"],
+                    confirm=1) for p in panels for slo in p.slos for name in SEARCHED]
     answers = iter(run_parallel(search, searches, console, "throughput at the SLOs", workers))
     for p in panels:
         p.max_rates = tuple({name: next(answers) for name in SEARCHED} for _ in p.slos)
     searches = [Job(p.base.replace(policy=name, rate=p.max_rates[0]["vllm"].value), slos_of(p.slo), grid.tolerance,
-                    min_hbm=True)
+                    min_hbm=True, confirm=1)
                 for p in panels for name in SEARCHED if _finite(p.max_rates[0]["vllm"].value)]
     answers = iter(run_parallel(search, searches, console, "GPU memory at the SLO", workers))
     for p in panels:

@@ -30,7 +30,7 @@ CAPACITY = 1 / (16 * 2 * 1e-3)
 @pytest.fixture(scope="module")
 def fixed(tmp_path_factory):
     trace = tmp_path_factory.mktemp("trace") / "fixed.csv"
-    trace.write_text("prompt_tokens,output_tokens\n" + "16,16\n" * 1000)
+    trace.write_text("prompt_tokens,output_tokens\n" + "16,16\n" * 2000)
     return Scenario(hw=str(DATA / "fixed-cost-hw.toml"), model=str(DATA / "tiny-opt.toml"), trace=str(trace),
                     num_requests=400, policy="vllm", max_num_seqs=1)
 
@@ -45,13 +45,13 @@ def test_capacity_finds_a_closed_form_capacity_within_its_tolerances(fixed):
     the bisection's tolerance below, and within what the served test tolerates above; with the bound, below
     it. Poisson arrivals queue before capacity: never judged above it."""
     tolerance = 0.02
-    alone = max_rate(fixed.replace(cv=0.05), (), tolerance, offline=2 * CAPACITY)
+    alone = max_rate(fixed.replace(cv=0.05), (), tolerance, offline=2 * CAPACITY, confirm=1)
     assert alone.bound == "found" and "not sustainable" in alone.binding
     assert CAPACITY / (1 + tolerance) <= alone.value <= CAPACITY / (1 - SERVED_TOLERANCE)
-    bounded = max_rate(fixed.replace(cv=0.05), (), tolerance)
+    bounded = max_rate(fixed.replace(cv=0.05), (), tolerance, confirm=1)
     assert bounded.upper == pytest.approx(CAPACITY) and CAPACITY / (1 + tolerance) ** 2 <= bounded.value < CAPACITY
     assert all(p.value < bounded.upper for p in bounded.probes)
-    poisson = max_rate(fixed, (), tolerance, offline=2 * CAPACITY)
+    poisson = max_rate(fixed, (), tolerance, offline=2 * CAPACITY, confirm=1)
     assert poisson.value <= CAPACITY / (1 - SERVED_TOLERANCE)
 
 
@@ -66,18 +66,20 @@ def test_a_burst_above_the_offline_throughput_that_drains_within_the_slo_is_not_
     judged = judge_scenario(burst, slos)
     assert not judged.sustainable and judged.served < 1 - SERVED_TOLERANCE
     assert any(m.startswith("not sustainable") for m in judged.misses())
-    answer = max_rate(base, slos, 0.1, offline=offline)
+    answer = max_rate(base, slos, 0.1, offline=offline, confirm=1)
     assert answer.value is not None and answer.value < offline
 
 
-def fake(capacity: float, latency_at: float):
-    """A system that serves `capacity` req/s and whose `x_p50` latency is rate / latency_at (s)."""
+def fake(capacity: float, latency_at: float, longer_at: float | None = None):
+    """A system that serves `capacity` req/s and whose `ttft_p50` is rate / latency_at (s); with runs of
+    more than 400 requests, rate / longer_at (a tail that only longer runs see)."""
     slos = parse_slos(["ttft_p50=1"])
 
     def evaluate(s: Scenario) -> Judgement:
         excess = s.rate / capacity - 1
+        at = longer_at if longer_at is not None and s.num_requests > 400 else latency_at
         return Judgement(600, 600 / s.rate, s.rate, min(1.0, 1 / (1 + max(excess, 0))), max(excess, 0.0), 1.0,
-                         {"ttft_p50": s.rate / latency_at}, slos, s.rate)
+                         {"ttft_p50": s.rate / at}, slos, s.rate)
     return slos, evaluate
 
 
@@ -95,6 +97,25 @@ def test_max_rate_lands_within_tolerance_below_the_closed_form_boundary(latency_
     next_up = min(p.value for p in answer.probes if p.value > answer.value)
     expected = next(p for p in answer.probes if p.value == next_up).misses()
     assert answer.binding == expected and (("ttft_p50" in expected) == (latency_at < 10.2))
+
+
+@pytest.mark.parametrize("longer_at", [7.0, 3.0, 0.5])
+def test_the_answer_is_confirmed_with_longer_runs_and_searched_on_with_them_where_it_misses(longer_at):
+    """Short runs put the boundary at 8 req/s, runs of 4x the requests lower (what a run as long as the
+    check that follows sees): the answer is the longer runs', within the tolerance, decided by them, in
+    about twice as many longer runs as the log of the distance in tolerances (exponential steps, then
+    bisection)."""
+    slos, evaluate = fake(10.0, 8.0, longer_at)
+    tolerance = 0.02
+    answer = max_rate(Scenario(num_requests=400), slos, tolerance, evaluate=evaluate, offline=12.0)
+    assert answer.bound == "found" and longer_at / (1 + tolerance) <= answer.value <= longer_at
+    assert answer.at.requests == 1600 and answer.at.meets
+    long = [p for p in answer.probes if p.requests == 1600]
+    steps = math.log(8.0 / longer_at) / math.log(1 + tolerance)  # the distance in tolerances
+    assert all(p.meets == (p.value <= longer_at) for p in long) and len(long) <= 2 * math.log2(steps) + 3
+    assert answer.binding.startswith("ttft_p50") and all(p.value < 12.0 for p in answer.probes)
+    unconfirmed = max_rate(Scenario(num_requests=400), slos, tolerance, evaluate=evaluate, offline=12.0, confirm=1)
+    assert 8.0 / (1 + tolerance) <= unconfirmed.value <= 8.0
 
 
 def test_max_rate_says_when_nothing_binds_below_the_offline_throughput_or_nothing_passes():
@@ -129,6 +150,19 @@ def test_min_gpu_mem_lands_within_tolerance_above_the_boundary_and_never_above_t
         assert answer.binding.startswith("e2e_p99")
     else:
         assert answer.value is None and answer.binding.startswith("e2e_p99")
+
+
+def test_the_least_hbm_is_confirmed_with_longer_runs():
+    """Short runs pass from 0.6 of HBM, runs of 4x the requests from 0.7: the answer is the longer runs'."""
+    slos = parse_slos(["e2e_p99=1"])
+
+    def evaluate(s: Scenario) -> Judgement:
+        needs = 0.7 if s.num_requests > 400 else 0.6
+        return Judgement(600, 60, 10, 1.0, 0.0, 1.0, {"e2e_p99": 1.0 + needs - s.gpu_mem_util}, slos, 10)
+
+    answer = min_gpu_mem(Scenario(num_requests=400, rate=5.0, gpu_mem_util=0.9), slos, 0.01, evaluate=evaluate)
+    assert answer.bound == "found" and 0.7 <= answer.value <= 0.7 / (1 - 0.01) and answer.at.requests == 1600
+    assert answer.value <= 0.9 and answer.binding.startswith("e2e_p99")
 
 
 @pytest.mark.parametrize("bad", [dict(tolerance=0), dict(tolerance=1), dict(num_requests=100)])
@@ -169,6 +203,7 @@ def test_capacity_command_writes_its_tables(fixed, tmp_path, capsys):
     (["--num-requests", "1000", "--slo", "ttft_p99.9=5"], "too small to judge --slo ttft_p99.9 (needs 1000): give at least 1664"),
     (["--min-hbm"], "--min-hbm needs --rate"),
     (["--tolerance", "1.5"], "--tolerance must be in (0, 1)"),
+    (["--confirm", "0"], "--confirm must be at least 1"),
 ])
 def test_bad_input_is_one_line_naming_the_option_and_writes_nothing(args, message, tmp_path, capsys):
     out = tmp_path / "out"
