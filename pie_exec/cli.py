@@ -15,7 +15,9 @@ from rich.console import Console
 from hwmodels import CatalogError, GiB, hardware_names, load_hardware, load_model
 from pie_policy import POLICIES, ConfigError
 from pie_policy.sizing import engine_config, make_policy, policy_share
-from pie_serving.options import engine_settings, run_command
+from pie_serving.benchmark import request_rate
+from pie_serving.options import add_metric_arguments, engine_settings, metric_settings, run_command
+from pie_serving.slo import SloError
 from traces import TraceError, load_workload
 
 from .calibrate import add_grid_arguments, calibrate, grid_from
@@ -44,6 +46,7 @@ def cmd_env(args: argparse.Namespace, console: Console) -> None:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> None:
     set_threads(args.threads)
+    percentiles, slos = metric_settings(args)
     device, dtype = device_dtype(args)
     stages = args.pipeline_stages
     build_on = device if stages == 1 else torch.device("cpu")  # a pipeline's ranks move their parts to their GPUs
@@ -74,8 +77,12 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
     summary = recorder.summary(requests, wall, backend="exec", policy=args.policy, model=spec.name,
                                device=str(device), dtype=args.dtype or str(dtype).removeprefix("torch."),
                                pipeline_stages=stages)
+    benchmark = recorder.benchmark(requests, percentiles, slos, backend="pie-exec", model_id=spec.name,
+                                   policy=args.policy, num_prompts=len(requests),
+                                   request_rate=None if args.prompts else request_rate(args.rate),
+                                   burstiness=1 / args.cv**2, seed=args.seed)
     out = Path(args.out)
-    write_outputs(out, prompts, requests, generated, recorder, summary)
+    write_outputs(out, prompts, requests, generated, recorder, summary, benchmark)
     console.print(f"{len(requests)} requests, {summary['throughput_tok_s']:.1f} output tok/s, "
                   f"mean e2e {summary['e2e_mean_s']:.3f} s, stall {summary['total_stall_s']:.3f} s; wrote {out}")
 
@@ -118,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_argument(p, "torch's; with --pipeline-stages, a stage's, default the cores shared out")
     p.add_argument("--pipeline-stages", type=int, default=1,
                    help="split the layers over this many processes (one GPU each on cuda; gloo on cpu)")
-    p.add_argument("--out", required=True, help="folder for requests.csv, iterations.csv, summary.json, tokens.jsonl")
+    add_metric_arguments(p)
+    p.add_argument("--out", required=True, help="folder for requests.csv, iterations.csv, summary.json, "
+                                                "benchmark.json, tokens.jsonl")
     p.set_defaults(run=cmd_run)
     p = commands.add_parser("calibrate", help="time this machine and write a hardware profile for pie-sim --hw")
     add_device_arguments(p)
@@ -132,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_ERRORS = (CatalogError, TraceError, ConfigError, ModelFolderError, InputError)
+USER_ERRORS = (CatalogError, TraceError, ConfigError, ModelFolderError, InputError, SloError)
 
 
 def main(argv: list[str] | None = None) -> int:

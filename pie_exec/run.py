@@ -107,7 +107,7 @@ def run(executor, policy: Policy, prompts: list[Prompt], progress: bool = True,
     arrivals = [(i, p.arrival_s, len(p.token_ids), p.max_new_tokens) for i, p in enumerate(prompts)]
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("serving", total=len(prompts))
-        serving = Serving(policy, arrivals, on_finish=lambda n: bar.advance(task, n))
+        serving = Serving(policy, arrivals, on_finish=lambda n: bar.advance(task, n), token_gaps=True)
         start = time.perf_counter()
         server = TokenServer(executor, prompts, start, on_iteration)
 
@@ -120,8 +120,9 @@ def run(executor, policy: Policy, prompts: list[Prompt], progress: bool = True,
     return requests, generated, serving.recorder, wall
 
 
-def write_outputs(out: Path, prompts: list[Prompt], requests, generated, recorder: RunRecorder, summary: dict):
-    recorder.write(out, requests, summary)
+def write_outputs(out: Path, prompts: list[Prompt], requests, generated, recorder: RunRecorder, summary: dict,
+                  benchmark: dict | None = None):
+    recorder.write(out, requests, summary, benchmark)
     with open(out / "tokens.jsonl", "w") as f:
         for i, p in enumerate(prompts):
             f.write(json.dumps({"id": p.key, "prompt_token_ids": list(p.token_ids),

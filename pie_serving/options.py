@@ -1,6 +1,6 @@
 """What the command lines (`pie-sim`, `pie-exec`, `pie-validate`) share: the engine options and the settings
 they make for `pie_policy.sizing` (the policy package itself parses no command line), and how a command
-runs and reports a user's error."""
+runs and reports a user's error; what benchmark.json reports."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,9 @@ from typing import Callable
 
 from rich.console import Console
 from rich.markup import escape
+
+from .benchmark import DEFAULT_PERCENTILES
+from .slo import Slo, parse_percentiles, parse_slos
 
 
 def run_command(prog: str, command: Callable[[Console], int | None], user_errors: tuple[type[Exception], ...]) -> int:
@@ -39,3 +42,20 @@ def engine_settings(args: argparse.Namespace) -> dict:
     """Keyword arguments for engine_config / build_policy from `add_engine_arguments`' options."""
     return dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs, chunked_prefill=args.chunked_prefill,
                 prefetch_depth=args.prefetch_depth)
+
+
+def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a run's benchmark.json reports beyond the fixed keys (see `metric_settings`)."""
+    default = ",".join(f"{p:g}" for p in DEFAULT_PERCENTILES)
+    parser.add_argument("--percentiles", default=default, help="percentiles of TTFT, TPOT, ITL and e2e latency "
+                        f"in benchmark.json, comma-separated, each in (0, 100] (vLLM's --metric-percentiles; "
+                        f"default {default})")
+    parser.add_argument("--slo", action="append", metavar="METRIC_STAT=SECONDS",
+                        help="an SLO whose per-request targets set benchmark.json's request_goodput, e.g. "
+                             "ttft_p99=2 (metrics ttft, tpot, e2e, normalized, itl; STAT pNN or mean); repeat "
+                             "for several (default: none, request_goodput null)")
+
+
+def metric_settings(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[Slo, ...]]:
+    """(percentiles, SLOs) from `add_metric_arguments`' options; a bad one raises SloError naming it."""
+    return parse_percentiles(args.percentiles), parse_slos(args.slo)

@@ -1,14 +1,20 @@
 """What a run reports, written identically by the simulator and the executor so that their files compare
-line by line: requests.csv, iterations.csv and summary.json (times in seconds, sizes in bytes)."""
+line by line: requests.csv, iterations.csv, summary.json and benchmark.json (vLLM's benchmark keys:
+benchmark.py) (times in seconds, sizes in bytes). JSON is strict: a value that is not a finite number
+(an infinite rate, a latency with no request) is null."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from pie_policy.plan import DecodeRun, IterationStats, Plan
 from pie_policy.request import Request, State
+
+from .benchmark import benchmark_metrics
+from .token_gaps import TokenGaps
 
 REQUEST_COLUMNS = ("request_id", "arrival_s", "prompt_tokens", "output_tokens", "first_token_s", "finish_s",
                    "ttft_s", "tpot_s", "e2e_s", "preemptions", "status", "reason")
@@ -33,11 +39,12 @@ def request_table(requests: list[Request]) -> dict[str, np.ndarray]:
 
 
 class RunRecorder:
-    """Collects one row per iteration and the requests; writes the three files. A simulated run has
-    hundreds of thousands of iterations, most in decode runs: those are kept as arrays and the columns
-    built once, when first asked for."""
+    """Collects one row per iteration, the gaps between tokens (`gaps`, when asked for: else None) and the
+    requests; writes the files. A simulated run has hundreds of thousands of iterations, most in decode
+    runs: those are kept as arrays and the columns built once, when first asked for."""
 
-    def __init__(self):
+    def __init__(self, token_gaps: bool = False):
+        self.gaps = TokenGaps() if token_gaps else None
         self._count = 0
         self._rows: list[tuple] = []          # single iterations, in ITERATION_COLUMNS order
         self._row_at: list[int] = []          # the iteration number of each
@@ -111,11 +118,39 @@ class RunRecorder:
                 summary[f"{metric[:-2]}_{name}_s"] = None if value is None else float(value)
         return summary
 
-    def write(self, out: Path, requests: list[Request], summary: dict) -> None:
+    def benchmark(self, requests: list[Request], percentiles, slos, **context) -> dict:
+        """benchmark.json's metrics (vLLM's keys: benchmark.py), `context` first."""
+        return benchmark_metrics(request_table(requests), self.gaps, percentiles, slos, **context)
+
+    def write(self, out: Path, requests: list[Request], summary: dict, benchmark: dict | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "requests.csv", request_table(requests))
         write_csv(out / "iterations.csv", self.iterations)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(out / "summary.json", summary)
+        if benchmark is not None:
+            write_json(out / "benchmark.json", benchmark)
+
+
+def json_safe(value):
+    """`value` with every float that is not finite (NaN, ±inf) as None and numpy scalars as Python's."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_text(value) -> str:
+    """Strict JSON (no NaN or Infinity), indented."""
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json_text(value))
 
 
 def write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:

@@ -34,7 +34,7 @@ def write_tables(panels: list[Panel], out: Path) -> None:
         for kind, slo, answers in searches + [("min_gpu_mem_util", p.slo, p.min_hbm or {})]:
             for name, a in answers.items():
                 rows.append(dict(zip(keys, (p.model, p.trace, name)), slo_s=slo, search=kind, value=a.value,
-                                 bound=a.bound, probes=len(a.probes)))
+                                 upper=a.upper, bound=a.bound, binding=a.binding, probes=len(a.probes)))
     write_rows(out / "searches.csv", rows)
 
 
@@ -51,12 +51,15 @@ def plot_curves(panels: list[Panel], grid: Grid, path: Path) -> None:
         for policy, share in grid.policies:
             name = label(policy, share)
             latency = [s["normalized_latency_s"] for s in p.curves[name]]
-            ax.plot(p.rates, latency, "o-" if policy in SEARCHED else ".--", ms=4, label=name,
-                    lw=2 if policy == "pie" else 1)
+            (line,) = ax.plot(p.rates, latency, "o-" if policy in SEARCHED else ".--", ms=4, label=name,
+                              lw=2 if policy == "pie" else 1)
+            beyond = [(r, y) for r, y, s in zip(p.rates, latency, p.curves[name]) if s["sustainable"] is False]
+            if beyond:  # the rates it cannot sustain: a burst that drains, not a load it serves
+                ax.plot(*zip(*beyond), "o", ms=8, mfc="none", color=line.get_color())
         for factor, slo, style in zip(grid.slo_factors, p.slos, (":", "-.")):
             ax.axhline(slo, color="k", lw=0.8, ls=style, label=f"SLO {factor:g}x")
         ax.set_yscale("log")
-        ax.set_title(p.name)
+        ax.set_title(f"{p.name} (ringed: not sustainable)")
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("normalized latency (s/token)")
         ax.grid(alpha=0.3)
@@ -118,12 +121,16 @@ def write_report(panels: list[Panel], grid: Grid, quick: bool, path: Path) -> li
              "|---|---|---|---|" + "---|" * len(panels)]
     for claim, published, best, where, per in claims:
         lines.append(f"| {claim} | {published} | {best} | {where} | " + " | ".join(per) + " |")
-    lines += ["", "Definitions: throughput at equal latency is the highest Poisson rate at which the policy "
-              "meets the SLO (a tight one before the knee of the curves; in the full grid also a loose one past "
-              "it, where vLLM preempts); latency is the largest ratio over the rates of the curve; GPU memory "
-              "is the least HBM with which each policy meets the tight SLO at the rate vLLM sustains with "
-              f"{PAPER_GPU_MEM_UTIL:g} of HBM; FlexGen's throughput is offline (every request at once, "
-              "its best case), as is pie's it is compared with.", "",
+    lines += ["", "Definitions: throughput at equal latency is the highest Poisson rate the policy *sustains* "
+              "(over the steady-state window, warm-up and drain left out, it serves what arrives and its queue "
+              "does not grow: `pie_sim/steady_state.py`) with its mean normalized latency over that window within "
+              "the SLO (a tight one before the knee of the curves; in the full grid also a loose one past it); "
+              "every such rate lies below the policy's offline throughput. Latency is the largest ratio over the "
+              "rates of the curve (a burst above what a policy sustains drains, and its mean still counts here: "
+              "the plot rings those points). GPU memory is the least HBM, up to "
+              f"{PAPER_GPU_MEM_UTIL:g}, with which each policy sustains, within the tight SLO, the rate vLLM "
+              f"sustains with {PAPER_GPU_MEM_UTIL:g} of HBM; FlexGen's throughput is offline (every request at "
+              "once, its best case), as is pie's it is compared with.", "",
               "## Why the simulator finds what it finds", ""]
     lines += [f"- {_why(p, facts(p))}" for p in panels]
     lines += ["", GENERAL_REASONS, "", "## Per panel", "",

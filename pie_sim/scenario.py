@@ -13,8 +13,11 @@ from pie_policy.pipeline import PIPELINE_POLICIES
 from pie_policy.sizing import build_policy
 from traces import load_workload
 
+from pie_serving.records import request_table
+
 from .pipeline_sim import simulate_pipeline
 from .simulate import SimResult, simulate
+from .steady_state import sustainable
 
 
 
@@ -69,9 +72,10 @@ def workload_of(s: Scenario):
 
 
 def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterations: int = 0,
-                      on_finish: Callable[[int], None] | None = None) -> tuple[dict, SimResult]:
+                      on_finish: Callable[[int], None] | None = None,
+                      token_gaps: bool = False) -> tuple[dict, SimResult]:
     """Run `s`: (its summary, the whole result). Requests too long for the model stay in: the policy
-    rejects them, with the reason, in requests.csv."""
+    rejects them, with the reason, in requests.csv. `token_gaps`: fold the gaps between tokens (ITL)."""
     hw, model = load_hardware(s.hw), load_model(s.model)
     cm = CostModel(hw, model, s.tp)
     workload = workload_of(s)
@@ -85,10 +89,10 @@ def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterati
         if layer_events:
             raise ConfigError("--layer-events checks the single-GPU recurrence; the pipeline simulator is "
                               "SimPy throughout")
-        result = simulate_pipeline(policy, cm, workload, on_finish=on_finish)
+        result = simulate_pipeline(policy, cm, workload, on_finish=on_finish, token_gaps=token_gaps)
     else:
         result = simulate(policy, cm, workload, layer_events=layer_events, traced_iterations=traced_iterations,
-                          on_finish=on_finish)
+                          on_finish=on_finish, token_gaps=token_gaps)
     summary = result.recorder.summary(result.requests, result.wall_s, backend="sim", policy=s.policy, hw=cm.hw.name,
                                       model=model.name, trace=str(s.trace), rate=s.rate, seed=s.seed,
                                       events=result.events)
@@ -98,3 +102,9 @@ def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterati
 def summarize(s: Scenario) -> dict:
     """`s`'s summary alone (small and picklable: what a worker process sends back)."""
     return simulate_scenario(s)[0]
+
+
+def summarize_steady(s: Scenario) -> dict:
+    """`s`'s summary and whether its rate is sustainable (`sustainable`: steady_state.sustainable)."""
+    summary, result = simulate_scenario(s)
+    return summary | {"sustainable": sustainable(request_table(result.requests))}

@@ -21,8 +21,10 @@ DIR/points/ keeps one JSON per finished point, named by a hash of all its option
 trace file by its path, not its contents) and written atomically as soon as the point finishes, so an
 interrupted sweep loses only the points in flight and a re-run skips the finished ones and retries the
 failed ones. DIR/results.parquet and DIR/results.csv: one row per point in grid order (whatever the
-workers or the order they finish in): `point` (the hash), every option, the summary's metrics, `status`
-(ok/error) and `error`.
+workers or the order they finish in): `point` (the hash), every option, the summary's metrics,
+`sustainable` (whether the point's rate is sustainable at steady state, steady_state.py; empty where its
+run cannot say: every request at once, or too few requests), `status` (ok/error) and `error`. The point
+files are strict JSON: an infinite rate is null there (the table takes the options from the grid).
 """
 from __future__ import annotations
 
@@ -48,9 +50,10 @@ from hwmodels import load_hardware, load_model
 from hwmodels.spec import read_toml
 from pie_policy import ConfigError
 from pie_policy.registry import SIM, entry
+from pie_serving.records import json_text
 from traces import FORMATS, load_trace
 
-from .scenario import Scenario, summarize
+from .scenario import Scenario, summarize_steady
 
 BACKENDS = ("local", "ray")
 PACKAGES = ("hwmodels", "pie_policy", "pie_serving", "pie_sim", "traces")  # what a point's run imports: shipped to Ray
@@ -134,7 +137,7 @@ def _record(s: Scenario, summary: dict | None, error: str | None) -> dict:
 def run_point(s: Scenario) -> dict:
     """One point's record; any exception is the point's error, not the sweep's (the worker's function)."""
     try:
-        return _record(s, summarize(s), None)
+        return _record(s, summarize_steady(s), None)
     except Exception as e:  # noqa: BLE001: whatever the run raises is reported against its point
         return _record(s, None, f"{type(e).__name__}: {e}")
 
@@ -158,7 +161,7 @@ def _record_path(out: Path, point: str) -> Path:
 
 def save_record(out: Path, record: dict) -> None:
     with _atomic(_record_path(out, record["point"])) as tmp:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.write_text(json_text(record))
 
 
 def load_record(out: Path, s: Scenario) -> dict | None:
@@ -261,8 +264,8 @@ def results_table(points: list[Scenario], out: Path) -> pd.DataFrame:
     for s in points:
         record = load_record(out, s) or _record(s, None, "not run yet (the sweep was interrupted): run it again")
         summary = record["summary"] or {}
-        metrics.update(dict.fromkeys(k for k in summary if k not in record["options"]))
-        rows.append({**summary, **record["options"], "point": record["point"], "status": record["status"],
+        metrics.update(dict.fromkeys(k for k in summary if k not in Scenario.options()))
+        rows.append({**summary, **dataclasses.asdict(s), "point": record["point"], "status": record["status"],
                      "error": record["error"]})  # where the summary repeats an option, the option's value
     columns = ["point", *Scenario.options(), *metrics, "status", "error"]
     return pd.DataFrame(rows, columns=columns)

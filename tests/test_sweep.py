@@ -202,3 +202,17 @@ def test_ray_backend_gives_the_local_table(write, tmp_path, capsys):
     assert "policy=vllm gpu_mem_util=0.001: CapacityError" in capsys.readouterr().out
     pd.testing.assert_frame_equal(simulated(pd.read_parquet(tmp_path / "ray" / "results.parquet")),
                                   simulated(pd.read_parquet(tmp_path / "local" / "results.parquet")))
+
+
+def test_each_point_says_whether_its_rate_is_sustainable(tmp_path):
+    """A light rate is, one far above what the engine serves is not, and every request at once cannot say;
+    the point files are strict JSON though a rate is infinite."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text('model = "opt-13b"\nnum_requests = 200\npolicy = "vllm"\ngpu_mem_util = 0.4\n'
+                    'rate = [2.0, 1000.0, inf]\n')
+    assert sweep(grid, tmp_path / "out", "--workers", "1") == 0
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert table.sustainable.tolist()[:2] == [True, False] and pd.isna(table.sustainable.iloc[2])
+    assert table.rate.tolist()[2] == math.inf
+    for path in (tmp_path / "out" / "points").glob("*.json"):
+        assert "Infinity" not in path.read_text() and "NaN" not in path.read_text()
