@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from hwmodels import load_model
+from hwmodels import GiB, load_model
 from pie_serving.options import add_engine_arguments
 
 from .run import InputError
@@ -27,6 +27,21 @@ def catalog_model(name: str, seed: int, dtype: torch.dtype, device: torch.device
     """A catalog model (or model TOML) at `dtype`, randomly initialised: (model, spec)."""
     spec = dataclasses.replace(load_model(name), dtype_bytes=torch.finfo(dtype).bits // 8)
     return random_transformer(spec, seed, dtype=dtype, device=device), spec
+
+
+# The catalog entry that models a CUDA device, by (a word of its name, the least GiB it must have), first
+# match: the single-GPU systems the catalog has figures for.
+CUDA_ENTRIES = (("GH200", 120, "gh200-144g"), ("GH200", 0, "gh200-96g"), ("H200", 0, "h200-pcie5"),
+                ("H100", 0, "h100-pcie5"), ("A100", 0, "a100-80g-pcie4"))
+
+
+def device_hardware(device: torch.device) -> str | None:
+    """The catalog entry that models `device` (cpu-host for the CPU), or None for a GPU it has none for."""
+    if device.type != "cuda":
+        return "cpu-host"
+    props = torch.cuda.get_device_properties(device)
+    return next((entry for word, least, entry in CUDA_ENTRIES
+                 if word in props.name and props.total_memory >= least * GiB), None)
 
 
 def set_threads(threads: int | None) -> None:

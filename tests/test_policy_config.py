@@ -26,7 +26,7 @@ def test_bad_policy_settings_are_refused():
     config = EngineConfig(**BASE, num_cpu_blocks=4)
     with pytest.raises(ConfigError, match="cpu_share must be in \\[0, 1\\), got 1.5"):
         Policy("static", config, cpu_share=1.5)
-    with pytest.raises(ConfigError, match="unknown policy 'vllm2' \\(known: vllm, vllm-swap, static, pie, prompt-offload\\)"):
+    with pytest.raises(ConfigError, match="unknown policy 'vllm2' \\(known: vllm, vllm-swap, static, pie, pie-fixed, prompt-offload\\)"):
         Policy("vllm2", config)
     with pytest.raises(ConfigError, match="vllm-swap needs CPU swap space"):
         Policy("vllm-swap", EngineConfig(**BASE))
