@@ -25,6 +25,8 @@ from .chrome_trace import write_chrome_trace
 from .preview import SHARES, preview_all
 from .capacity import search
 from .capacity_report import capacity_row, capacity_table, write_rows
+from .oracle import FIXED, check_room, link_bound, run_one, runs_of, share_range, verdict
+from .oracle import label as run_label
 from .parallel import run_parallel
 from .scenario import Scenario, simulate_scenario, workload_of
 from .sweep import BACKENDS, load_grid, run_sweep, todo, varying_options, write_results
@@ -146,7 +148,7 @@ SUMMARY_COLUMNS = (("throughput_tok_s", "output tok/s", "{:,.0f}"), ("throughput
 
 def _show(summaries: dict, console: Console, title: str) -> None:
     view = Table(title=title)
-    view.add_column("policy")
+    view.add_column("policy", no_wrap=True)
     for _, header, _ in SUMMARY_COLUMNS:
         view.add_column(header, justify="right")
     for name, s in summaries.items():
@@ -177,6 +179,40 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> None:
     _show(summaries, console, f"pie-sim compare: {args.model} on {args.hw}, {args.trace}, "
                               f"{args.num_requests} requests{_load(args.rate)}")
     console.print(f"wrote {out}/compare.csv, {out}/runs.png and each policy's files in {out}/<policy>/")
+
+
+def cmd_oracle(args: argparse.Namespace, console: Console) -> None:
+    """The scenario at every fixed share of the range, pie and vllm beside them; oracle.csv, warmup.png."""
+    if args.share is not None:
+        raise ConfigError("--share: the oracle sweeps the share (--shares-from, --shares-to, --shares-step); "
+                          "pie runs up to its own largest share")
+    base = scenario_of(args, "pie")
+    top = link_bound(base) if args.shares_to is None else args.shares_to
+    shares = share_range(args.shares_from, top, args.shares_step)
+    check_room(base, args.fixed, shares[-1])
+    scenarios = runs_of(base, args.fixed, shares)
+    results = run_parallel(run_one, scenarios, console, "oracle runs", args.workers)
+    labels = [run_label(s.policy, s.share) for s in scenarios]
+    summaries = [summary for summary, _ in results]
+    judged = verdict(shares, summaries)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(out / "oracle.csv", [dict(run=name, share=s.share, **summary)
+                                    for name, s, summary in zip(labels, scenarios, summaries)])
+    from .plots import plot_warmup  # here: matplotlib takes half a second to import
+
+    best = run_label(args.fixed, judged.best_share)
+    title = (f"{base.model} on {base.hw}, {base.trace}, {base.num_requests} requests{_load(base.rate)}, "
+             f"gpu_mem_util {base.gpu_mem_util:g}")
+    plot_warmup(dict(zip(labels, (t for _, t in results))), best, judged.best_share, out / "warmup.png", title)
+    _show(dict(zip(labels, summaries)), console, f"pie-sim oracle: {title}")
+    console.print(f"best fixed share: {best} ({judged.best['throughput_tok_s']:,.0f} tok/s, "
+                  f"{judged.best['normalized_latency_s']:.4f} s/token); pie: {judged.throughput_vs_best:.3f}x its "
+                  f"throughput, {judged.throughput_vs_vllm:.3f}x vLLM's, {judged.latency_vs_best:.3f}x its "
+                  f"normalized latency", highlight=False)
+    misses = judged.failures
+    console.print("pie meets the targets" if not misses else "pie misses: " + "; ".join(misses), highlight=False)
+    console.print(f"wrote {out}/oracle.csv and {out}/warmup.png")
 
 
 def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
@@ -302,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(rate=20.0, gpu_mem_util=0.5, num_requests=600)
     p.add_argument("--out", default="out/compare", help="folder for compare.csv, runs.png and per-policy files")
     p.set_defaults(run=cmd_compare)
+
+    p = commands.add_parser("oracle", help="the best fixed CPU share by brute force, with pie beside it")
+    _workload_options(p, lambda q: q.add_argument(
+        "--fixed", default="static", choices=FIXED, help="whose share is swept: static, or pie-fixed (Pie's "
+        "placement at a held share) (default static)"))
+    p.set_defaults(rate=20.0, gpu_mem_util=0.5, num_requests=600)  # compare's default: a KV-limited load
+    p.add_argument("--shares-from", type=float, default=0.0, help="first share (default 0)")
+    p.add_argument("--shares-to", type=float, help="last share (default: pie's largest, the link's bound)")
+    p.add_argument("--shares-step", type=float, default=0.025, help="step (default 0.025)")
+    p.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
+    p.add_argument("--out", default="out/oracle", help="folder for oracle.csv and warmup.png")
+    p.set_defaults(run=cmd_oracle)
 
     p = commands.add_parser("capacity", help="highest request rate within an SLO, or least HBM for a rate")
     _workload_options(p, lambda q: q.add_argument("--policy", default="pie,vllm",

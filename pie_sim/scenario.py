@@ -66,10 +66,8 @@ def workload_of(s: Scenario):
     return _workload(s.trace, s.num_requests, s.rate, s.cv, s.seed)
 
 
-def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterations: int = 0,
-                      on_finish: Callable[[int], None] | None = None) -> tuple[dict, SimResult]:
-    """Run `s`: (its summary, the whole result). Requests too long for the model stay in: the policy
-    rejects them, with the reason, in requests.csv."""
+def policy_of(s: Scenario):
+    """(the policy `s` runs, its cost model), built as every run builds it (`sizing.build_policy`)."""
     hw, model = load_hardware(s.hw), load_model(s.model)
     cm = CostModel(hw, model)
     workload = workload_of(s)
@@ -79,6 +77,15 @@ def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterati
                           mean_output=int(workload.output_tokens.mean()), block_size=s.block_size,
                           max_num_seqs=s.max_num_seqs, chunked_prefill=s.chunked_prefill,
                           prefetch_depth=s.prefetch_depth, micro_batches=s.micro_batches)
+    return policy, cm
+
+
+def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterations: int = 0,
+                      on_finish: Callable[[int], None] | None = None) -> tuple[dict, SimResult]:
+    """Run `s`: (its summary, the whole result). Requests too long for the model stay in: the policy
+    rejects them, with the reason, in requests.csv."""
+    policy, cm = policy_of(s)
+    hw, model, workload = cm.hw, cm.model, workload_of(s)
     if s.policy in PIPELINE_POLICIES:
         if layer_events:
             raise ConfigError("--layer-events checks the single-GPU recurrence; the pipeline simulator is "
