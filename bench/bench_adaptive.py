@@ -30,8 +30,8 @@ from rich.console import Console
 
 from hwmodels import CapacityError
 from pie_sim.capacity_report import write_rows
-from pie_sim.oracle import link_bound, runs_of, share_range, verdict
 from pie_sim.oracle import label as run_label
+from pie_sim.oracle import link_bound, runs_of, share_range, verdict
 from pie_sim.parallel import run_parallel
 from pie_sim.scenario import Scenario, policy_of, summarize
 
@@ -90,8 +90,8 @@ def run_stage(bases: list[Scenario], step: float, console: Console, workers: int
 
 
 def markdown(rows: list[dict], skipped: list[tuple[Scenario, str]]) -> str:
-    lines = ["| hw | model | load | gpu_mem_util | link bound | best static share | pie tok/s | vs best static | "
-             "vs vLLM | norm. latency vs best static | targets | best pie-fixed share | vs it: tok/s, latency |",
+    lines = [("| hw | model | load | gpu_mem_util | link bound | best static share | pie tok/s | vs best static | "
+              "vs vLLM | norm. latency vs best static | targets | best pie-fixed share | vs it: tok/s, latency |"),
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         verdict_text = "pass" if r["passed"] else f"**fail**: {r['misses']}"

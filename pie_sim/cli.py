@@ -21,16 +21,23 @@ from pie_serving.options import add_engine_arguments
 from pie_serving.records import request_table
 from traces import TraceError, load_trace
 
-from .chrome_trace import write_chrome_trace
-from .preview import SHARES, preview_all
 from .capacity import search
 from .capacity_report import capacity_row, capacity_table, write_rows
-from .oracle import FIXED, check_room, link_bound, run_one, runs_of, share_range, verdict
+from .chrome_trace import write_chrome_trace
+from .oracle import (
+    FIXED,
+    check_room,
+    link_bound,
+    run_one,
+    runs_of,
+    share_range,
+    verdict,
+)
 from .oracle import label as run_label
 from .parallel import run_parallel
+from .preview import SHARES, preview_all
 from .scenario import Scenario, simulate_scenario, workload_of
 from .sweep import BACKENDS, load_grid, run_sweep, todo, varying_options, write_results
-
 
 DEFAULT_HW = "gh200-96g,h100-pcie5,h200-pcie5,a100-80g-pcie4"
 COMPARED = "vllm,vllm-swap,static,pie,flexgen"  # compare's default: the baselines on one GPU and Pie
@@ -242,23 +249,28 @@ def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
 
 def cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     from . import reproduce
+    from .reproduce_map import MAP_FULL, MAP_QUICK, map_rows, map_section, run_map
     from .reproduce_report import plot_curves, write_report, write_tables
 
     grid = reproduce.QUICK if args.quick else reproduce.FULL
     panels = reproduce.run(grid, args.hw, console, args.workers)
+    map_grid = MAP_QUICK if args.quick else MAP_FULL
+    mapped = run_map([p.base for p in panels], [p.offline["vllm"]["throughput_req_s"] for p in panels], map_grid,
+                     console, args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_tables(panels, out)
+    write_rows(out / "map.csv", map_rows(mapped))
     plot_curves(panels, grid, out / "latency_vs_rate.png")
-    claims = write_report(panels, grid, args.quick, out / "report.md")
+    claims = write_report(panels, grid, args.quick, out / "report.md", map_section(mapped, map_grid))
     view = Table(title=f"Pie's published claims beside the simulator ({args.hw}, {grid.num_requests} requests a run)")
     for header in ("claim", "published", "simulated", "panel"):
         view.add_column(header)
     for row in claims:
         view.add_row(*row)
     console.print(view)
-    console.print(f"wrote {out}/report.md (with the reasons), latency_vs_rate.png, offline.csv, curves.csv, "
-                  f"searches.csv")
+    console.print(f"wrote {out}/report.md (with the reasons and the map of where the claims hold), "
+                  f"latency_vs_rate.png, offline.csv, curves.csv, searches.csv, map.csv")
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
