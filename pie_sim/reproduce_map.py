@@ -189,7 +189,7 @@ def map_section(panels: list[MapPanel], grid: MapGrid) -> list[str]:
     for p, _ in per_panel:
         for u in grid.utils:
             if u in p.unfit:
-                lines.append(f"| {p.name} | {u:g} | - | - | does not fit: {p.unfit[u]} | - |")
+                lines.append(f"| {p.name} | {u:g} | - | does not fit: {p.unfit[u]} | - | - |")
                 continue
             offline = p.runs[u, math.inf, "pie"]["throughput_tok_s"] / p.runs[u, math.inf, "vllm"]["throughput_tok_s"]
             ratios = " ".join(f"{f:g}: {p.latency(u, f, 'vllm') / p.latency(u, f, 'pie'):.2f}" for f in grid.factors)
