@@ -1,18 +1,19 @@
 """Adaptive expansion against the best fixed CPU share, on a grid of panels: does pie find the share?
 
 Panels: gh200-96g and h100-pcie5; OPT-13B and OPT-30B; ShareGPT; offline (every request at once) and a
-serving load near the knee (Poisson at `--knee` x vLLM's offline request throughput on the same panel);
+serving load at the knee (Poisson at `--knee` x vLLM's offline request throughput on the same panel: the
+capacity, where latency turns up);
 gpu_mem_util 0.5 and 0.9. On each, the oracle (pie_sim/oracle.py) runs static at every share from 0 to
 pie's largest (the link's bound) in steps of `--step`, pie-fixed (Pie's placement at a held share) at the
 same shares, pie and vllm, on the same requests. A panel whose model leaves no KV pool is reported so.
 
 Per panel it prints pie's throughput against the best static share's and vLLM's, its normalized latency
 against the best static share's, and pass/fail against the targets (oracle.Verdict: >= 99% of the best
-static share's throughput and >= vLLM's, <= 102% of its normalized latency; where no share beats 0,
-within 0.5% of vLLM); beside them, pie against the best pie-fixed share (the same placement, the share
+static share's throughput and >= vLLM's, <= 102% of its normalized latency; where no static share's
+throughput beats vLLM's, within 0.5% of vLLM); beside them, pie against the best pie-fixed share (the same placement, the share
 held: what the controller itself could have found). All runs go through one pool of processes.
 
-    python3 -m bench.bench_adaptive [--num-requests 600] [--knee 0.85] [--step 0.025] [--workers N]
+    python3 -m bench.bench_adaptive [--num-requests 600] [--knee 1.0] [--step 0.025] [--workers N]
                                     [--out out/bench_adaptive]
 
 Writes runs.csv (every run's summary) and panels.csv (the table) under --out; prints the table as
@@ -109,8 +110,8 @@ def markdown(rows: list[dict], skipped: list[tuple[Scenario, str]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-requests", type=int, default=600, help="requests a run (default 600)")
-    parser.add_argument("--knee", type=float, default=0.85,
-                        help="the serving load, x vLLM's offline req/s on the panel (default 0.85)")
+    parser.add_argument("--knee", type=float, default=1.0,
+                        help="the serving load, x vLLM's offline req/s on the panel (default 1.0)")
     parser.add_argument("--step", type=float, default=0.025, help="share step of the sweep (default 0.025)")
     parser.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
     parser.add_argument("--out", default="out/bench_adaptive", help="folder for runs.csv and panels.csv")

@@ -7,8 +7,8 @@ throughput, the one with the lowest normalized latency (a serving load below sat
 arrives whatever the share, and then latency is what a share changes). Pie is put beside it, and the
 targets it is held to are checked (`Verdict`):
 
-- throughput at least `THROUGHPUT` of the best fixed share's and at least vLLM's; where no share beats 0
-  (KV is not what limits), within `EQUAL` of vLLM's;
+- throughput at least `THROUGHPUT` of the best fixed share's and at least vLLM's; where no fixed share's
+  throughput beats vLLM's (the engine at share 0: KV is not what limits), within `EQUAL` of vLLM's;
 - normalized latency at most `LATENCY` times the best fixed share's.
 
 Each run also keeps its warm-up: the CPU share in use and the output token rate over time, binned
@@ -101,6 +101,7 @@ class Verdict:
     best: dict              # the best fixed share's summary
     pie: dict
     vllm: dict
+    beaten: bool = True     # whether some fixed share's throughput beats vLLM's
 
     @property
     def throughput_vs_best(self) -> float:
@@ -120,7 +121,7 @@ class Verdict:
         out = []
         if self.throughput_vs_best < THROUGHPUT:
             out.append(f"throughput {self.throughput_vs_best:.4f}x the best fixed share's (< {THROUGHPUT:g})")
-        floor = 1 - EQUAL if self.best_share == 0 else 1.0
+        floor = 1.0 if self.beaten else 1 - EQUAL
         if self.throughput_vs_vllm < floor:
             out.append(f"throughput {self.throughput_vs_vllm:.4f}x vLLM's (< {floor:g})")
         if self.latency_vs_best > LATENCY:
@@ -145,4 +146,5 @@ def verdict(shares: list[float], summaries: list[dict]) -> Verdict:
     """From the summaries of `runs_of`'s scenarios, in its order."""
     fixed, (pie, vllm) = summaries[:len(shares)], summaries[len(shares):]
     i = best_share(shares, fixed)
-    return Verdict(shares[i], fixed[i], pie, vllm)
+    beaten = any(s["throughput_tok_s"] > vllm["throughput_tok_s"] for s in fixed)
+    return Verdict(shares[i], fixed[i], pie, vllm, beaten)
