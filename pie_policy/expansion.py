@@ -9,9 +9,10 @@ share buys against what it costs:
   the GPU alone holds. The batch's copy-free time T0 (the cost model's price of the batch with no copy in
   flight) has a part F that no batch changes (weights read once per layer, per-layer overheads): the
   same tokens served by the GPU alone, in batches 1 + x times smaller, would take T0 + x·F;
-- **longer iterations.** Whatever makes the measured iteration T (end - start) longer than T0 is what the
-  CPU share costs: the layers' HBM contention with the copies, waits on the link, issuing copy calls:
-  y = T / T0 - 1;
+- **longer iterations.** Whatever makes the measured iteration T (end - start) longer than its copy-free
+  time is what the CPU share costs: the layers' HBM contention with the copies, waits on the link, issuing
+  copy calls: y = T / (ρ·T0) - 1, with ρ the measured / copy-free ratio of the full iterations without
+  copies (the cost model's error on this machine: 1 in the simulator, which prices with it);
 - **fewer recomputed prefills.** A preemption the share caused (the running sequence's block would have
   fitted CPU memory, not the share) throws away its victim's KV, and a prefill recomputes it later; the
   policy prices that prefill on the cost model. π = those seconds per copy-free second of decode.
@@ -21,7 +22,7 @@ So the decode token rate with CPU share s = x / (1 + x), against the GPU alone o
     J(x) = (1 + x·φ) / (1 + a·x),   φ = F / T0,   a = y / x
 
 with a (the overhead per unit x: Σy / Σx) and φ averaged over the last `horizon` iterations that held CPU
-KV (exponential weights) and π over those and the ones the share limited. J rises with x where φ > a
+KV (exponential weights), π over those and the ones the share limited, ρ over the ones without copies. J rises with x where φ > a
 (weights dominate what a layer reads: expanding pays) and falls where φ < a (the copies' HBM traffic
 costs more than the larger batch saves). **The control law:**
 
@@ -49,8 +50,9 @@ An economic cut goes no more than a step below the share in use: further, it wou
 sequences whose next block the share refuses, whereas the CPU KV drains as sequences finish (the share
 follows it down a step at a time). Only waiting on the link cuts deeper.
 
-Deterministic and clock-free: the share is a function of the observations alone, and an iteration with no
-CPU KV whose share refused nothing (a plain decode) changes nothing, so a backend may leave those out.
+Deterministic and clock-free: the share is a function of the observations alone. An iteration with no CPU
+KV whose share refused nothing (a plain decode) only updates ρ; where its measured time is its copy-free
+price, as in the simulator, ρ stays 1 and the shares are the same whether a backend reports it or not.
 Defaults: step 0.02, tolerance 0.005, horizon 200, stall_tolerance 0.03, margin 0.1, relax_iterations 500,
 stale_iterations 2000, max_share 0.5. Tested against closed-form plants with HBM contention
 (tests/test_expansion.py).
@@ -69,10 +71,11 @@ LINK_MEMORY = 50   # iterations the link load is averaged over
 @dataclass
 class Evidence:
     """What the iterations said, exponentially weighted: sums over those that held CPU KV (weight, x, y,
-    φ), over those and the ones the share limited (weight, π), and short averages of the wait and the
-    link load per unit x."""
+    φ), over those and the ones the share limited (weight, π), over those without copies (weight,
+    measured / copy-free), and short averages of the wait and the link load per unit x."""
     cpu: list[float] = field(default_factory=lambda: [0.0] * 4)
     pressure: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    free: list[float] = field(default_factory=lambda: [0.0, 0.0])  # weight, weight·(measured / copy-free)
     waited: float = 0.0
     load_per_x: float = 0.0
     top: float = 0.0      # the largest share measured
@@ -86,6 +89,14 @@ class Evidence:
 
     def press(self, pi: float, keep: float) -> None:
         self.pressure = [keep * self.pressure[0] + 1.0, keep * self.pressure[1] + pi]
+
+    def calibrate(self, ratio: float, keep: float) -> None:
+        self.free = [keep * self.free[0] + 1.0, keep * self.free[1] + ratio]
+
+    @property
+    def rho(self) -> float:
+        w, wr = self.free
+        return wr / w if w > 0 else 1.0
 
     @property
     def pi(self) -> float:
@@ -179,16 +190,21 @@ class ExpansionController:
         CPU memory had room for; `copy_free_s`: the cost model's seconds for the batch with no copies in
         flight; `fixed_s`: the part of those that no batch changes; `refused_s`: the cost model's seconds
         to recompute what the preemptions the share caused (since the last call) threw away."""
-        if not (in_use > 0 or limited) or copy_free_s <= 0:
-            return self.share  # nothing measured, nothing asked for
+        if copy_free_s <= 0:
+            return self.share
         keep = 1 - 1 / self.horizon
+        seconds = stats.end_s - stats.start_s
+        if not (in_use > 0 or limited):
+            if stats.bytes_h2d == stats.bytes_d2h == 0:
+                self.evidence.calibrate(seconds / copy_free_s, keep)
+            return self.share  # nothing measured with CPU KV, nothing asked for
         if stats.iteration - self.evidence.last > self.stale_iterations:
-            self.evidence = Evidence()
+            self.evidence = Evidence(free=self.evidence.free)
         if in_use > 0:
-            x = in_use / (1 - in_use)
+            x, rho = in_use / (1 - in_use), self.evidence.rho
             wait = stats.stall_s / stats.compute_s if stats.compute_s > 0 else 0.0
-            self.evidence.measure(stats.iteration, x, (stats.end_s - stats.start_s) / copy_free_s - 1,
-                                  fixed_s / copy_free_s, wait, self.link_load(stats), keep)
+            self.evidence.measure(stats.iteration, x, seconds / (rho * copy_free_s) - 1, fixed_s / copy_free_s, wait,
+                                  self.link_load(stats), keep)
         self.evidence.press(refused_s / copy_free_s, keep)
         self._learn_ceiling(in_use)
         largest = self.largest_acceptable()
