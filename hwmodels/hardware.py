@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .profile import ComputeFit
-from .spec import CatalogError, names, parse, quantity, read_toml, resolve, section, text
+from .spec import CatalogError, GiB, names, parse, quantity, read_toml, resolve, section, text
 from .vidur import ProfileSpec
 
 HARDWARE_DIR = Path(__file__).parent / "catalog" / "hardware"
@@ -165,3 +165,20 @@ def vidur_folder_table(folder: Path) -> dict:
 
 def hardware_names() -> list[str]:
     return names(HARDWARE_DIR)
+
+
+def matching_entry(device: str, gpu_name: str = "", gpu_bytes: int = 0) -> str | None:
+    """The hardware entry that models a machine's device, found in the catalog by the GPU's name (as CUDA
+    reports it): a GH200 by its HBM; another GPU by the entries naming it, one GPU on a PCIe host first (an
+    SXM module in an 8-GPU server reaches the host over PCIe too); cpu-host for the CPU; None: no match."""
+    if device == "cpu":
+        return "cpu-host"
+    name, known = gpu_name.upper(), hardware_names()
+    if "GH200" in name:
+        entry = "gh200-144g" if gpu_bytes / GiB > 110 else "gh200-96g"
+        return entry if entry in known else None
+    for model in ("H200", "H100", "A100", "L40S"):
+        if model in name:
+            found = [n for n in known if model.lower() in n and not n.startswith("gh")]
+            return next(iter([n for n in found if "pcie" in n and "8x" not in n] + found), None)
+    return None

@@ -12,9 +12,9 @@ except ModuleNotFoundError:  # the simulator installs without it
                      "(or pip install 'pie[exec]')") from None
 from rich.console import Console
 
-from hwmodels import CatalogError, GiB, hardware_names, load_hardware, load_model
+from hwmodels import CatalogError, CostModel, GiB, hardware_names, load_hardware, load_model
 from pie_policy import POLICIES, ConfigError
-from pie_policy.sizing import engine_config, make_policy, policy_share
+from pie_policy.sizing import engine_policy
 from pie_serving.benchmark import request_rate
 from pie_serving.options import add_metric_arguments, engine_settings, metric_settings, run_command
 from pie_serving.slo import SloError
@@ -23,9 +23,9 @@ from traces import TraceError, load_workload
 from .calibrate import add_grid_arguments, calibrate, grid_from
 from .engine import Executor
 from .options import (MODEL_HELP, add_device_arguments, add_threads_argument, add_workload_arguments, catalog_model,
-                      device_dtype, set_threads)
+                      device_dtype, device_hardware, set_threads)
 from .pipeline import serve
-from .run import InputError, read_prompts, run, trace_prompts, write_outputs
+from .run import InputError, mean_context, read_prompts, run, trace_prompts, write_outputs
 from .weights import ModelFolderError, load_hf_folder
 
 
@@ -36,8 +36,11 @@ def cmd_env(args: argparse.Namespace, console: Console) -> None:
         props = torch.cuda.get_device_properties(0)
         console.print(f"cuda {torch.version.cuda}: {torch.cuda.device_count()} x {props.name}, "
                       f"{props.total_memory / GiB:.1f} GiB, pinned host memory available")
-        console.print("simulate with: one of " + ", ".join(n for n in hardware_names() if n != "cpu-host")
-                      + " (or a profile from `pie-exec calibrate`)")
+        entry = device_hardware(torch.device("cuda", 0))
+        console.print(f"simulate with: {entry} (`pie-exec run --device cuda`'s default --hw; or a profile from "
+                      f"`pie-exec calibrate`)" if entry else "simulate with: no catalog entry models this GPU; "
+                      "one of " + ", ".join(n for n in hardware_names() if n != "cpu-host") + " or a profile "
+                      "from `pie-exec calibrate` (pass it as --hw)")
     else:
         hw = load_hardware("cpu-host")
         console.print("cuda: not available; the executor runs on the CPU (copy thread instead of copy engines)")
@@ -61,12 +64,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
         workload = load_workload(args.trace, args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed,
                                  max_total_tokens=spec.max_context + 1)
         prompts = trace_prompts(workload, spec.vocab_size, args.seed)
-    share = policy_share(args.policy, args.share)
-    config = engine_config(spec, args.policy, int(args.gpu_kv_gb * GiB), cpu_mem_bytes=int(args.cpu_kv_gb * GiB),
-                           share=share, **engine_settings(args))
-    policy = make_policy(args.policy, config, share)
+    hw = args.hw or device_hardware(device)
+    if hw is None:
+        raise InputError(f"--hw: no catalog entry models {torch.cuda.get_device_name(device)}; name one or a "
+                         f"profile from `pie-exec calibrate` (see `pie-exec env`)")
+    policy = engine_policy(args.policy, CostModel(load_hardware(hw), spec), int(args.gpu_kv_gb * GiB),
+                           context=mean_context(prompts), cpu_mem_bytes=int(args.cpu_kv_gb * GiB), share=args.share,
+                           **engine_settings(args))
     if stages == 1:
-        executor = Executor(model, config, device, policy.staging_slots)
+        executor = Executor(model, policy.config, device, policy.staging_slots)
         try:
             requests, generated, recorder, wall = run(executor, policy, prompts, progress=console.is_terminal)
         finally:
@@ -123,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--prompts", help="JSONL: {\"id\", \"prompt_token_ids\", \"max_new_tokens\"} per line")
     add_workload_arguments(p)
     add_threads_argument(p, "torch's; with --pipeline-stages, a stage's, default the cores shared out")
+    p.add_argument("--hw", help="hardware entry or profile TOML whose link and compute figures size pie and static "
+                                "as pie-sim does (default: the entry that models --device, see `pie-exec env`: "
+                                "cpu-host on cpu)")
     p.add_argument("--pipeline-stages", type=int, default=1,
                    help="split the layers over this many processes (one GPU each on cuda; gloo on cpu)")
     add_metric_arguments(p)

@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from hwmodels import matching_entry
 from pie_serving.options import add_engine_arguments
 
 from .run import InputError
@@ -29,6 +30,14 @@ def catalog_model(name: str, seed: int, dtype: torch.dtype, device: torch.device
     spec, details = model_shape(name)
     spec = dataclasses.replace(spec, dtype_bytes=torch.finfo(dtype).bits // 8)
     return random_transformer(spec, seed, details=details, dtype=dtype, device=device), spec
+
+
+def device_hardware(device: torch.device) -> str | None:
+    """The catalog entry that models `device` (cpu-host for the CPU), or None for a GPU it has none for."""
+    if device.type != "cuda":
+        return matching_entry("cpu")
+    props = torch.cuda.get_device_properties(device)
+    return matching_entry("cuda", props.name, props.total_memory)
 
 
 def set_threads(threads: int | None) -> None:

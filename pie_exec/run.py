@@ -68,6 +68,11 @@ def trace_prompts(workload, vocab_size: int, seed: int) -> list[Prompt]:
             for r in workload.itertuples()]
 
 
+def mean_context(prompts: list[Prompt]) -> int:
+    """The mean tokens a request holds when it finishes: what pie's largest share is sized for."""
+    return round(sum(len(p.token_ids) + p.max_new_tokens for p in prompts) / len(prompts))
+
+
 def check_fits(policy: Policy, prompts: list[Prompt]) -> None:
     """Refuse up front a workload with a request the pools can never hold, rather than run part of it."""
     for p in prompts:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from itertools import count
 
-from hwmodels import BatchShape
+from hwmodels import BatchShape, CostModel
 
 from . import decode_runs
 from .batching import Schedule, Scheduler
@@ -43,7 +43,7 @@ class Policy:
     micro_batches = 1
 
     def __init__(self, name: str, config: EngineConfig, cpu_share: float = 0.0,
-                 controller: ExpansionController | None = None):
+                 controller: ExpansionController | None = None, cost_model: CostModel | None = None):
         if name not in POLICIES:
             raise ConfigError(f"unknown policy '{name}' (known: {', '.join(POLICIES)})")
         policy = REGISTRY[name]
@@ -51,7 +51,12 @@ class Policy:
         self.tables = BlockTables(config.num_gpu_blocks, config.num_cpu_blocks)
         self._ids = count()
         placement = policy.placement(self.tables, config, cpu_share, controller)
-        self.controller = placement.controller
+        self.controller = placement.controller if policy.adaptive else None
+        if self.controller is not None and cost_model is None:
+            raise ConfigError(f"{name}'s controller prices each batch without copies: it needs the cost model")
+        self.cost_model = cost_model
+        self._fixed_s = cost_model.iteration_time(BatchShape()) if cost_model else 0.0  # what no batch changes
+        self._refused_s = 0.0  # recomputation the share caused since the controller last saw an iteration
         if policy.cpu_blocks == SWAP_SPACE and config.num_cpu_blocks == 0:
             raise ConfigError(f"{name} needs CPU swap space: num_cpu_blocks must be at least 1")
         self.swapper = FifoLayerSwap(config.num_layers, config.prefetch_depth, config.num_cpu_blocks,
@@ -123,7 +128,8 @@ class Policy:
 
     def commit_run(self, run: DecodeRun, ends) -> list[Request]:
         """Account for the first len(ends) iterations of `run`, iteration j ending at ends[j]; returns the
-        requests that finished. With no stall and nothing refused, the controller would only hold."""
+        requests that finished. Its iterations hold no CPU KV and the share refuses nothing in them, so the
+        controller, which such iterations leave unchanged, is not told about them."""
         iterations = len(ends)
         if self._open_run is None or run.first_iteration != self._iteration or iterations < 1:
             raise ValueError(f"cannot commit {iterations} iterations of a run that is not the one open")
@@ -145,7 +151,18 @@ class Policy:
     def observe(self, plan: Plan, stats: IterationStats) -> list[Request]:
         """Account for an executed plan; returns the requests that finished in it."""
         schedule = self._pending.pop(plan.iteration)
-        if self.controller is not None and len(schedule.work) == len(self.scheduler.running):
-            # only a batch of every running sequence streams all the CPU-resident KV it measures
-            self.controller.observe(stats, schedule.limited, self.cpu_share)
+        if self.controller is not None:
+            self._observe_share(plan, stats, schedule)
         return self.scheduler.complete(schedule, stats.end_s)
+
+    def _observe_share(self, plan: Plan, stats: IterationStats, schedule: Schedule) -> None:
+        """Tell the controller about an iteration of every running sequence (only such a batch streams all
+        the CPU-resident KV it measures), with the cost model's prices of the batch without copies and of
+        recomputing what the preemptions its share caused since the last one threw away."""
+        price = self.cost_model.iteration_time
+        self._refused_s += sum(price(BatchShape.of(prefills=[(tokens, 0)])) - self._fixed_s
+                               for tokens in schedule.refused if tokens)
+        if len(schedule.work) == len(self.scheduler.running):
+            self.controller.observe(stats, limited=schedule.limited, in_use=self.cpu_share,
+                                    copy_free_s=price(plan.shape), fixed_s=self._fixed_s, refused_s=self._refused_s)
+            self._refused_s = 0.0

@@ -29,8 +29,8 @@ def run_command(prog: str, command: Callable[[Console], int | None], user_errors
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine options both command lines take (see `engine_settings`)."""
-    parser.add_argument("--share", type=float, help="static: CPU share (default 0.2); pie: largest share (default: the link's bound "
-                        "in pie-sim, 0.5 in pie-exec)")
+    parser.add_argument("--share", type=float, help="static: CPU share (default 0.2); pie-fixed: its share (default "
+                        "0.1); pie: largest share (default: the link's bound on the hardware the run is priced on)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--chunked-prefill", action="store_true")

@@ -24,11 +24,21 @@ from pie_serving.records import request_table
 from pie_serving.slo import parse_slos
 from traces import FORMATS, TraceError, load_trace
 
-from .chrome_trace import write_chrome_trace
-from .preview import SHARES, preview_all
 from .capacity import CONFIRM, Job, search
 from .capacity_report import binding_lines, capacity_row, capacity_table, probe_rows, write_rows
+from .chrome_trace import write_chrome_trace
+from .oracle import (
+    FIXED,
+    check_room,
+    link_bound,
+    run_one,
+    runs_of,
+    share_range,
+    verdict,
+)
+from .oracle import label as run_label
 from .parallel import run_parallel
+from .preview import SHARES, preview_all
 from .scenario import Scenario, simulate_scenario, workload_of
 from .steady_state import check_window
 from .sweep import BACKENDS, load_grid, run_sweep, todo, varying_options, write_results
@@ -158,7 +168,7 @@ SUMMARY_COLUMNS = (("throughput_tok_s", "output tok/s", "{:,.0f}"), ("throughput
 
 def _show(summaries: dict, console: Console, title: str) -> None:
     view = Table(title=title)
-    view.add_column("policy")
+    view.add_column("policy", no_wrap=True)
     for _, header, _ in SUMMARY_COLUMNS:
         view.add_column(header, justify="right")
     for name, s in summaries.items():
@@ -189,6 +199,40 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> None:
     _show(summaries, console, f"pie-sim compare: {args.model} on {args.hw}, {args.trace}, "
                               f"{args.num_requests} requests{_load(args.rate)}")
     console.print(f"wrote {out}/compare.csv, {out}/runs.png and each policy's files in {out}/<policy>/")
+
+
+def cmd_oracle(args: argparse.Namespace, console: Console) -> None:
+    """The scenario at every fixed share of the range, pie and vllm beside them; oracle.csv, warmup.png."""
+    if args.share is not None:
+        raise ConfigError("--share: the oracle sweeps the share (--shares-from, --shares-to, --shares-step); "
+                          "pie runs up to its own largest share")
+    base = scenario_of(args, "pie")
+    top = link_bound(base) if args.shares_to is None else args.shares_to
+    shares = share_range(args.shares_from, top, args.shares_step)
+    check_room(base, args.fixed, shares[-1])
+    scenarios = runs_of(base, args.fixed, shares)
+    results = run_parallel(run_one, scenarios, console, "oracle runs", args.workers)
+    labels = [run_label(s.policy, s.share) for s in scenarios]
+    summaries = [summary for summary, _ in results]
+    judged = verdict(shares, summaries)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(out / "oracle.csv", [dict(run=name, share=s.share, **summary)
+                                    for name, s, summary in zip(labels, scenarios, summaries)])
+    from .plots import plot_warmup  # here: matplotlib takes half a second to import
+
+    best = run_label(args.fixed, judged.best_share)
+    title = (f"{base.model} on {base.hw}, {base.trace}, {base.num_requests} requests{_load(base.rate)}, "
+             f"gpu_mem_util {base.gpu_mem_util:g}")
+    plot_warmup(dict(zip(labels, (t for _, t in results))), best, judged.best_share, out / "warmup.png", title)
+    _show(dict(zip(labels, summaries)), console, f"pie-sim oracle: {title}")
+    console.print(f"best fixed share: {best} ({judged.best['throughput_tok_s']:,.0f} tok/s, "
+                  f"{judged.best['normalized_latency_s']:.4f} s/token); pie: {judged.throughput_vs_best:.3f}x its "
+                  f"throughput, {judged.throughput_vs_vllm:.3f}x vLLM's, {judged.latency_vs_best:.3f}x its "
+                  f"normalized latency", highlight=False)
+    misses = judged.failures
+    console.print("pie meets the targets" if not misses else "pie misses: " + "; ".join(misses), highlight=False)
+    console.print(f"wrote {out}/oracle.csv and {out}/warmup.png")
 
 
 def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
@@ -233,23 +277,28 @@ def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
 
 def cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     from . import reproduce
+    from .reproduce_map import MAP_FULL, MAP_QUICK, map_rows, map_section, run_map
     from .reproduce_report import plot_curves, write_report, write_tables
 
     grid = reproduce.QUICK if args.quick else reproduce.FULL
     panels = reproduce.run(grid, args.hw, console, args.workers)
+    map_grid = MAP_QUICK if args.quick else MAP_FULL
+    mapped = run_map([p.base for p in panels], [p.offline["vllm"]["throughput_req_s"] for p in panels], map_grid,
+                     console, args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_tables(panels, out)
+    write_rows(out / "map.csv", map_rows(mapped))
     plot_curves(panels, grid, out / "latency_vs_rate.png")
-    claims = write_report(panels, grid, args.quick, out / "report.md")
+    claims = write_report(panels, grid, args.quick, out / "report.md", map_section(mapped, map_grid))
     view = Table(title=f"Pie's published claims beside the simulator ({args.hw}, {grid.num_requests} requests a run)")
     for header in ("claim", "published", "simulated", "panel"):
         view.add_column(header)
     for row in claims:
         view.add_row(*row)
     console.print(view)
-    console.print(f"wrote {out}/report.md (with the reasons), latency_vs_rate.png, offline.csv, curves.csv, "
-                  f"searches.csv")
+    console.print(f"wrote {out}/report.md (with the reasons and the map of where the claims hold), "
+                  f"latency_vs_rate.png, offline.csv, curves.csv, searches.csv, map.csv")
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
@@ -343,6 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(rate=20.0, gpu_mem_util=0.5, num_requests=600)
     p.add_argument("--out", default="out/compare", help="folder for compare.csv, runs.png and per-policy files")
     p.set_defaults(run=cmd_compare)
+
+    p = commands.add_parser("oracle", help="the best fixed CPU share by brute force, with pie beside it")
+    _workload_options(p, lambda q: q.add_argument(
+        "--fixed", default="static", choices=FIXED, help="whose share is swept: static, or pie-fixed (Pie's "
+        "placement at a held share) (default static)"))
+    p.set_defaults(rate=20.0, gpu_mem_util=0.5, num_requests=600)  # compare's default: a KV-limited load
+    p.add_argument("--shares-from", type=float, default=0.0, help="first share (default 0)")
+    p.add_argument("--shares-to", type=float, help="last share (default: pie's largest, the link's bound)")
+    p.add_argument("--shares-step", type=float, default=0.025, help="step (default 0.025)")
+    p.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
+    p.add_argument("--out", default="out/oracle", help="folder for oracle.csv and warmup.png")
+    p.set_defaults(run=cmd_oracle)
 
     p = commands.add_parser("capacity", help="highest sustainable request rate within SLOs, or least HBM for a rate")
     _workload_options(p, lambda q: q.add_argument("--policy", default="pie,vllm",

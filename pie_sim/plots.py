@@ -71,11 +71,31 @@ def plot_runs(runs: dict, path: Path, title: str) -> None:
     axes[0].set_yscale("log")
     axes[1].set_ylabel("KV held (GiB)")
     axes[2].set_ylabel("KV in CPU memory (%)")
-    axes[2].set_xlabel("simulated time (s)")
+    _save_over_time(fig, axes, title, path, ncol=3, markerscale=4)
+
+
+def _save_over_time(fig, axes, title: str, path: Path, **legend) -> None:
+    """Stacked panels sharing simulated time as x: titled on top, gridded, with legends; saved and closed."""
+    axes[-1].set_xlabel("simulated time (s)")
     axes[0].set_title(title)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=3, markerscale=4)
+        ax.legend(fontsize=7, **legend)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_warmup(trajectories: dict, best: str, best_share: float, path: Path, title: str) -> None:
+    """Per run (label → `oracle.trajectory`): the CPU share in use and the output token rate over time,
+    pie's against the best fixed share (`best`, at `best_share`) and vLLM's."""
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    for name, style in (("pie", "-"), (best, "--"), ("vllm", ":")):
+        t = trajectories[name]
+        line, = axes[1].plot(t["time_s"], t["tok_s"], style, label=name)
+        if name != "vllm":
+            axes[0].plot(t["time_s"], 100 * t["cpu_share"], style, color=line.get_color(), label=f"{name}: in use")
+    axes[0].axhline(100 * best_share, color="k", lw=0.8, ls="-.", label=f"best fixed share {best_share:g}")
+    axes[0].set_ylabel("KV in CPU memory (%)")
+    axes[1].set_ylabel("output tokens/s")
+    _save_over_time(fig, axes, title, path)

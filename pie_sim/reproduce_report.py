@@ -95,8 +95,10 @@ def _why(p: Panel, f: dict) -> str:
             f"decode turns compute-bound.")
 
 
-def write_report(panels: list[Panel], grid: Grid, quick: bool, path: Path) -> list[tuple[str, str, str, str]]:
-    """report.md; returns the claims table's rows (claim, published, simulated best, where)."""
+def write_report(panels: list[Panel], grid: Grid, quick: bool, path: Path,
+                 sections: list[str] = ()) -> list[tuple[str, str, str, str]]:
+    """report.md, with `sections` (Markdown lines) before the list of files; returns the claims table's rows
+    (claim, published, simulated best, where)."""
     found = [findings(p) for p in panels]
     hw = load_hardware(panels[0].base.hw)
     claims = []
@@ -145,7 +147,7 @@ def write_report(panels: list[Panel], grid: Grid, quick: bool, path: Path) -> li
         lines.append(f"| {p.name} | {searched}{_num(hbm['vllm'], '{:.1f}')} | "
                      f"{_num(hbm['pie'], '{:.1f}')} | " + " | ".join(
                          f"{p.offline[n]['throughput_tok_s']:,.0f}" for n in ("vllm", "pie", "flexgen")) + " |")
-    lines += ["", "Files: `offline.csv`, `curves.csv` (every run's summary), `searches.csv` (every search's "
+    lines += ["", *sections, "", "Files: `offline.csv`, `curves.csv` (every run's summary), `searches.csv` (every search's "
               "answer), `latency_vs_rate.png`. Any point re-runs alone with `pie-sim run` and the same options."]
     path.write_text("\n".join(lines) + "\n")
     return [c[:4] for c in claims]

@@ -71,11 +71,8 @@ def workload_of(s: Scenario):
     return _workload(s.trace, s.trace_format, s.num_requests, s.rate, s.cv, s.seed)
 
 
-def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterations: int = 0,
-                      on_finish: Callable[[int], None] | None = None,
-                      token_gaps: bool = False) -> tuple[dict, SimResult]:
-    """Run `s`: (its summary, the whole result). Requests too long for the model stay in: the policy
-    rejects them, with the reason, in requests.csv. `token_gaps`: fold the gaps between tokens (ITL)."""
+def policy_of(s: Scenario):
+    """(the policy `s` runs, its cost model), built as every run builds it (`sizing.build_policy`)."""
     hw, model = load_hardware(s.hw), load_model(s.model)
     cm = CostModel(hw, model, s.tp)
     workload = workload_of(s)
@@ -85,6 +82,16 @@ def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterati
                           mean_output=int(workload.output_tokens.mean()), block_size=s.block_size,
                           max_num_seqs=s.max_num_seqs, chunked_prefill=s.chunked_prefill,
                           prefetch_depth=s.prefetch_depth, micro_batches=s.micro_batches)
+    return policy, cm
+
+
+def simulate_scenario(s: Scenario, *, layer_events: bool = False, traced_iterations: int = 0,
+                      on_finish: Callable[[int], None] | None = None,
+                      token_gaps: bool = False) -> tuple[dict, SimResult]:
+    """Run `s`: (its summary, the whole result). Requests too long for the model stay in: the policy
+    rejects them, with the reason, in requests.csv. `token_gaps`: fold the gaps between tokens (ITL)."""
+    policy, cm = policy_of(s)
+    model, workload = cm.model, workload_of(s)
     if s.policy in PIPELINE_POLICIES:
         if layer_events:
             raise ConfigError("--layer-events checks the single-GPU recurrence; the pipeline simulator is "

@@ -16,20 +16,19 @@ from pie_exec.cli import main as pie_exec
 from pie_exec.engine import Executor
 from pie_exec.model import ArchDetails, Block
 from pie_exec.pipeline import serve, stage_layers
-from pie_policy.pipeline_layout import split_layers
 from pie_exec.run import InputError, Prompt, run
 from pie_exec.weights import random_transformer, save_hf_folder
-from pie_policy import ExpansionController, IterationStats, Policy
+from pie_policy import IterationStats, Policy
+from pie_policy.pipeline_layout import split_layers
 
-from .test_exec_engine import NEW_TOKENS, PROMPT_LENGTHS, SPECS, config
+from .test_exec_engine import NEW_TOKENS, PROMPT_LENGTHS, SPECS, config, pie
 
 SPEC = replace(SPECS["llama"], name="tiny-llama-5", num_layers=5)  # 5 layers: no even split into 2 or 3
 CASES = {
     "vllm-swap, preempting": lambda s: Policy("vllm-swap", config(s, 15, 60)),
     "static, most KV on CPU, prefetch 2 ahead": lambda s: Policy("static", config(s, 12, 40, prefetch_depth=2),
                                                                  cpu_share=0.75),
-    "pie, chunked prefill, CPU": lambda s: Policy("pie", config(s, 14, 14, chunked_prefill=True),
-                                                  controller=ExpansionController(share=0.5, max_share=0.5)),
+    "pie, chunked prefill, CPU": lambda s: pie(s, config(s, 14, 14, chunked_prefill=True)),
 }
 
 

@@ -13,9 +13,9 @@ from bench.gpu_check import serving
 from bench.gpu_check.context import Context
 from bench.gpu_check.main import main, run_all, step_limit
 from bench.gpu_check.probe import facts
-from bench.gpu_check.sizing import TINY_MODEL, decode_batch, matching_entry, model_at
+from bench.gpu_check.sizing import TINY_MODEL, decode_batch, model_at
 from bench.gpu_check.steps import STEPS
-from hwmodels import GiB, hardware_names, load_hardware
+from hwmodels import GiB, hardware_names, load_hardware, matching_entry
 from pie_policy import POLICIES
 
 from .conftest import DATA

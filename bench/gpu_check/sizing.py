@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from hwmodels import GiB, ModelSpec, hardware_names, load_model
+from hwmodels import GiB, ModelSpec, load_model
 
 TINY_MODEL = str(Path(__file__).with_name("tiny-opt.toml"))  # the CPU dry run's model
 DEFAULT_MODELS = {"cuda": ("opt-6.7b", "opt-1.3b"), "cpu": (TINY_MODEL, TINY_MODEL)}  # (overlap, serving)
@@ -94,20 +94,3 @@ def serving_needs(spec: ModelSpec, gpu_kv_bytes: int, cpu_kv_bytes: int) -> Need
     smaller), activations of a 2048-token batch and the margin; validate's pinned CPU pool."""
     working = spec.activation_bytes(2048, 256) + CONTEXT_MARGIN
     return Needs(spec.weight_bytes, gpu_kv_bytes, working, pinned_bytes(cpu_kv_bytes))
-
-
-def matching_entry(device: str, gpu_name: str = "", gpu_bytes: int = 0) -> str | None:
-    """The hardware entry a machine's measurements are compared with, found in the catalog by the GPU's
-    name (as CUDA reports it): a GH200 by its HBM; another GPU by the entries naming it, one GPU on a
-    PCIe host first (an SXM module in an 8-GPU server reaches the host over PCIe too); None: no match."""
-    if device == "cpu":
-        return "cpu-host"
-    name, names = gpu_name.upper(), hardware_names()
-    if "GH200" in name:
-        entry = "gh200-144g" if gpu_bytes / GiB > 110 else "gh200-96g"
-        return entry if entry in names else None
-    for model in ("H200", "H100", "A100", "L40S"):
-        if model in name:
-            found = [n for n in names if model.lower() in n and not n.startswith("gh")]
-            return next(iter([n for n in found if "pcie" in n and "8x" not in n] + found), None)
-    return None
