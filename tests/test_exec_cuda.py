@@ -21,10 +21,10 @@ from pie_exec.kvcache import PagedKV
 from pie_exec.pipeline import serve
 from pie_exec.run import run
 from pie_exec.weights import random_transformer
-from pie_policy import EngineConfig, ExpansionController, Policy
+from pie_policy import EngineConfig, Policy
 from pie_policy.plan import D2H, H2D, LAYER_KV, Copy
 
-from .test_exec_engine import SPECS, config
+from .test_exec_engine import SPECS, config, pie
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -153,8 +153,7 @@ SPEC = replace(SPECS["llama"], name="tiny-llama-5", num_layers=5)  # deeper than
 CASES = {
     "static, most KV on CPU, prefetch 2 ahead": lambda s: Policy("static", config(s, 12, 40, prefetch_depth=2),
                                                                  cpu_share=0.75),
-    "pie, chunked prefill, CPU": lambda s: Policy("pie", config(s, 14, 14, chunked_prefill=True),
-                                                  controller=ExpansionController(share=0.5, max_share=0.5)),
+    "pie, chunked prefill, CPU": lambda s: pie(s, config(s, 14, 14, chunked_prefill=True)),
     "vllm-swap, preempting": lambda s: Policy("vllm-swap", config(s, 15, 60)),
 }
 

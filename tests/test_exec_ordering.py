@@ -17,10 +17,10 @@ from pie_exec.copier import EVENTS, STREAM, CpuCopier, CudaCopier
 from pie_exec.engine import Executor
 from pie_exec.run import run
 from pie_exec.weights import random_transformer
-from pie_policy import ExpansionController, Policy
+from pie_policy import Policy
 from pie_policy.plan import BLOCK_KV, D2H, H2D, LAYER_KV, Copy
 
-from .test_exec_engine import SPECS, config
+from .test_exec_engine import SPECS, config, pie
 
 
 class SpyCopier(CpuCopier):
@@ -57,8 +57,7 @@ POLICIES = {
     "static, depth 1": lambda s: Policy("static", config(s, 12, 40), cpu_share=0.75),
     "static, depth 2": lambda s: Policy("static", config(s, 12, 40, prefetch_depth=2), cpu_share=0.75),
     "static, depth 3": lambda s: Policy("static", config(s, 12, 40, prefetch_depth=3), cpu_share=0.75),
-    "pie, chunked prefill": lambda s: Policy("pie", config(s, 14, 14, chunked_prefill=True),
-                                             controller=ExpansionController(share=0.5, max_share=0.5)),
+    "pie, chunked prefill": lambda s: pie(s, config(s, 14, 14, chunked_prefill=True)),
 }
 
 
