@@ -99,6 +99,12 @@ def coalesce_gap(cost_model: CostModel, block_size: int) -> int:
     return int(latency / (cost_model.transfer_time(block_layer, calls=1) - latency))
 
 
+def staging_slots(name: str, config: EngineConfig) -> int:
+    """The staging slots `make_policy(name, config)`'s GPU needs (its swapper's ring: one a layer in
+    flight), known before its block tables are made."""
+    return config.prefetch_depth + 1 if REGISTRY[name].cpu_blocks == LIVE_KV else 0
+
+
 def make_policy(name: str, config: EngineConfig, share: float | None = None) -> Policy:
     """A single-engine policy over `config`; `share` as in engine_config (defaults per policy)."""
     share = policy_share(name, share)
@@ -123,6 +129,9 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
         return build_pipeline_policy(name, cost_model, micro_batches=micro_batches, gpu_mem_util=gpu_mem_util,
                                      cpu_mem_bytes=cpu_mem_bytes, context=mean_prompt + mean_output // 2, **settings)
     if policy.family == FLEXGEN:
+        if mean_prompt >= m.max_context:
+            raise ConfigError(f"flexgen: the mean prompt of {mean_prompt} tokens does not fit {m.name}'s context of "
+                              f"{m.max_context} tokens (no request leaves room for an output)")
         output = min(mean_output, m.max_context - mean_prompt)
         placement = _flexgen_placement(hw, m, mean_prompt, output, gpu_mem_util, cpu_mem_bytes or None)
         return FlexGenPolicy(cost_model, placement)

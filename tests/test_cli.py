@@ -76,7 +76,7 @@ def test_compare_runs_the_pipeline_policies_on_the_multi_gpu_server(tmp_path, ca
         rows = list(csv.DictReader(f))
     assert [r["policy"] for r in rows] == ["pp-vllm", "pipemax"]
     assert all(int(r["finished"]) + int(r["rejected"]) == 30 for r in rows)
-    assert pie_sim(args + ["--policies", "pipemax", "--micro-batches", "7", "--out", str(tmp_path)]) == 2
+    assert pie_sim(args + ["--policies", "pipemax", "--micro-batches", "7", "--out", str(tmp_path), "--force"]) == 2
     assert "7 micro-batches cannot fill 8 pipeline stages" in capsys.readouterr().out
 
 
