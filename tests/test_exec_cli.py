@@ -24,14 +24,16 @@ def test_run_writes_the_simulator_files_and_tokens(folder, write, tmp_path):
                                '{"id": 7, "prompt_token_ids": [9, 8, 7, 6, 5, 4], "max_new_tokens": 3}\n')
     out = tmp_path / "out"
     assert pie_exec(["run", "--model-path", str(folder), "--prompts", str(prompts), "--policy", "pie",
-                     "--gpu-kv-gb", "0.01", "--out", str(out)]) == 0
+                     "--gpu-kv-gb", "0.01", "--seed", "5", "--out", str(out)]) == 0
     tokens = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
     assert [t["id"] for t in tokens] == ["a", 7] and [len(t["output_token_ids"]) for t in tokens] == [5, 3]
     with open(out / "requests.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["finished", "finished"] and rows[0]["output_tokens"] == "5"
+    assert [r["id"] for r in rows] == ["a", "7"]  # each prompt's id, as tokens.jsonl has it
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] == 2 and summary["backend"] == "exec" and summary["throughput_tok_s"] > 0
+    assert (summary["hw"], summary["trace"], summary["rate"], summary["seed"]) == ("cpu-host", str(prompts), None, 5)
     with open(out / "iterations.csv") as f:
         assert sum(int(r["decode_tokens"]) for r in csv.DictReader(f)) == 4 + 2  # tokens after the first
 
@@ -60,19 +62,6 @@ def test_bad_input_is_refused_and_writes_nothing(folder, write, tmp_path, capsys
     printed = capsys.readouterr().out
     assert code == 2 and message in printed, printed
     assert not out.exists()
-
-
-def test_requests_keep_the_prompts_ids_and_the_summary_names_the_run(folder, write, tmp_path):
-    prompts = write("p.jsonl", '{"id": "first", "prompt_token_ids": [1, 2], "max_new_tokens": 2}\n'
-                               '{"id": 12, "prompt_token_ids": [3, 4], "max_new_tokens": 2}\n')
-    out = tmp_path / "out"
-    assert pie_exec(["run", "--model-path", str(folder), "--prompts", str(prompts), "--gpu-kv-gb", "0.01",
-                     "--seed", "5", "--out", str(out)]) == 0
-    with open(out / "requests.csv") as f:
-        assert [r["id"] for r in csv.DictReader(f)] == ["first", "12"]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["hw"] == "cpu-host" and summary["trace"] == str(prompts) and summary["seed"] == 5
-    assert "rate" in summary and summary["rate"] is None
 
 
 @pytest.mark.parametrize("content, message", [
