@@ -24,6 +24,7 @@ from hwmodels.models import is_hf_config
 from .model import ArchDetails, Transformer
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the tensors cast into the weights
 
 
 class ModelFolderError(ValueError):
@@ -180,6 +181,30 @@ def save_hf_folder(model: Transformer, spec: ModelSpec, details: ArchDetails, pa
 
 # ---------------------------------------------------------------- load
 
+def _failing(folder: Path):
+    def fail(problem: str) -> ModelFolderError:
+        return ModelFolderError(f"model folder {folder}: {problem}")
+    return fail
+
+
+def _read_folder_config(folder: Path, dtype: torch.dtype) -> tuple[ModelSpec, ArchDetails]:
+    fail = _failing(folder)
+    if not folder.exists():
+        raise fail("does not exist")
+    if not folder.is_dir():
+        raise fail("is not a folder")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"load_hf_folder: dtype {dtype} is not one of {', '.join(DTYPE_NAMES.values())}")
+    config = read_hf_config(folder)
+    spec = replace(config.spec, dtype_bytes=torch.empty((), dtype=dtype).element_size())
+    return spec, executable_details(config, folder)
+
+
+def read_hf_spec(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelSpec:
+    """The ModelSpec of a Hugging Face folder at `dtype`, from its config.json alone (nothing allocated)."""
+    return _read_folder_config(Path(path), dtype)[0]
+
+
 def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu") -> tuple[Transformer, ModelSpec, ArchDetails]:
     """Read a Hugging Face folder into a `Transformer` (weights cast to `dtype`, on `device`).
@@ -190,19 +215,8 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32,
     from safetensors import safe_open  # imported here: random weights need no safetensors
 
     folder = Path(path)
-
-    def fail(problem: str) -> ModelFolderError:
-        return ModelFolderError(f"model folder {folder}: {problem}")
-
-    if not folder.exists():
-        raise fail("does not exist")
-    if not folder.is_dir():
-        raise fail("is not a folder")
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"load_hf_folder: dtype {dtype} is not one of {', '.join(DTYPE_NAMES.values())}")
-    config = read_hf_config(folder)
-    details = executable_details(config, folder)
-    spec = replace(config.spec, dtype_bytes=torch.empty((), dtype=dtype).element_size())
+    fail = _failing(folder)
+    spec, details = _read_folder_config(folder, dtype)
     files = _weight_files(folder, fail)
 
     model = Transformer(spec, details, dtype=dtype, device=device)
@@ -229,7 +243,11 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32,
                     seen[hf_name] = file
                     name, rows = wanted[hf_name]
                     target = params[name] if rows is None else params[name][rows]
-                    shape = tuple(handle.get_slice(key).get_shape())
+                    stored = handle.get_slice(key)
+                    if stored.get_dtype() not in FLOAT_DTYPES:
+                        raise fail(f"{file.name}: tensor {key!r} holds {stored.get_dtype()}, not floating-point "
+                                   f"weights (quantized or corrupt?)")
+                    shape = tuple(stored.get_shape())
                     if shape != tuple(target.shape):
                         raise fail(f"{file.name}: tensor {key!r} has shape {list(shape)}, expected "
                                    f"{list(target.shape)}")

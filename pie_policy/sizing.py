@@ -148,6 +148,9 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
         return build_pipeline_policy(name, cost_model, micro_batches=micro_batches, gpu_mem_util=gpu_mem_util,
                                      cpu_mem_bytes=cpu_mem_bytes, context=mean_prompt + mean_output // 2, **settings)
     if policy.family == FLEXGEN:
+        if mean_prompt >= m.max_context:
+            raise ConfigError(f"flexgen: the mean prompt of {mean_prompt} tokens does not fit {m.name}'s context of "
+                              f"{m.max_context} tokens (no request leaves room for an output)")
         output = min(mean_output, m.max_context - mean_prompt)
         placement = _flexgen_placement(cost_model.gpu_hw, m, cost_model.tp, mean_prompt, output, gpu_mem_util,
                                        cpu_mem_bytes or None)

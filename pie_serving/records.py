@@ -4,8 +4,6 @@ benchmark.py) (times in seconds, sizes in bytes). JSON is strict: a value that i
 (an infinite rate, a latency with no request) is null."""
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from pie_policy.plan import DecodeRun, IterationStats, Plan
 from pie_policy.request import Request, State
 
 from .benchmark import benchmark_metrics
+from .outputs import json_text
 from .token_gaps import TokenGaps
 
 REQUEST_COLUMNS = ("request_id", "arrival_s", "prompt_tokens", "output_tokens", "first_token_s", "finish_s",
@@ -131,26 +130,9 @@ class RunRecorder:
             write_json(out / "benchmark.json", benchmark)
 
 
-def json_safe(value):
-    """`value` with every float that is not finite (NaN, ±inf) as None and numpy scalars as Python's."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def json_text(value) -> str:
-    """Strict JSON (no NaN or Infinity), indented."""
-    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
-
-
 def write_json(path: Path, value) -> None:
-    path.write_text(json_text(value))
+    """Strict JSON (no NaN or Infinity: null), indented."""
+    path.write_text(json_text(value, indent=2) + "\n")
 
 
 def write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:

@@ -44,27 +44,28 @@ def _row(p: Panel, name: str, summary: dict) -> dict:
 
 
 def plot_curves(panels: list[Panel], grid: Grid, path: Path) -> None:
-    from .plots import plt  # matplotlib on demand
+    from .plots import log_seconds, plt, style  # matplotlib on demand
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for ax, p in zip(axes.flat, panels):
-        for policy, share in grid.policies:
+        for i, (policy, share) in enumerate(grid.policies):
             name = label(policy, share)
             latency = [s["normalized_latency_s"] for s in p.curves[name]]
-            (line,) = ax.plot(p.rates, latency, "o-" if policy in SEARCHED else ".--", ms=4, label=name,
-                              lw=2 if policy == "pie" else 1)
+            (line,) = ax.plot(p.rates, latency, ms=5, mfc="none", label=name, **style(i, len(grid.policies)))
             beyond = [(r, y) for r, y, s in zip(p.rates, latency, p.curves[name]) if s["sustainable"] is False]
             if beyond:  # the rates it cannot sustain: a burst that drains, not a load it serves
-                ax.plot(*zip(*beyond), "o", ms=8, mfc="none", color=line.get_color())
-        for factor, slo, style in zip(grid.slo_factors, p.slos, (":", "-.")):
-            ax.axhline(slo, color="k", lw=0.8, ls=style, label=f"SLO {factor:g}x")
+                ax.plot(*zip(*beyond), "o", ms=9, mfc="none", color=line.get_color())
+        for factor, slo, dashes in zip(grid.slo_factors, p.slos, (":", "-.")):
+            ax.axhline(slo, color="k", lw=0.8, ls=dashes, label=f"SLO {factor:g}x")
         ax.set_yscale("log")
+        log_seconds(ax.yaxis)
         ax.set_title(f"{p.name} (ringed: not sustainable)")
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("normalized latency (s/token)")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Normalized latency vs request rate on {panels[0].base.hw}")
+    fig.suptitle(f"Normalized latency vs request rate on {panels[0].base.hw} "
+                 f"(gpu_mem_util {panels[0].base.gpu_mem_util:g})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,7 +10,10 @@ from typing import Callable
 from hwmodels import CostModel, GiB, load_hardware, load_model
 from pie_policy import ConfigError
 from pie_policy.pipeline import PIPELINE_POLICIES
+from pie_policy.registry import LIVE_KV, REGISTRY, SIM, entry
 from pie_policy.sizing import build_policy
+from pie_serving.options import (fraction, non_negative_float, non_negative_int, positive_float, positive_int, rate,
+                                 seed, share)
 from traces import load_workload
 
 from pie_serving.records import request_table
@@ -61,6 +64,31 @@ class Scenario:
         return dataclasses.replace(self, **changes)
 
 
+# What each option's value must be: the command line's types and a grid's checks are these.
+RULES = {"num_requests": non_negative_int, "rate": rate, "cv": positive_float, "share": share,
+         "gpu_mem_util": fraction, "cpu_mem_gb": non_negative_float, "block_size": positive_int,
+         "max_num_seqs": positive_int, "prefetch_depth": positive_int, "micro_batches": positive_int, "seed": seed}
+
+
+def cli_name(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def check_policy_options(policies: list[str], micro_batches: int | None, share: float | None,
+                         spell: Callable[[str], str] = cli_name) -> None:
+    """The rules that span options: every policy known to the simulator, `micro_batches` and `share` set
+    only where one of the policies uses them (`spell` names an option as the user wrote it)."""
+    for name in policies:
+        entry(name, SIM)
+    if micro_batches is not None and not set(policies) & set(PIPELINE_POLICIES):
+        raise ConfigError(f"{spell('micro_batches')} applies to {' and '.join(PIPELINE_POLICIES)} only, not "
+                          f"{', '.join(policies)}")
+    if share is not None and not any(REGISTRY[name].cpu_blocks == LIVE_KV for name in policies):
+        raise ConfigError(f"{spell('share')} applies to the policies that keep live KV in CPU memory "
+                          f"({', '.join(n for n, e in REGISTRY.items() if e.cpu_blocks == LIVE_KV)}), not "
+                          f"{', '.join(policies)}")
+
+
 @lru_cache(maxsize=8)
 def _workload(trace: str, trace_format: str, num_requests: int, rate: float | None, cv: float, seed: int):
     """Kept between the runs of a bisection or a comparison, which re-use the same requests."""
@@ -71,15 +99,23 @@ def workload_of(s: Scenario):
     return _workload(s.trace, s.trace_format, s.num_requests, s.rate, s.cv, s.seed)
 
 
+def served_requests(workload, max_context: int):
+    """The requests whose context fits the model (the others are rejected): the mean request a policy is
+    sized for (FlexGen's block, pie's share) is theirs. All of them when none fits."""
+    fits = (workload.prompt_tokens + workload.output_tokens - 1 <= max_context).to_numpy()
+    return workload[fits] if fits.any() else workload
+
+
 def policy_of(s: Scenario):
     """(the policy `s` runs, its cost model), built as every run builds it (`sizing.build_policy`)."""
     hw, model = load_hardware(s.hw), load_model(s.model)
     cm = CostModel(hw, model, s.tp)
     workload = workload_of(s)
     cpu_bytes = int(s.cpu_mem_gb * GiB) if s.cpu_mem_gb is not None else min(240 * GiB, hw.host.memory_bytes)
+    served = served_requests(workload, model.max_context)
     policy = build_policy(s.policy, cm, share=s.share, gpu_mem_util=s.gpu_mem_util, cpu_mem_bytes=cpu_bytes,
-                          mean_prompt=int(workload.prompt_tokens.mean()),
-                          mean_output=int(workload.output_tokens.mean()), block_size=s.block_size,
+                          mean_prompt=int(served.prompt_tokens.mean()),
+                          mean_output=int(served.output_tokens.mean()), block_size=s.block_size,
                           max_num_seqs=s.max_num_seqs, chunked_prefill=s.chunked_prefill,
                           prefetch_depth=s.prefetch_depth, micro_batches=s.micro_batches)
     return policy, cm

@@ -202,13 +202,14 @@ def test_capacity_command_writes_its_tables(fixed, tmp_path, capsys):
     (["--num-requests", "100"], "--num-requests 100: its steady-state window (60 requests"),
     (["--num-requests", "1000", "--slo", "ttft_p99.9=5"], "too small to judge --slo ttft_p99.9 (needs 1000): give at least 1664"),
     (["--min-hbm"], "--min-hbm needs --rate"),
-    (["--tolerance", "1.5"], "--tolerance must be in (0, 1)"),
-    (["--confirm", "0"], "--confirm must be at least 1"),
+    (["--tolerance", "1.5"], "--tolerance must be a fraction in (0, 1)"),
+    (["--confirm", "0"], "--confirm must be a positive integer"),
 ])
 def test_bad_input_is_one_line_naming_the_option_and_writes_nothing(args, message, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["capacity", *args, "--out", str(out)]) == 2
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()  # the command's refusals on stdout, argparse's on stderr
+    printed = captured.out + captured.err
     assert message in printed and len(printed.strip().splitlines()) == 1
     assert not out.exists()
 

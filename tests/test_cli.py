@@ -64,6 +64,8 @@ def test_compare_runs_each_policy_on_the_same_requests(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["policy"] for r in rows] == ["vllm", "pie"] and all(r["finished"] == "40" for r in rows)
     assert (tmp_path / "vllm" / "requests.csv").exists() and (tmp_path / "pie" / "iterations.csv").exists()
+    printed = capsys.readouterr().out
+    assert "preempt." in printed and "(gpu_mem_util 0.5)" in printed  # the figure this load is about
     assert pie_sim(["compare", "--policies", "vllm,pi", "--out", str(tmp_path)]) == 2
     assert "unknown policy 'pi'" in capsys.readouterr().out
 
@@ -76,7 +78,7 @@ def test_compare_runs_the_pipeline_policies_on_the_multi_gpu_server(tmp_path, ca
         rows = list(csv.DictReader(f))
     assert [r["policy"] for r in rows] == ["pp-vllm", "pipemax"]
     assert all(int(r["finished"]) + int(r["rejected"]) == 30 for r in rows)
-    assert pie_sim(args + ["--policies", "pipemax", "--micro-batches", "7", "--out", str(tmp_path)]) == 2
+    assert pie_sim(args + ["--policies", "pipemax", "--micro-batches", "7", "--out", str(tmp_path), "--force"]) == 2
     assert "7 micro-batches cannot fill 8 pipeline stages" in capsys.readouterr().out
 
 
@@ -86,3 +88,16 @@ def test_errors_print_names_with_brackets_as_they_are(tmp_path, capsys):
     trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,-5,3\n")
     assert pie_sim(["run", "--trace", str(trace), "--num-requests", "1", "--out", str(tmp_path / "o")]) == 2
     assert "neg[run1].csv" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_flexgen_is_sized_from_the_requests_that_fit_the_model(tmp_path):
+    """azure-code's mean prompt (about 2,000 tokens) leaves OPT-13B's 2,048-token context no room for the
+    mean output: FlexGen's block is sized for the requests the model can serve, the others are rejected."""
+    out = tmp_path / "o"
+    assert pie_sim(["run", "--policy", "flexgen", "--trace", "azure-code", "--num-requests", "40", "--out",
+                    str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    with open(out / "requests.csv") as f:
+        rows = list(csv.DictReader(f))
+    too_long = [r for r in rows if int(r["prompt_tokens"]) + int(r["output_tokens"]) - 1 > 2048]
+    assert too_long and summary["rejected"] == len(too_long) and summary["finished"] == 40 - len(too_long)

@@ -206,14 +206,15 @@ def test_cli_two_stages_write_the_single_process_tokens(tmp_path, write):
     assert outputs[1] == outputs[2]
 
 
-@pytest.mark.parametrize("stages", ["0", "3"])
-def test_cli_refuses_a_bad_stage_count(tmp_path, write, capsys, stages):
+@pytest.mark.parametrize("stages, message", [("0", "--pipeline-stages must be a positive integer, got 0"),
+                                            ("3", "--pipeline-stages 3: need 1 to 2 stages")])
+def test_cli_refuses_a_bad_stage_count(tmp_path, write, capsys, stages, message):
     spec = SPECS["opt"]
     folder = save_hf_folder(random_transformer(spec, seed=3), spec, ArchDetails(), tmp_path / "opt")
     prompts = write("p.jsonl", '{"prompt_token_ids": [1, 2], "max_new_tokens": 2}\n')
     out = tmp_path / "out"
     code = pie_exec(["run", "--model-path", str(folder), "--prompts", str(prompts), "--pipeline-stages", stages,
                      "--out", str(out)])
-    printed = capsys.readouterr().out
-    assert code == 2 and f"--pipeline-stages {stages}: need 1 to 2 stages" in printed, printed
+    printed = capsys.readouterr()
+    assert code == 2 and message in printed.out + printed.err, printed
     assert not out.exists()

@@ -70,7 +70,7 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
                      "--threads", "2", "--out", str(out)]) == 2
     assert "calibrated with 1 threads" in capsys.readouterr().out
     assert pie_validate(["--profile", str(profile), "--rounds", "0", "--out", str(out)]) == 2
-    assert "--rounds must be at least 1" in capsys.readouterr().out
+    assert "--rounds must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_validate_refuses_a_profile_of_another_model(tmp_path, capsys):
