@@ -29,7 +29,6 @@ from pie_policy.sizing import engine_config, engine_policy
 from traces import load_workload
 
 
-
 def serve(model, spec, device, policy_name, prompts, gpu_kv_bytes, cpu_kv_bytes, share=None):
     """`prompts` served by the policy `pie-exec run` builds (sized on the device's catalog entry)."""
     cost_model = CostModel(load_hardware(device_hardware(device)), spec)

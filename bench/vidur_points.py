@@ -26,8 +26,19 @@ import numpy as np
 
 from hwmodels import BatchShape, load_hardware, load_model
 from hwmodels.hardware import VIDUR_BASES
-from hwmodels.vidur import (DENSE_OPS, AttentionRows, VidurProfile, all_reduce_curve, attention_fit, dense_curves,
-                            read_all_reduce, read_attention, read_mlp, summed, vidur_shape)
+from hwmodels.vidur import (
+    DENSE_OPS,
+    AttentionRows,
+    VidurProfile,
+    all_reduce_curve,
+    attention_fit,
+    dense_curves,
+    read_all_reduce,
+    read_attention,
+    read_mlp,
+    summed,
+    vidur_shape,
+)
 
 FOLDER = Path(__file__).resolve().parent.parent / "hwmodels" / "profiles" / "vidur"
 MODELS = {"llama-2-7b": "Llama-2-7b-hf", "llama-2-70b": "Llama-2-70b-hf"}

@@ -40,7 +40,16 @@ from rich.table import Table
 
 from hwmodels import BatchShape, ModelSpec
 from hwmodels.hardware import HARDWARE_DIR
-from hwmodels.profile import CURVES, HEAD_TERMS, LAYER_TERMS, ComputeFit, architecture, features, interpolate, relative_fit
+from hwmodels.profile import (
+    CURVES,
+    HEAD_TERMS,
+    LAYER_TERMS,
+    ComputeFit,
+    architecture,
+    features,
+    interpolate,
+    relative_fit,
+)
 from hwmodels.spec import read_toml, resolve
 from pie_policy import Copy, EngineConfig, Plan
 from pie_policy.blocks import GPU, BlockRef

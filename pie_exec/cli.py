@@ -17,8 +17,16 @@ from pie_policy import ConfigError
 from pie_policy.registry import EXEC, entry, names
 from pie_policy.sizing import engine_policy
 from pie_serving.benchmark import request_rate
-from pie_serving.options import Parser, add_force_argument, add_metric_arguments, check_cv, engine_settings, \
-    metric_settings, positive_int, run_cli
+from pie_serving.options import (
+    Parser,
+    add_force_argument,
+    add_metric_arguments,
+    check_cv,
+    engine_settings,
+    metric_settings,
+    positive_int,
+    run_cli,
+)
 from pie_serving.outputs import OutputError, check_folder, output_folder
 from pie_serving.slo import SloError
 from traces import TraceError, load_workload
@@ -26,8 +34,19 @@ from traces import TraceError, load_workload
 from .calibrate import add_grid_arguments, calibrate, grid_from
 from .engine import Executor
 from .memory import check_memory, check_pool_options, pool_needs, weights_need
-from .options import (DEFAULT_REQUESTS, MODEL_HELP, add_device_arguments, add_threads_argument, add_workload_arguments,
-                      catalog_model, catalog_spec, device_dtype, device_hardware, gpu_pool_bytes, set_threads)
+from .options import (
+    DEFAULT_REQUESTS,
+    MODEL_HELP,
+    add_device_arguments,
+    add_threads_argument,
+    add_workload_arguments,
+    catalog_model,
+    catalog_spec,
+    device_dtype,
+    device_hardware,
+    gpu_pool_bytes,
+    set_threads,
+)
 from .pipeline import serve
 from .run import InputError, mean_context, read_prompts, run, trace_prompts, write_outputs
 from .weights import ModelFolderError, load_hf_folder, read_hf_spec

@@ -8,8 +8,7 @@ import dataclasses
 import torch
 
 from hwmodels import GiB, ModelSpec, matching_entry
-from pie_serving.options import (CV_HELP, add_engine_arguments, non_negative_float, positive_float,
-                                 positive_int, rate)
+from pie_serving.options import CV_HELP, add_engine_arguments, non_negative_float, positive_float, positive_int, rate
 
 from .run import InputError
 from .weights import model_shape, random_transformer

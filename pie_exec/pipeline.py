@@ -30,11 +30,11 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from multiprocessing.reduction import ForkingPickler  # with torch's reductions: tensors shared, not copied
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from itertools import accumulate
+from multiprocessing.reduction import ForkingPickler  # with torch's reductions: tensors shared, not copied
 from pathlib import Path
 
 import torch

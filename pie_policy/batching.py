@@ -22,7 +22,6 @@ from .config import EngineConfig
 from .placement import GpuOnly
 from .request import Request, State
 
-
 FCFS = attrgetter("arrival_s", "request_id")  # the order running sequences get their steps in
 
 

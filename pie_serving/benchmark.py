@@ -41,7 +41,10 @@ def benchmark_metrics(table: dict[str, np.ndarray], gaps: TokenGaps | None, perc
     completed = int(done.sum())
     start = float(table["arrival_s"].min(initial=0.0))
     duration = float(table["finish_s"][done].max()) - start if completed else 0.0
-    rate = (lambda count: count / duration if duration > 0 else None)
+
+    def rate(count: int) -> float | None:
+        return count / duration if duration > 0 else None
+
     inputs, outputs = int(table["prompt_tokens"][done].sum()), int(table["output_tokens"][done].sum())
     values = request_values(table)
     goodput_slos = tuple(s for s in slos if s.metric in PER_REQUEST)

@@ -17,9 +17,22 @@ from pie_policy import ConfigError
 from pie_policy.pipeline import PIPELINE_POLICIES
 from pie_policy.registry import REGISTRY, SIM, names
 from pie_serving.benchmark import request_rate
-from pie_serving.options import (CV_HELP, Interrupted, Parser, add_engine_arguments, add_force_argument,
-                                 add_metric_arguments, check_cv, fraction, metric_settings, name_list,
-                                 non_negative_int, open_fraction, positive_int, run_cli)
+from pie_serving.options import (
+    CV_HELP,
+    Interrupted,
+    Parser,
+    add_engine_arguments,
+    add_force_argument,
+    add_metric_arguments,
+    check_cv,
+    fraction,
+    metric_settings,
+    name_list,
+    non_negative_int,
+    open_fraction,
+    positive_int,
+    run_cli,
+)
 from pie_serving.outputs import OutputError, check_folder, output_folder
 from pie_serving.processes import worker_pool
 from pie_serving.records import request_table
@@ -44,7 +57,6 @@ from .preview import SHARES, preview_all
 from .scenario import RULES, Scenario, check_policy_options, simulate_scenario, workload_of
 from .steady_state import check_window
 from .sweep import BACKENDS, load_grid, run_sweep, todo, varying_options, write_results
-
 
 DEFAULT_HW = "gh200-96g,h100-sxm-pcie5,h200-sxm-pcie5,a100-80g-sxm-pcie4"
 COMPARED = "vllm,vllm-swap,static,pie,flexgen"  # compare's default: the baselines on one GPU and Pie

@@ -14,7 +14,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 
-
 def _minor_label(value: float, _) -> str:
     """A minor tick of a log axis labelled at 2 and 5 times a power of ten (a span under a decade has no
     major tick to read)."""

@@ -25,7 +25,6 @@ from rich.console import Console
 
 from hwmodels import CostModel, GiB, load_hardware, load_model
 from pie_policy.sizing import link_bound_share
-
 from pie_serving.slo import Slo
 
 from .capacity import Job, offline_summary, search

@@ -12,7 +12,6 @@ from .capacity_report import write_rows
 from .reproduce import PAPER_GPU_MEM_UTIL, SEARCHED, Findings, Grid, Panel, facts, findings, label
 
 
-
 def claims_of(grid: Grid) -> list[tuple[str, str, Callable[[Findings], float | None]]]:
     """(claim, published figure, the panel's simulated figure from its Findings), one throughput row per SLO."""
     throughput = [(f"Throughput at equal latency (SLO {factor:g}x), pie / vLLM", "up to 1.9x",

@@ -12,16 +12,22 @@ from pie_policy import ConfigError
 from pie_policy.pipeline import PIPELINE_POLICIES
 from pie_policy.registry import LIVE_KV, REGISTRY, SIM, entry
 from pie_policy.sizing import build_policy
-from pie_serving.options import (fraction, non_negative_float, non_negative_int, positive_float, positive_int, rate,
-                                 seed, share)
-from traces import load_workload
-
+from pie_serving.options import (
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    rate,
+    seed,
+    share,
+)
 from pie_serving.records import request_table
+from traces import load_workload
 
 from .pipeline_sim import simulate_pipeline
 from .simulate import SimResult, simulate
 from .steady_state import sustainable
-
 
 
 @dataclass(frozen=True)

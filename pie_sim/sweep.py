@@ -152,7 +152,7 @@ def run_point(s: Scenario) -> dict:
     """One point's record; any exception is the point's error, not the sweep's (the worker's function)."""
     try:
         return _record(s, summarize_steady(s), None)
-    except Exception as e:  # noqa: BLE001: whatever the run raises is reported against its point
+    except Exception as e:  # whatever the run raises is reported against its point
         return _record(s, None, f"{type(e).__name__}: {e}")
 
 

@@ -10,18 +10,25 @@ from rich.console import Console
 from hwmodels import CostModel, GiB, load_hardware
 from pie_exec.cli import USER_ERRORS
 from pie_exec.memory import check_memory, check_pool_options, pool_needs, weights_need
-from pie_exec.options import (DEFAULT_REQUESTS, MODEL_HELP, add_device_arguments, add_threads_argument,
-                              add_workload_arguments, catalog_model, catalog_spec, device_dtype, gpu_pool_bytes,
-                              set_threads)
+from pie_exec.options import (
+    DEFAULT_REQUESTS,
+    MODEL_HELP,
+    add_device_arguments,
+    add_threads_argument,
+    add_workload_arguments,
+    catalog_model,
+    catalog_spec,
+    device_dtype,
+    gpu_pool_bytes,
+    set_threads,
+)
 from pie_exec.run import InputError, trace_prompts
 from pie_policy.registry import EXEC, entry, names
-from pie_serving.options import (Parser, add_force_argument, check_cv, engine_settings, name_list, positive_int,
-                                 run_cli)
+from pie_serving.options import Parser, add_force_argument, check_cv, engine_settings, name_list, positive_int, run_cli
 from pie_serving.outputs import check_folder, output_folder
 from traces import load_workload
 
 from .validate import policy_maker, report, validate
-
 
 OUTPUTS = ("validate.png", "validate.csv")
 

@@ -100,8 +100,9 @@ def test_a_bad_prompts_file_is_refused_naming_the_line(folder, tmp_path, capsys,
 
 
 def test_a_non_float_tensor_is_refused(folder, tmp_path, capsys):
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     copy = tmp_path / "int64"
     shutil.copytree(folder, copy)

@@ -5,9 +5,9 @@ import torch
 
 from hwmodels import CostModel, ModelSpec, load_hardware
 from pie_exec.engine import Executor
+from pie_exec.model import ArchDetails
 from pie_exec.run import Prompt, run
 from pie_exec.weights import random_transformer, save_hf_folder
-from pie_exec.model import ArchDetails
 from pie_policy import EngineConfig, ExpansionController, Policy, State
 
 transformers = pytest.importorskip("transformers")

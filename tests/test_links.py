@@ -11,8 +11,7 @@ import pytest
 
 from hwmodels import load_hardware
 from pie_policy.plan import D2H, H2D, LAYER_KV, Copy
-from pie_sim.links import (EPSILON, FixedRateLinks, FluidLinks, byte_rates, full_rates, links_for,
-                           setup_time, stream_of)
+from pie_sim.links import EPSILON, FixedRateLinks, FluidLinks, byte_rates, full_rates, links_for, setup_time, stream_of
 
 from .conftest import DATA
 

@@ -3,8 +3,16 @@ import numpy as np
 import pytest
 
 from pie_serving.slo import SloError, parse_slos
-from pie_sim.steady_state import (GROWTH_TOLERANCE, SERVED_TOLERANCE, check_window, judge, needed_window,
-                                  offline_throughput, sustainable, window_bounds)
+from pie_sim.steady_state import (
+    GROWTH_TOLERANCE,
+    SERVED_TOLERANCE,
+    check_window,
+    judge,
+    needed_window,
+    offline_throughput,
+    sustainable,
+    window_bounds,
+)
 
 
 def table(arrival, first, finish, output=None):

@@ -9,8 +9,8 @@ import pytest
 
 from hwmodels import BatchShape, CatalogError, CostModel, load_hardware, load_model
 from hwmodels.hardware import VIDUR_BASES
-from pie_sim.cli import main
 from hwmodels.vidur import DENSE_OPS, ProfileWarning, Table, attention_fit, knot_weights, median, read_attention
+from pie_sim.cli import main
 
 from .conftest import DATA, REPO
 

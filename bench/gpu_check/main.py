@@ -17,8 +17,7 @@ from hwmodels import CatalogError, GiB, hardware_names, load_hardware, matching_
 from .context import ERROR, OK, SKIPPED, TIMEOUT, Context, Result
 from .probe import facts
 from .serving import pool_bytes
-from .sizing import (DEFAULT_MODELS, DEPTHS, background_blocks, decode_batch, model_at,
-                     overlap_needs, serving_needs)
+from .sizing import DEFAULT_MODELS, DEPTHS, background_blocks, decode_batch, model_at, overlap_needs, serving_needs
 from .steps import BY_NAME, STEPS
 from .summary import Ran, render, started_now
 
