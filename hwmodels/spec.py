@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar, cast
 
 GiB = 1024**3
 
@@ -78,7 +78,7 @@ def parse(cls: type[T], table: Any, path: Path, prefix: str = "", **given: Any) 
     where = f"{prefix}." if prefix else ""
     if not isinstance(table, dict):
         raise CatalogError(f"{path}: '{prefix}' must be a table")
-    fields = [f for f in dataclasses.fields(cls) if f.name not in given]
+    fields = [f for f in dataclasses.fields(cast(Any, cls)) if f.name not in given]
     known = {f.metadata["key"] for f in fields}
     unknown = sorted(k for k in table if k not in known)
     if unknown:
@@ -99,7 +99,7 @@ def parse(cls: type[T], table: Any, path: Path, prefix: str = "", **given: Any) 
     return cls(**values)
 
 
-def _convert(raw: Any, meta: dict, path: Path, name: str) -> Any:
+def _convert(raw: Any, meta: Mapping, path: Path, name: str) -> Any:
     if meta.get("curve"):
         return _curve(raw, meta["unit"], path, name)
     if meta.get("boolean"):
@@ -150,7 +150,7 @@ def _curve(raw: Any, unit, path: Path, name: str) -> tuple[tuple[int, float], ..
 
     if not isinstance(raw, list) or len(raw) < 2:
         raise bad("(two at least)")
-    points = []
+    points: list[tuple[int, float]] = []
     for pair in raw:
         if not (isinstance(pair, list) and len(pair) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in pair)):

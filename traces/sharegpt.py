@@ -25,14 +25,21 @@ class ShareGPTError(ValueError):
         self.problem, self.line = problem, line
 
 
+def _skip_space(text: str, i: int) -> int:
+    """The index of the first character at or after `i` that is not JSON's insignificant whitespace."""
+    while text[i:i + 1] in (" ", "\t", "\n", "\r"):
+        i += 1
+    return i
+
+
 def records(text: str) -> Iterator[tuple[int, object]]:
     """(line it starts on, record) for each item of the top-level JSON array `text`, one at a time (a
     ShareGPT file is hundreds of MB); a ShareGPTError at the first that is not valid JSON."""
-    decoder, space = json.JSONDecoder(), json.decoder.WHITESPACE.match
-    i = space(text, 0).end()
+    decoder = json.JSONDecoder()
+    i = _skip_space(text, 0)
     if text[i:i + 1] != "[":
         raise ShareGPTError("not a ShareGPT file: expected a JSON array of conversations", 1)
-    i = space(text, i + 1).end()
+    i = _skip_space(text, i + 1)
     while text[i:i + 1] != "]":
         line = text.count("\n", 0, i) + 1
         try:
@@ -40,14 +47,14 @@ def records(text: str) -> Iterator[tuple[int, object]]:
         except json.JSONDecodeError as error:
             raise ShareGPTError(f"not valid JSON ({error.msg})", line) from None
         yield line, record
-        i = space(text, i).end()
+        i = _skip_space(text, i)
         if text[i:i + 1] == ",":
-            i = space(text, i + 1).end()
+            i = _skip_space(text, i + 1)
         elif text[i:i + 1] != "]":
             raise ShareGPTError("not valid JSON (expected ',' or ']' after a record)", text.count("\n", 0, i) + 1)
 
 
-def first_pair(turns: list) -> tuple[object, object] | None:
+def first_pair(turns: list) -> tuple[dict, dict] | None:
     """The first human turn and the first gpt turn after it, or None."""
     for k, turn in enumerate(turns):
         if isinstance(turn, dict) and turn.get("from") == "human":

@@ -62,6 +62,7 @@ def read_table(path: str | Path, trace_format: str = "auto") -> pd.DataFrame:
     names = LAYOUTS[_layout(columns, trace_format, path)]
     arrival = columns.get(names["arrival_s"])
     if names is LAYOUTS["azure"]:
+        assert arrival is not None  # the Azure layout is recognised by its timestamp column
         seconds = _timestamps(arrival, lines, path)
     else:
         seconds = np.zeros(len(lines)) if arrival is None else _seconds(arrival, lines, path, names["arrival_s"])
