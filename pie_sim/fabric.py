@@ -171,7 +171,7 @@ class Fabric:
             return
         self.flows = [f for f in self.flows if f.remaining > EPSILON * f.rate]
         for flow in ended:
-            for resource, load in flow.route:
+            for resource, _ in flow.route:
                 del self.users[resource][flow]
             self.host_demand -= flow.alone * dict(flow.route).get(HOST, 0.0)
         self._reshare(ended)
