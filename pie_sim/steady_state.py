@@ -176,13 +176,17 @@ def judge(table: dict[str, np.ndarray], gaps: TokenGaps | None, slos: tuple[Slo,
 
 def sustainable(table: dict[str, np.ndarray], gaps: TokenGaps | None = None) -> bool | None:
     """Whether a run's rate is sustainable; None when its window cannot say (fewer than
-    MIN_WINDOW_REQUESTS requests, or every request at once)."""
+    MIN_WINDOW_REQUESTS requests, every request at once, or a window short against latency whose only
+    failure is the served test, which such a window blurs)."""
     if window_requests(len(table["arrival_s"])) < MIN_WINDOW_REQUESTS:
         return None
     try:
-        return judge(table, gaps).sustainable
+        judged = judge(table, gaps)
     except SloError:
         return None
+    if judged.short and not judged.sustainable and judged.ttft_growth <= GROWTH_TOLERANCE:
+        return None
+    return judged.sustainable
 
 
 def _statistic(slo: Slo, values: dict[str, np.ndarray], gaps: TokenGaps, t0: float, t1: float) -> float | None:

@@ -26,7 +26,7 @@ interrupted sweep loses only the points in flight and a re-run skips the finishe
 failed ones. DIR/results.parquet and DIR/results.csv: one row per point in grid order (whatever the
 workers or the order they finish in): `point` (the hash), every option, the summary's metrics,
 `sustainable` (whether the point's rate is sustainable at steady state, steady_state.py; empty where its
-run cannot say: every request at once, or too few requests), `status` (ok/error) and `error`. The point
+run cannot say: every request at once, too few requests, or a window too short against latency), `status` (ok/error) and `error`. The point
 files are strict JSON: an infinite rate is null there (the table takes the options from the grid).
 """
 from __future__ import annotations

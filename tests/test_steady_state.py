@@ -117,3 +117,6 @@ def test_a_window_short_against_latency_says_so_when_it_fails_the_served_test():
     assert judged.misses() == [f"not sustainable: served {judged.served:.2f}x of arrivals (over "
                                f"{judged.window_s / judged.e2e_p50_s:.1f} median latencies only: too short to tell, "
                                f"raise --num-requests)"]
+    assert sustainable(table(arrival, arrival + 0.1, arrival + e2e)) is None, "a sweep's column: cannot say"
+    growing = arrival + 0.1 + 0.5 * arrival  # the queue grows 0.5 s a second: short or not, a failure
+    assert sustainable(table(arrival, growing, growing + e2e)) is False
