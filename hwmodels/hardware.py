@@ -113,7 +113,22 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
         if fit is not None:
             raise CatalogError(f"{path}: a profile has either measured times '[profile]' or a fit '[fit]', not both")
         profile = checked_profile(parse(ProfileSpec, profile, path, "profile"), path)
-    return parse(HardwareSpec, table, path, name=path.stem, fit=fit, disk=disk, profile=profile)
+    spec = parse(HardwareSpec, table, path, name=path.stem, fit=fit, disk=disk, profile=profile)
+    check_link(spec.link, path)
+    return spec
+
+
+def check_link(link: LinkSpec, path: Path) -> None:
+    """Refuse a bidirectional bandwidth below a direction's where each direction has its own copy engine:
+    both at once then move at least what the faster moves alone (the links' model would otherwise slow a
+    copy down when one starts the other way). With one engine the directions take turns, and a measured
+    figure (`pie-exec calibrate` on a CPU) lies between the two."""
+    faster = max(link.h2d_bandwidth, link.d2h_bandwidth)
+    if link.copy_engines >= 2 and link.bidirectional_bandwidth < faster:
+        raise CatalogError(f"{path}: field 'link.bidirectional_gb_s' = {link.bidirectional_bandwidth / 1e9:g} must be "
+                           f"at least the faster direction's {faster / 1e9:g} (h2d_gb_s, d2h_gb_s) with "
+                           f"{link.copy_engines} copy engines: both directions at once move at least what one "
+                           f"moves alone")
 
 
 def based_table(path: Path, depth: int = 0) -> dict:

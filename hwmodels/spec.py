@@ -22,6 +22,12 @@ UNITS = {
     "us": lambda x: x / 1e6,
 }
 
+# The largest number a catalog field may hold, in the unit it is written in. The largest real figures are
+# thousands (TB/s of HBM in GB/s, dense TFLOP/s, GiB) to millions (a context in tokens); test systems that
+# stand for "free" write 1e12 GB/s and TFLOP/s. Above this a number is a slip (a unit's prefix twice, an
+# exponent's typo), and infinity makes times of 0 or inf that no event order survives.
+MAX_VALUE = 1e15
+
 T = TypeVar("T")
 
 
@@ -115,6 +121,8 @@ def _convert(raw: Any, meta: Mapping, path: Path, name: str) -> Any:
         raise CatalogError(f"{path}: field '{name}' must be a number, not {raw!r}")
     if raw != raw:  # NaN
         raise CatalogError(f"{path}: field '{name}' must be a number, not nan")
+    if raw > MAX_VALUE:  # inf too
+        raise CatalogError(f"{path}: field '{name}' must be at most {MAX_VALUE:g}, a finite number (got {raw})")
     if raw < 0:
         raise CatalogError(f"{path}: field '{name}' must not be negative (got {raw})")
     if meta["positive"] and raw == 0:
@@ -155,6 +163,8 @@ def _curve(raw: Any, unit, path: Path, name: str) -> tuple[tuple[int, float], ..
         if not (isinstance(pair, list) and len(pair) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in pair)):
             raise bad(f"of numbers, not {pair!r}")
+        if any(v > MAX_VALUE for v in pair):  # inf too
+            raise bad(f"of numbers at most {MAX_VALUE:g}, finite, not {pair!r}")
         count, value = pair
         if count != int(count) or count < 1 or value < 0:
             raise bad(f"with whole counts of at least 1 and non-negative values, not {pair!r}")

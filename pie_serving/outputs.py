@@ -42,14 +42,26 @@ def output_folder(out: str | Path, owned: Collection[str], force: bool, last: st
     in last, so its presence means the rest is there). Checked before anything runs: `check_folder`."""
     out = Path(out)
     check_folder(out, force, option)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.", suffix=".partial", dir=out.absolute().parent))
+    with _writable(out, option):
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.", suffix=".partial",
+                                        dir=out.absolute().parent))
     os.chmod(partial, 0o777 & ~_umask())  # mkdtemp's folder is private; the published one is as mkdir makes it
     try:
         yield partial
         _publish(partial, out, set(owned), last)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextmanager
+def _writable(out: Path, option: str) -> Iterator[None]:
+    """Refuse `out` naming it, as the user gave it, where the block cannot create what goes beside it (a
+    read-only or missing place, /proc): the error would name a temporary the user never chose."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"{option} {out}: cannot write there ({e.strerror or e})") from None
 
 
 def _umask() -> int:
@@ -86,15 +98,19 @@ def output_files(paths: list[Path], force: bool, option: str = "--out") -> Itera
     for p in paths:
         if p.is_dir():
             raise OutputError(f"{option}: {p} is a folder")
-        p.absolute().parent.mkdir(parents=True, exist_ok=True)
     temporary = [p.with_name(f".{p.name}.partial") for p in paths]
     try:
+        for p, tmp in zip(paths, temporary):
+            with _writable(p, option):
+                p.absolute().parent.mkdir(parents=True, exist_ok=True)
+                tmp.touch()
         yield temporary
         for tmp, path in zip(temporary, paths):
             os.replace(tmp, path)
     finally:
         for tmp in temporary:
-            tmp.unlink(missing_ok=True)
+            if tmp.exists():  # not there: never made (its folder could not be), or moved in
+                tmp.unlink()
 
 
 def strict(value: Any) -> Any:

@@ -72,6 +72,22 @@ def test_a_file_where_the_folder_goes_is_refused(tmp_path):
             pass
 
 
+def test_a_place_that_cannot_be_written_is_refused_naming_the_out_given(tmp_path, capsys):
+    """Not the temporary beside it, which the user never chose; and nothing is left behind."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "out"  # beside it goes a temporary, in a "folder" that is a file
+    with pytest.raises(OutputError, match=f"^--out {out}: cannot write there"):
+        with output_folder(out, (), force=False):
+            pass
+    with pytest.raises(OutputError, match=f"^--out {out / 'p.toml'}: cannot write there"):
+        with output_files([tmp_path / "p.csv", out / "p.toml"], force=False):
+            pass
+    assert pie_sim([*RUN, "--out", str(out)]) == 2
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"pie-sim: error: --out {out}: cannot write there") and len(printed.splitlines()) == 1
+    assert _names(tmp_path) == ["afile"]
+
+
 def test_files_are_replaced_together_or_not_at_all(tmp_path):
     a, b = tmp_path / "p.toml", tmp_path / "p.csv"
     a.write_text("old")

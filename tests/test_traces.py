@@ -91,12 +91,46 @@ GOOD_CSV = "arrival_s,prompt_tokens,output_tokens\n0.0,10,5\n0.5,20,7\n1.5,30,9\
     ("azure.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374,44\n"
                   "2023-11-16 18:15:45.00,396,109\n", "line 3: arrival goes back in time"),
     ("azure.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,374,44\n", "line 2: TIMESTAMP = 'yesterday' is not a date"),
+    # a misspelt optional column would be dropped unseen, every request sent at 0
+    ("a.csv", "arival_s,prompt_tokens,output_tokens\n0,10,5\n",
+     "unknown column 'arival_s' (a tidy file has arrival_s (optional), prompt_tokens, output_tokens; an Azure"),
+    ("a.jsonl", '{"arrival": 1, "prompt_tokens": 3, "output_tokens": 4}\n', "unknown column 'arrival'"),
+    ("a.csv", "arrival_s,prompt_tokens,prompt_tokens,output_tokens\n0,10,10,5\n",
+     "line 1: column 'prompt_tokens' appears twice in the header"),
+    ("a.jsonl", '{"prompt_tokens": 3, "output_tokens": 4}\n{"prompt_tokens": true, "output_tokens": 4}\n',
+     "line 2: prompt_tokens = True is not a number"),
+    ("a.csv", "prompt_tokens,output_tokens\n10,5\n1e23,5\n", "line 3: prompt_tokens = '1e23' is more than 1,000,000,000 tokens"),
+    ("a.jsonl", '{"prompt_tokens": 3, "output_tokens": 1000000001}\n', "line 1: output_tokens = 1000000001 is more than"),
+    ("a.csv", "arrival_s,prompt_tokens,output_tokens\n0,10,5\n1e300,10,5\n",
+     "line 3: arrival_s = '1e300' is later than 1,000,000,000 s (32 years), where float rounding would lose"),
+    ("azure.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374,44\n"
+                  "2123-11-16 18:15:46.68,396,109\n", "line 3: TIMESTAMP = '2123-11-16 18:15:46.68' is later than"),
 ])
 def test_bad_input_is_refused_with_file_line_and_problem(write, name, text, message):
     path = write(name, text)
     with pytest.raises(TraceError) as info:
         read_table(path)
     assert str(info.value).startswith(str(path)) and message in str(info.value), str(info.value)
+
+
+def test_limits_are_inclusive(write):
+    table = read_table(write("a.csv", "arrival_s,prompt_tokens,output_tokens\n1e9,1000000000,1\n"))
+    assert table.arrival_s.tolist() == [1e9] and table.prompt_tokens.tolist() == [10**9]
+
+
+def test_a_byte_order_mark_is_skipped(write):
+    """Spreadsheets save CSV with one; read as a character it would hide the first column's name."""
+    for name, text in [("t.csv", GOOD_CSV), ("t.jsonl", '{"arrival_s": 0.5, "prompt_tokens": 3, "output_tokens": 4}\n')]:
+        plain, marked = read_table(write(name, text)), read_table(write("bom-" + name, "\ufeff" + text))
+        pd.testing.assert_frame_equal(plain, marked)
+        assert marked.arrival_s.iloc[-1] > 0
+
+
+def test_a_byte_that_is_not_utf8_is_refused_by_line(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"arrival_s,prompt_tokens,output_tokens\n0,10,5\n1,10,5 \xe9\n")
+    with pytest.raises(TraceError, match=r"t.csv, line 3: byte 0xe9 is not UTF-8 text"):
+        read_table(path)
 
 
 def test_missing_file_and_unknown_trace():

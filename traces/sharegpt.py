@@ -11,7 +11,6 @@ line it starts on.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterator
 
 ENCODING = "cl100k_base"
@@ -63,12 +62,13 @@ def first_pair(turns: list) -> tuple[dict, dict] | None:
     return None
 
 
-def read_sharegpt(path: Path) -> tuple[dict[str, list], list[int]]:
-    """Columns `prompt_tokens`, `output_tokens` of the file's requests, and the line each record starts on."""
+def read_sharegpt(text: str) -> tuple[dict[str, list], list[int]]:
+    """Columns `prompt_tokens`, `output_tokens` of a file's requests (its `text`), and the line each record
+    starts on."""
     encoding = _encoding()
     columns: dict[str, list] = {"prompt_tokens": [], "output_tokens": []}
     lines = []
-    for number, (line, record) in enumerate(records(path.read_text(encoding="utf-8"))):
+    for number, (line, record) in enumerate(records(text)):
         turns = record.get("conversations") if isinstance(record, dict) else None
         if not isinstance(turns, list):
             raise ShareGPTError(f"record {number} has no 'conversations' list", line)
