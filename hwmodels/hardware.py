@@ -25,7 +25,9 @@ class GpuSpec:
     """One accelerator. For `cpu-host` it is the CPU itself computing out of DRAM. The efficiencies and
     overheads price compute on the roofline (roofline.py); the optional ones default to what an entry
     without them means: no element-wise work, attention at the GEMMs' shares, no per-iteration host time."""
-    hbm_bytes: int = quantity("hbm_gib", "GiB")
+    # at most 16 TiB: the simulator keeps a block table entry per KV block of the HBM (a petabyte would be
+    # billions of them), and no GPU has a hundredth of that
+    hbm_bytes: int = quantity("hbm_gib", "GiB", at_most=16384)
     hbm_bandwidth: float = quantity("hbm_bandwidth_gb_s", "GB/s")
     peak_flops: float = quantity("peak_dense_tflops", "TFLOP/s")
     flops_efficiency: float = quantity("flops_efficiency", at_most=1)
