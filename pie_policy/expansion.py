@@ -175,8 +175,10 @@ class ExpansionController:
             return None
         a, phi = economics
         top = min(self.max_share, self.evidence.top + self.step)
-        floor = max(1.0, self.predicted(top)) - self.tolerance - self.evidence.pi
-        if self.predicted(top) >= floor:
+        x_top = top / (1 - top)
+        at_top = (1 + x_top * phi) / (1 + a * x_top)  # predicted(top)
+        floor = max(1.0, at_top) - self.tolerance - self.evidence.pi
+        if at_top >= floor:
             return top
         # (1 + x·φ) / (1 + a·x) = floor, J falling (φ < a·floor)
         x = (1 - floor) / (a * floor - phi)

@@ -129,15 +129,17 @@ class FlexGenPolicy:
         """The prologue and per-layer steps: each layer's loads issued AHEAD of it (in the prologue for the
         first layers), its stores when it ends."""
         L = self.model.num_layers
-        prologue, issue, fetched = [], [[] for _ in range(L)], [[] for _ in range(L)]
+        prologue: list[Copy] = []
+        issue: list[list[Copy]] = [[] for _ in range(L)]
+        fetched: list[list[int]] = [[] for _ in range(L)]  # op ids each layer waits for
         for layer in range(L):
-            read = {}
+            read: dict[str, Copy] = {}
             for direction in (DISK_READ, H2D):
                 for kind, nbytes in loads.items():
                     share = self._on_disk[kind] if direction == DISK_READ else 1 - self._on_gpu[kind]
                     if round(share * nbytes) <= 0:
                         continue
-                    after = (read[kind].op_id,) if direction == H2D and kind in read else ()
+                    after: tuple[int, ...] = (read[kind].op_id,) if direction == H2D and kind in read else ()
                     if kind == LAYER_KV and (WRITTEN_BY[direction], layer) in self._kv_written:
                         after += (self._kv_written[WRITTEN_BY[direction], layer],)
                     copy = Copy(next(self._ids), direction, kind, layer, (), round(share * nbytes), 1, after)

@@ -91,7 +91,8 @@ class FlexGenPlacement:
     @property
     def cpu_shares(self) -> tuple[float, float, float]:
         """(wc, cc, hc): the shares of weights, KV cache and activations in CPU memory."""
-        return tuple(max(0.0, 1 - g - d) for g, d in ((self.wg, self.wd), (self.cg, self.cd), (self.hg, self.hd)))
+        wc, cc, hc = (max(0.0, 1 - g - d) for g, d in ((self.wg, self.wd), (self.cg, self.cd), (self.hg, self.hd)))
+        return wc, cc, hc
 
 
 def check_shares(on_gpu: Iterable[float], on_disk: Iterable[float]) -> None:
@@ -191,10 +192,9 @@ def _placement(costs: _Costs, cm: CostModel, s: int, n: int, gbs: int, ngb: int,
     total = cm.model.num_layers * (t_p.max() + (n - 1) * t_g.max()) + costs.head
     used = [round(use @ point) for _, use, _ in costs.tiers]
     gpu, cpu, disk = used + [0] * (3 - len(used))  # no disk tier: nothing on disk
-    on_disk = dict(zip(("wd", "cd", "hd"), (float(x) for x in shares[3:])))
-    return FlexGenPlacement(gbs, ngb, *(float(x) for x in shares[:3]), float(t_p.max()), float(t_g.max()),
-                            BOUNDS[int(t_g.argmax())], float(total), gbs * ngb * n / float(total), gpu, cpu,
-                            **on_disk, disk_bytes=disk)
+    wg, cg, hg, wd, cd, hd = (float(x) for x in [*shares, 0.0, 0.0, 0.0][:6])  # no disk tier: none on disk
+    return FlexGenPlacement(gbs, ngb, wg, cg, hg, float(t_p.max()), float(t_g.max()), BOUNDS[int(t_g.argmax())],
+                            float(total), gbs * ngb * n / float(total), gpu, cpu, wd, cd, hd, disk_bytes=disk)
 
 
 def solve(cost_model: CostModel, prompt_len: int, gen_len: int, gpu_batch_size: int, num_gpu_batches: int,
@@ -288,7 +288,8 @@ def search(cost_model: CostModel, prompt_len: int, gen_len: int, gpu_mem_util: f
     gpu_batch_sizes, num_gpu_batches = sorted(gpu_batch_sizes), sorted(num_gpu_batches)
     if not gpu_batch_sizes or not num_gpu_batches:
         raise ValueError("the search needs at least one gpu batch size and one number of gpu batches")
-    best, refusal = None, None
+    best: FlexGenPlacement | None = None
+    refusal: CapacityError | None = None
     for gbs in gpu_batch_sizes:
         for ngb in num_gpu_batches:
             try:
@@ -299,5 +300,6 @@ def search(cost_model: CostModel, prompt_len: int, gen_len: int, gpu_mem_util: f
             if best is None or plan.throughput > best.throughput:
                 best = plan
     if best is None:
+        assert refusal is not None  # some block shape was tried, and each refused
         raise refusal
     return best

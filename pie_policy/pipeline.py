@@ -29,7 +29,7 @@ from .config import ConfigError, EngineConfig
 from .pipeline_layout import StageLayout
 from .pipemax import Group, Streamer
 from .placement import GpuOnly
-from .plan import IterationStats, LayerStep, Plan
+from .plan import Copy, IterationStats, LayerStep, Plan
 from .policies import shape_of, work_of
 from .registry import PIPELINE, names
 from .request import Request
@@ -111,7 +111,8 @@ class PipelinePolicy:
         stage (else the group waits for the next engine with work, rather than delaying it)."""
         engine = self.schedulers[micro_batch]
         schedule = engine.schedule()
-        seqs, group, now = work_of(schedule.work, engine.tables), self._next_group, ()
+        seqs, group = work_of(schedule.work, engine.tables), self._next_group
+        now: tuple[Copy, ...] = ()
         if self.streamer and not seqs:
             if group is None and not self._pending:  # an empty pipeline: choose and prefetch now
                 group = self.streamer.select(0.0, self._spilled, force=True)
@@ -120,10 +121,12 @@ class PipelinePolicy:
                 group = None
         if group:
             self._adopt(engine, schedule, group)
+            assert self.streamer is not None  # a group is the streamer's
             seqs = work_of(schedule.work, engine.tables) + work_of(group.work, self.streamer.tables)
         if not seqs:
             return None
-        shape, stages = shape_of(seqs), ()
+        shape = shape_of(seqs)
+        stages: tuple[LayerStep, ...] = ()
         if self.streamer:
             ahead = self._next_group = self.streamer.select(self.cost_model.layer_time(shape), self._spilled)
             stages = tuple(_stage_step(s, now, group, ahead) for s in range(self.layout.num_stages))
@@ -135,6 +138,7 @@ class PipelinePolicy:
         """Resident first: the group's requests that `engine` has blocks and seats for now join it, their
         KV kept in HBM from this iteration on (their copies were sized with the group: a write-back of their
         new tokens still goes out)."""
+        assert self.streamer is not None  # a group is the streamer's
         c, gpu = engine.config, engine.tables.pools[GPU]
         for request, new in list(group.work):
             blocks = c.blocks_for(request.computed + new)
@@ -159,4 +163,7 @@ class PipelinePolicy:
         """Account for a plan that has come back from the last stage; returns the requests that finished."""
         _, schedule, group = self._pending.pop(plan.iteration)
         finished = self.schedulers[plan.micro_batch].complete(schedule, stats.end_s)
-        return finished + (self.streamer.complete(group, stats.end_s) if group else [])
+        if group is None:
+            return finished
+        assert self.streamer is not None  # a group is the streamer's
+        return finished + self.streamer.complete(group, stats.end_s)

@@ -42,6 +42,7 @@ from typing import Callable
 
 from hwmodels import BatchShape, CostModel, HardwareSpec
 
+from .batching import Scheduler
 from .blocks import CPU, BlockTables
 from .config import EngineConfig
 from .pipeline_layout import StageLayout
@@ -107,7 +108,7 @@ class Streamer:
         self.tables = BlockTables(0, cpu_blocks)
         self.idle: dict[int, Request] = {}             # streamed, not in flight
         self.in_flight = 0                             # groups in flight
-        self.origin: dict[int, object] = {}            # request id → its engine (a Scheduler)
+        self.origin: dict[int, Scheduler] = {}         # request id → its engine
         self._written: dict[int, tuple[int, ...]] = {}  # request id → its last write-back per stage
         self._slot_users: list[tuple[int, ...]] = [()] * SLOTS  # per slot, the write-backs of its last group
         self._groups, self._ids = count(), count()

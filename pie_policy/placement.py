@@ -35,11 +35,15 @@ class HeldShare:
 class GpuOnly:
     """The placement interface (what the scheduler asks) and its simplest rule: everything on the GPU."""
     live_cpu = False  # whether its CPU blocks are live KV (then the policy plans layer swapping)
-    gpu_first = True  # a new block goes to the GPU while it has room
     controller: ExpansionController | HeldShare | None = None  # what sets its share, if anything
 
     def __init__(self, tables: BlockTables, watermark: int = 0):
         self.tables, self.watermark = tables, watermark
+
+    @property
+    def gpu_first(self) -> bool:
+        """Whether a new block goes to the GPU while it has room."""
+        return True
 
     def cpu_room(self, unlimited: bool = False) -> int:
         """Live CPU blocks that could still be placed; `unlimited` ignores a controller's share."""
@@ -107,12 +111,16 @@ class StaticShare(LiveCpu):
 
 
 class Expanding(StaticShare):
-    gpu_first = True
+    controller: ExpansionController | HeldShare
 
     def __init__(self, tables: BlockTables, watermark: int, controller: ExpansionController | HeldShare,
                  cpu_capacity: int):
         LiveCpu.__init__(self, tables, watermark, cpu_capacity)
         self.controller = controller
+
+    @property
+    def gpu_first(self) -> bool:
+        return True
 
     def cpu_room(self, unlimited: bool = False) -> int:
         room = super().cpu_room()

@@ -14,7 +14,9 @@ from .placement import LiveCpu
 
 
 class PromptOffload(LiveCpu):
-    gpu_first = False   # a full block goes to the CPU even while the GPU has room
+    @property
+    def gpu_first(self) -> bool:
+        return False  # a full block goes to the CPU even while the GPU has room
 
     def place(self, blocks, full=0, admitting=False, unlimited=False):
         """The step's `full` blocks on the CPU as far as it has room, the rest on the GPU."""
