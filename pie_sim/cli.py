@@ -241,6 +241,7 @@ def cmd_oracle(args: argparse.Namespace, console: Console) -> None:
     if args.share is not None:
         raise ConfigError("--share: the oracle sweeps the share (--shares-from, --shares-to, --shares-step); "
                           "pie runs up to its own largest share")
+    check_policies(args, ["pie", args.fixed, "vllm"])
     check_folder(Path(args.out), args.force)  # before minutes of runs
     base = scenario_of(args, "pie")
     top = link_bound(base) if args.shares_to is None else args.shares_to

@@ -82,14 +82,16 @@ def test_the_trajectory_bins_tokens_and_the_time_weighted_share():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--shares-step", "0"], "--shares-step must be positive"),
+    (["--shares-step", "0"], "--shares-step must be a fraction in (0, 1), got 0.0"),
+    (["--shares-from", "-0.1"], "--shares-from must be a share in [0, 1), got -0.1"),
     (["--shares-from", "0.2", "--shares-to", "0.1"], "the range is empty"),
     (["--shares-to", "0.3", "--cpu-mem-gb", "1"], "--cpu-mem-gb 1 holds a CPU share of at most"),
     (["--share", "0.1"], "--share: the oracle sweeps the share"),
 ])
 def test_the_command_refuses_bad_ranges_with_exit_2_and_writes_nothing(argv, message, tmp_path, capsys):
     assert main(["oracle", "--num-requests", "10", "--out", str(tmp_path / "o"), *argv]) == 2
-    assert message in " ".join(capsys.readouterr().out.split())
+    captured = capsys.readouterr()  # the command's refusals on stdout, argparse's on stderr
+    assert message in " ".join((captured.out + captured.err).split())
     assert not (tmp_path / "o").exists()
 
 
