@@ -7,7 +7,7 @@ are the figures to read.
 
     git archive main | tar -x -C /tmp/main-tree
     python3 -m bench.bench_speed --before /tmp/main-tree [--cases kv-limited,...] [--repeats 3]
-    python3 -m bench.bench_speed --memory 200000     # peak memory of one long KV-limited run, this tree only
+    python3 -m bench.bench_speed --memory 200000 [--before TREE]   # peak memory of one long KV-limited run
 
 The cases are the regimes the simulator serves: KV-limited loads where the copying policies move data every
 iteration (GH200 and a PCIe host), vLLM's swapping, the pipeline policies on an 8-GPU PCIe server, and the
@@ -16,6 +16,7 @@ Azure conversation trace at its own times (not KV-limited: decode runs cover mos
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import tempfile
 from pathlib import Path
@@ -76,18 +77,37 @@ def compare(before: Path, names: list[str], repeats: int) -> int:
     return 1 if failed else 0
 
 
-def memory(requests: int) -> int:
-    """Peak memory of one KV-limited GH200 pie run of `requests` requests in this tree."""
-    tree = Path(__file__).resolve().parent.parent
+def long_trace(path: Path, requests: int) -> None:
+    """`requests` ShareGPT request lengths, the trace's usable ones over and over (it has ~15,000): a trace
+    file as long as wanted, re-timed by --rate like the trace itself."""
+    from traces import load_workload
+
+    lengths = load_workload("sharegpt")
+    rows = list(zip(lengths.prompt_tokens.tolist(), lengths.output_tokens.tolist()))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("arrival_s", "prompt_tokens", "output_tokens"))
+        writer.writerows((0.0, *rows[i % len(rows)]) for i in range(requests))
+
+
+def memory(requests: int, before: Path | None) -> int:
+    """Peak memory of one KV-limited GH200 pie run of `requests` requests, in this tree (and `before`)."""
+    after = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as scratch:
-        child = run_pie_sim(tree, ["run", *GH200, "--num-requests", str(requests), "--policy", "pie"],
-                            Path(scratch) / "out")
-    if child.returncode:
-        print(f"failed: {child.error}")
-        return 1
-    print(f"pie, {requests:,} ShareGPT requests at 20/s, OPT-13B on gh200-96g at gpu_mem_util 0.5: peak memory "
-          f"{child.peak_mib:,.0f} MiB; wall {child.wall_s:.1f} s ({requests / child.wall_s:,.0f} requests/s), "
-          f"CPU {child.cpu_s:.1f} s")
+        trace = Path(scratch) / "sharegpt-long.csv"
+        long_trace(trace, requests)
+        args = ["run", "--hw", "gh200-96g", "--model", "opt-13b", "--trace", str(trace), "--rate", "20",
+                "--gpu-mem-util", "0.5", "--num-requests", str(requests), "--policy", "pie"]
+        for side, tree in (("before", before), ("after", after)):
+            if tree is None:
+                continue
+            child = run_pie_sim(tree.resolve(), args, Path(scratch) / side)
+            if child.returncode:
+                print(f"{side}: failed: {child.error}")
+                return 1
+            print(f"{side}: pie, {requests:,} ShareGPT-length requests at 20/s, OPT-13B on gh200-96g at gpu_mem_util "
+                  f"0.5: peak memory {child.peak_mib:,.0f} MiB; wall {child.wall_s:.1f} s "
+                  f"({requests / child.wall_s:,.0f} requests/s), CPU {child.cpu_s:.1f} s", flush=True)
     return 0
 
 
@@ -98,10 +118,11 @@ def main() -> int:
                         help=f"comma-separated cases or groups ({', '.join(GROUPS)}; cases: {', '.join(CASES)})")
     parser.add_argument("--repeats", type=int, default=3, help="runs per tree and case (default 3)")
     parser.add_argument("--memory", type=int, metavar="REQUESTS",
-                        help="instead: peak memory of one KV-limited pie run of this many requests (this tree)")
+                        help="instead: peak memory of one KV-limited pie run of this many requests (this tree, "
+                             "and --before's if given)")
     args = parser.parse_args()
     if args.memory is not None:
-        return memory(args.memory)
+        return memory(args.memory, args.before)
     if args.before is None:
         parser.error("--before is required (unless --memory)")
     names = [n for part in args.cases.split(",") for n in GROUPS.get(part, [part])]

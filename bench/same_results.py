@@ -84,7 +84,7 @@ def normalized(path: Path) -> bytes:
 class Child:
     """What one `pie-sim` process took: wall seconds, CPU seconds (user + system, its own and its waited-for
     children's, as the kernel reports them at its exit) and peak resident memory (MiB, of its largest
-    process), its exit status and the last line it wrote to stderr."""
+    process), its exit status and the last line it wrote to stderr (or, if none, stdout)."""
     wall_s: float
     cpu_s: float
     peak_mib: float
@@ -95,17 +95,19 @@ class Child:
 def run_pie_sim(tree: Path, args: list[str], out: Path) -> Child:
     """`python -m pie_sim ARGS --out OUT` in `tree` (on PYTHONPATH), in a fresh process."""
     env = dict(os.environ, PYTHONPATH=str(tree), MPLBACKEND="Agg")
-    with tempfile.TemporaryFile("w+") as stderr:
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         start = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-m", "pie_sim", *args, "--out", str(out)], cwd=tree, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=stderr)
+                                 stdout=stdout, stderr=stderr)
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)
-        stderr.seek(0)
-        last = stderr.read().strip().splitlines()[-1:]
+        last = []
+        for stream in (stderr, stdout):
+            stream.seek(0)
+            last = last or [line for line in stream.read().splitlines() if line.strip()][-1:]
     return Child(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, child.returncode,
-                 last[0] if last else "")
+                 last[0].strip() if last else "")
 
 
 def run_case(tree: Path, args: list[str], out: Path) -> tuple[float, dict[str, bytes] | str]:

@@ -78,9 +78,10 @@ def _load(rate: float | None) -> str:
     return " all at once" if rate == float("inf") else f" at {rate:g}/s"
 
 
-# What `plot_runs` draws: only these go to the painter process.
+# What `plot_runs` draws: only these go to the painter process (the iterations' already cut to the plot's
+# envelope, as plot_runs would cut them).
 PLOTTED_REQUESTS = ("finish_s", "e2e_s", "output_tokens")
-PLOTTED_ITERATIONS = ("end_s", "gpu_kv_bytes", "cpu_kv_bytes", "cpu_share")
+PLOTTED_ITERATIONS = ("gpu_kv_bytes", "cpu_kv_bytes", "cpu_share")
 
 
 def _import_plots() -> None:
@@ -131,8 +132,8 @@ def _simulate(args: argparse.Namespace, policies: list[str], console: Console):
                                                 on_finish=lambda n, task=task: bar.advance(task, n))
             bar.update(task, visible=False)
             summaries[name] = (summary, out / name if len(policies) > 1 else out, result)
-            requests, its = request_table(result.requests), result.recorder.iterations
-            runs[name] = ({k: requests[k] for k in PLOTTED_REQUESTS}, {k: its[k] for k in PLOTTED_ITERATIONS})
+            requests = request_table(result.requests)
+            runs[name] = ({k: requests[k] for k in PLOTTED_REQUESTS}, result.recorder.envelope(PLOTTED_ITERATIONS))
     return summaries, runs, (f"{summary['model']} on {summary['hw']}, {args.trace}, {len(result.requests)} "
                              f"requests{_load(args.rate)}")
 

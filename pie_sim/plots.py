@@ -7,19 +7,18 @@ import matplotlib
 import numpy as np
 
 from hwmodels import GiB
+from pie_serving.records import POINTS, envelope_slices
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-POINTS = 2000  # per line: a long run has 10^5+ iterations, which Agg would take seconds to draw
 
 
 def envelope(times: np.ndarray, values: np.ndarray, points: int = POINTS) -> tuple[np.ndarray, np.ndarray]:
     """At most `points` points of a long series: its maximum over consecutive equal slices (peaks show)."""
     if len(times) <= points:
         return times, values
-    edges = np.linspace(0, len(times), points + 1).astype(int)[:-1]
-    return times[np.r_[edges[1:] - 1, len(times) - 1]], np.maximum.reduceat(values, edges)
+    edges, picks = envelope_slices(len(times), points)
+    return times[picks], np.maximum.reduceat(values, edges)
 
 
 def plot_preview(shares, rows, curves, path: Path) -> None:

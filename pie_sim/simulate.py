@@ -45,9 +45,11 @@ def workload_rows(workload: pd.DataFrame) -> list[Arrival]:
 
 
 def engine(env: simpy.Environment, serving: Serving, backend: Timeline | LayerEvents,
-           accepts_runs: Callable[[], bool] | None):
+           accepts_runs: Callable[[bool], bool] | None):
     """SimPy process body: the serving loop's steps done in simulated time. A plan is priced from now and
-    the clock moves to its end; a decode run likewise, up to the next arrival; an idle loop waits for it."""
+    the clock moves to its end; a decode run likewise, up to the next arrival (a copying one to the clock
+    its iterations reached, as one timeout when that lands on it exactly, else one per iteration, as its
+    plans would have); an idle loop waits for the arrival."""
     loop = serve(serving, lambda: env.now, accepts_runs)
     reply = None
     while True:
@@ -61,7 +63,13 @@ def engine(env: simpy.Environment, serving: Serving, backend: Timeline | LayerEv
         elif isinstance(step, DecodeRun):
             assert isinstance(backend, Timeline)
             reply = backend.decode_run(step, env.now, serving.next_arrival)
-            yield env.timeout(reply.ends[-1] - reply.start)
+            if reply.clock is None:
+                yield env.timeout(reply.ends[-1] - reply.start)
+            elif env.now + (reply.clock - env.now) == reply.clock:
+                yield env.timeout(reply.clock - env.now)
+            else:
+                for end in reply.ends:
+                    yield env.timeout(end - env.now)
         else:
             reply = None
             yield env.timeout(step - env.now)
@@ -82,7 +90,7 @@ def simulate(policy: ServingPolicy, cost_model: CostModel, workload: pd.DataFram
         accepts_runs = None
     else:
         timeline = backend = Timeline(cost_model, traced_iterations)
-        accepts_runs = (lambda: timeline.accepts_runs(env.now)) if decode_runs else None
+        accepts_runs = (lambda copying: timeline.accepts_runs(env.now, copying)) if decode_runs else None
     env.run(until=env.process(engine(env, serving, backend, accepts_runs)))
     return SimResult(serving.close(), serving.recorder, backend if isinstance(backend, Timeline) else None,
                      env.scheduled, time.perf_counter() - started)
