@@ -25,7 +25,8 @@ from .same_results import Child, run_pie_sim
 
 KV_LIMITED = ["--model", "opt-13b", "--trace", "sharegpt", "--rate", "20", "--gpu-mem-util", "0.5"]
 GH200, PCIE = ["--hw", "gh200-96g", *KV_LIMITED], ["--hw", "h100-pcie5", *KV_LIMITED]
-SERVER = ["--hw", "pcie-8x-l40s", "--model", "opt-66b", "--trace", "sharegpt", "--rate", "4"]
+# bench_pipemax's workload: 800 requests at once, every engine queued, pipemax streaming
+SERVER = ["--hw", "pcie-8x-l40s", "--model", "opt-66b", "--trace", "sharegpt", "--rate", "inf"]
 # name → (requests, pie-sim arguments without --out)
 CASES = {
     "gh200-pie-600": (600, ["run", *GH200, "--num-requests", "600", "--policy", "pie"]),
@@ -36,8 +37,8 @@ CASES = {
     "pcie-pie-600": (600, ["run", *PCIE, "--num-requests", "600", "--policy", "pie"]),
     "pcie-static-600": (600, ["run", *PCIE, "--num-requests", "600", "--policy", "static"]),
     "pcie-vllm-swap-600": (600, ["run", *PCIE, "--num-requests", "600", "--policy", "vllm-swap"]),
-    "server-pp-vllm-300": (300, ["run", *SERVER, "--num-requests", "300", "--policy", "pp-vllm"]),
-    "server-pipemax-300": (300, ["run", *SERVER, "--num-requests", "300", "--policy", "pipemax"]),
+    "server-pp-vllm-800": (800, ["run", *SERVER, "--num-requests", "800", "--policy", "pp-vllm"]),
+    "server-pipemax-800": (800, ["run", *SERVER, "--num-requests", "800", "--policy", "pipemax"]),
     "azure-conv-pie": (19366, ["run", "--trace", "azure-conv", "--num-requests", "0", "--policy", "pie"]),
 }
 GROUPS = {

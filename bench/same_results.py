@@ -55,6 +55,9 @@ ALL = QUICK | {
                         "--policies", "pie,static,vllm-swap"],
     "gh200-kv-limited-2000": ["compare", "--hw", "gh200-96g", *KV_LIMITED, "--num-requests", "2000",
                               "--policies", "pie,static"],
+    # every request at once: engines with queues, pipemax streaming (its copies over the PCIe tree)
+    "server-pipemax-streaming": ["run", "--hw", "pcie-8x-l40s", "--model", "opt-66b", "--num-requests", "500",
+                                 "--rate", "inf", "--policy", "pipemax"],
 }
 # Figures of the implementation, not of the simulated system: wall time, and SimPy events scheduled (a
 # faster simulator schedules fewer).

@@ -178,9 +178,9 @@ class DecodeRun:
     observe: Callable[["IterationStats", RunStep], bool] | None = None
 
 
-@dataclass(frozen=True)
-class IterationStats:
-    """What a backend measured for one plan; the same fields from the simulator and the executor."""
+class IterationStats(NamedTuple):
+    """What a backend measured for one plan; the same fields from the simulator and the executor (a named
+    tuple: a simulated run makes one for every iteration, its decode runs' too)."""
     iteration: int
     start_s: float
     end_s: float
