@@ -157,7 +157,7 @@ class Policy:
         if copying:
             steps = self._copying(steps)
         return DecodeRun(self._iteration, steps, self.config.block_bytes, self.tables.pools[CPU].num_used, copying,
-                         self._observe_run if self.controller is not None else None)
+                         self._observe_run if self.controller is not None and copying else None)
 
     def _copying(self, steps):
         """A copying run's steps with each iteration's layer-swap record, planned as the step is drawn."""
@@ -167,13 +167,15 @@ class Policy:
                                 cpu_share=self._share(step.gpu_blocks, wanted.count - step.cpu_freed))
 
     def _observe_run(self, stats: IterationStats, step: RunStep) -> bool:
-        """A decode run's iteration to the controller, as `observe` gives it a plan of every running
+        """A copying run's iteration to the controller, as `observe` gives it a plan of every running
         sequence (its CPU share while it runs); whether the share held (else the run ends after it)."""
         return self._adapt(stats, False, self._share(step.gpu_blocks_during, self.tables.pools[CPU].num_used))
 
     def commit_run(self, run: DecodeRun, ends) -> list[Request]:
         """Account for the first len(ends) iterations of `run`, iteration j ending at ends[j]; returns the
-        requests that finished. (The controller has had each iteration's stats as it ran.)"""
+        requests that finished. A copying run's iterations were told to the controller as they ran; a plain
+        run's hold no CPU KV, wait for no copy and the share refuses nothing in them, which leaves the
+        controller as it is, so it is not told about them."""
         iterations = len(ends)
         if self._open_run is None or run.first_iteration != self._iteration or iterations < 1:
             raise ValueError(f"cannot commit {iterations} iterations of a run that is not the one open")
