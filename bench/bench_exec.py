@@ -18,22 +18,23 @@ import time
 import numpy as np
 import torch
 
-from hwmodels import GiB, load_model
+from hwmodels import CostModel, GiB, load_hardware, load_model
 from pie_exec.engine import Executor
-from pie_exec.run import Prompt, run, trace_prompts
+from pie_exec.options import device_hardware
+from pie_exec.run import Prompt, mean_context, run, trace_prompts
 from pie_exec.weights import random_transformer
 from pie_policy import Copy
 from pie_policy.plan import H2D, LAYER_KV
-from pie_policy.sizing import engine_config, make_policy, policy_share
+from pie_policy.sizing import engine_config, engine_policy
 from traces import load_workload
 
 
-
 def serve(model, spec, device, policy_name, prompts, gpu_kv_bytes, cpu_kv_bytes, share=None):
-    share = policy_share(policy_name, share)
-    config = engine_config(spec, policy_name, gpu_kv_bytes, cpu_mem_bytes=cpu_kv_bytes, share=share)
-    policy = make_policy(policy_name, config, share)
-    executor = Executor(model, config, device, policy.staging_slots)
+    """`prompts` served by the policy `pie-exec run` builds (sized on the device's catalog entry)."""
+    cost_model = CostModel(load_hardware(device_hardware(device)), spec)
+    policy = engine_policy(policy_name, cost_model, gpu_kv_bytes, context=mean_context(prompts),
+                           cpu_mem_bytes=cpu_kv_bytes, share=share)
+    executor = Executor(model, policy.config, device, policy.staging_slots)
     try:
         return run(executor, policy, prompts, progress=False)
     finally:
@@ -116,8 +117,7 @@ def main() -> None:
     print(f"\n3. {args.requests} azure-conv requests at once, device KV pool {need / 2**20:.0f} MiB (about one "
           f"longest request), CPU pool 4x that")
     for policy in ("vllm-swap", "pie"):
-        requests, generated, recorder, wall = serve(model, spec, device, policy, prompts, need, 4 * need,
-                                                    0.5 if policy == "pie" else None)
+        requests, generated, recorder, wall = serve(model, spec, device, policy, prompts, need, 4 * need)
         s = recorder.summary(requests, wall)
         print(f"   {policy:9s}: {s['throughput_tok_s']:7.1f} output tok/s, mean e2e {s['e2e_mean_s']:.2f} s, "
               f"preemptions {sum(r.preemptions for r in requests)}, stall {s['total_stall_s']:.2f} s, "

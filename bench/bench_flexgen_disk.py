@@ -18,7 +18,7 @@ from pie_sim.simulate import simulate
 
 PROMPT, OUTPUT = 512, 32
 CASES = [("gh200-96g", "opt-175b", 480), ("gh200-96g", "opt-175b", 240),
-         ("h100-pcie5", "opt-175b", 1024), ("h100-pcie5", "opt-175b", 240), ("h100-pcie5", "opt-66b", 1024)]
+         ("h100-sxm-pcie5", "opt-175b", 1024), ("h100-sxm-pcie5", "opt-175b", 240), ("h100-sxm-pcie5", "opt-66b", 1024)]
 
 
 def shares(g: float, d: float) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from .same_results import Child, run_pie_sim
 
 KV_LIMITED = ["--model", "opt-13b", "--trace", "sharegpt", "--rate", "20", "--gpu-mem-util", "0.5"]
-GH200, PCIE = ["--hw", "gh200-96g", *KV_LIMITED], ["--hw", "h100-pcie5", *KV_LIMITED]
+GH200, PCIE = ["--hw", "gh200-96g", *KV_LIMITED], ["--hw", "h100-sxm-pcie5", *KV_LIMITED]
 # bench_pipemax's workload: 800 requests at once, every engine queued, pipemax streaming
 SERVER = ["--hw", "pcie-8x-l40s", "--model", "opt-66b", "--trace", "sharegpt", "--rate", "inf"]
 # name → (requests, pie-sim arguments without --out)

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PCIE = ["--hw", "h100-pcie5", "--model", "opt-13b", "--num-requests", "100", "--rate", "15", "--gpu-mem-util", "0.322"]
+PCIE = ["--hw", "h100-sxm-pcie5", "--model", "opt-13b", "--num-requests", "100", "--rate", "15", "--gpu-mem-util", "0.322"]
 GH200 = ["--hw", "gh200-96g", "--model", "opt-13b", "--num-requests", "200", "--rate", "20", "--gpu-mem-util", "0.5"]
 SERVER = ["--hw", "pcie-8x-l40s", "--model", "opt-66b", "--num-requests", "100", "--rate", "4"]
 # The README's KV-limited load (compare's default: 20/s, half the HBM), where the copying policies live.
@@ -48,10 +48,10 @@ QUICK = {
 ALL = QUICK | {
     "capacity-small": ["capacity", "--hw", "gh200-96g", "--model", "opt-13b", "--num-requests", "200",
                        "--policy", "pie,vllm", "--tolerance", "0.1"],
-    "disk-flexgen": ["run", "--hw", "h100-pcie5", "--model", "opt-175b", "--cpu-mem-gb", "240",
+    "disk-flexgen": ["run", "--hw", "h100-sxm-pcie5", "--model", "opt-175b", "--cpu-mem-gb", "240",
                      "--num-requests", "5", "--rate", "15", "--policy", "flexgen"],
     "reproduce-quick": ["reproduce", "--quick"],
-    "pcie-kv-limited": ["compare", "--hw", "h100-pcie5", *KV_LIMITED, "--num-requests", "600",
+    "pcie-kv-limited": ["compare", "--hw", "h100-sxm-pcie5", *KV_LIMITED, "--num-requests", "600",
                         "--policies", "pie,static,vllm-swap"],
     "gh200-kv-limited-2000": ["compare", "--hw", "gh200-96g", *KV_LIMITED, "--num-requests", "2000",
                               "--policies", "pie,static"],

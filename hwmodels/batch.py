@@ -18,6 +18,9 @@ class BatchShape:
     padded_pairs:   sequences × its most new tokens × its longest keys: what attention touches when every
                     sequence is padded to the longest (the executor's one SDPA call per layer does that;
                     a paged kernel does not, and the roofline leaves these out).
+    decode_kv_tokens: Σ over decoding sequences of the tokens their attention reads (cached + new), which
+                    is also their share of attended_pairs and kv_tokens_read: the rest is the prefills'
+                    (decode and prefill attention run as different kernels at different speeds).
     """
     prefill_tokens: int = 0
     decode_tokens: int = 0
@@ -26,6 +29,7 @@ class BatchShape:
     sampled_tokens: int = 0
     padded_keys: int = 0
     padded_pairs: int = 0
+    decode_kv_tokens: int = 0
 
     @property
     def tokens(self) -> int:
@@ -36,7 +40,8 @@ class BatchShape:
         """`of(decodes=...)` from its sums: `sequences` decodes with `cached` tokens cached in all, the
         longest `longest` (an iteration of decodes alone, made without a list)."""
         attended = cached + sequences
-        return cls(0, sequences, attended, attended, sequences, sequences * (longest + 1), sequences * (longest + 1))
+        return cls(0, sequences, attended, attended, sequences, sequences * (longest + 1), sequences * (longest + 1),
+                   attended)
 
     @classmethod
     def of(cls, prefills: Iterable[tuple[int, int]] = (), decodes: Iterable[int] = ()) -> "BatchShape":
@@ -51,14 +56,15 @@ class BatchShape:
             read += cached + new
             sampled += 1
             most_new, most_keys = max(most_new, new), max(most_keys, cached + new)
-        decode_tokens = 0
+        decode_tokens = decode_read = 0
         for cached in decodes:
             if cached < 1:
                 raise ValueError(f"a decoding sequence has at least one cached token, got {cached}")
             decode_tokens += 1
+            decode_read += cached + 1
             attended += cached + 1
             read += cached + 1
             sampled += 1
             most_new, most_keys = max(most_new, 1), max(most_keys, cached + 1)
         return cls(prefill_tokens, decode_tokens, attended, read, sampled, sampled * most_keys,
-                   sampled * most_new * most_keys)
+                   sampled * most_new * most_keys, decode_read)

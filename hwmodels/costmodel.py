@@ -1,18 +1,23 @@
 """Cost model shared by the simulator and the policies: how long things take and what fits.
 
-Compute is a roofline per part of a layer — the GEMMs and the attention each take the longer of their
-FLOPs at `peak · flops_efficiency` and their HBM bytes at `bandwidth · hbm_efficiency` — plus a fixed
-per-layer overhead. Summing the parts (rather than one roofline over the layer) keeps decode's
-memory-bound attention from hiding under compute-bound GEMMs at large batches. A copy costs a fixed
-latency per call plus its bytes at the direction's bandwidth.
+Compute comes from the best source the hardware entry has: a calibrated `[fit]` (profile.py), measured
+operator times in Vidur's format (`[profile]`: measured.py, the roofline where it has no measurements),
+or the roofline alone (roofline.py). With tensor parallelism over `tp` GPUs, compute is one GPU's share
+of each layer plus its all-reduces, and memory and the link to CPU memory are the tp GPUs' together
+(tensor_parallel.py). A copy costs a fixed latency per call plus its bytes at the direction's bandwidth.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .batch import BatchShape
 from .hardware import HardwareSpec
+from .measured import MeasuredLayers
 from .models import ModelSpec
+from .roofline import Roofline
+from .tensor_parallel import check_tensor_parallel, tp_view
+from .vidur import load_profile
 
 DIRECTIONS = ("h2d", "d2h")
 
@@ -23,16 +28,24 @@ class CapacityError(ValueError):
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """How one GPU's HBM is spent, in bytes. The KV pool gets what the rest leaves."""
+    """How the engine's HBM is spent, in bytes, over its `gpus` GPUs together (each holds 1/gpus of each
+    part). The KV pool gets what the rest leaves."""
     usable_bytes: int
     weight_bytes: int
     activation_bytes: int
     staging_bytes: int
     kv_pool_bytes: int
+    gpus: int = 1
 
     def kv_blocks(self, block_bytes: int) -> int:
         """Whole KV blocks (all layers of `block_tokens` tokens) that fit in the pool."""
         return self.kv_pool_bytes // block_bytes
+
+    def per_gpu(self) -> "MemoryBudget":
+        """One GPU's share of each part."""
+        n = self.gpus
+        return MemoryBudget(self.usable_bytes // n, self.weight_bytes // n, self.activation_bytes // n,
+                            self.staging_bytes // n, self.kv_pool_bytes // n)
 
 
 class CostModel:
@@ -41,57 +54,41 @@ class CostModel:
     how HBM splits into weights, activations and the KV pool. The simulator prices plans with it and the
     policies size their pools with it."""
 
-    def __init__(self, hw: HardwareSpec, model: ModelSpec):
-        self.hw, self.model = hw, model
-        gpu = hw.gpu
-        self._flops_rate = gpu.peak_flops * gpu.flops_efficiency
-        self._hbm_rate = gpu.hbm_bandwidth * gpu.hbm_efficiency
-        self._bandwidth = {"h2d": hw.link.h2d_bandwidth, "d2h": hw.link.d2h_bandwidth}
-        # A layer's FLOPs and bytes are linear in the batch's sums (see BatchShape): read the coefficients
-        # off the model once, so costing an iteration is a few multiplications (exact: they are integers).
-        empty, token = BatchShape(), BatchShape(decode_tokens=1)
-        self._linear_flops = model.linear_flops(token)
-        self._weight_bytes = model.linear_bytes(empty)
-        self._token_bytes = model.linear_bytes(token) - self._weight_bytes
-        self._pair_flops = model.attention_flops(BatchShape(attended_pairs=1))
-        self._read_bytes = model.attention_bytes(BatchShape(kv_tokens_read=1))
-        self._new_bytes = model.attention_bytes(token)
-        sample = BatchShape(sampled_tokens=1)
-        self._head_flops = model.head_flops(sample)
-        self._head_bytes = model.head_bytes(empty)
-        self._sample_bytes = model.head_bytes(sample) - self._head_bytes
+    def __init__(self, hw: HardwareSpec, model: ModelSpec, tp: int = 1):
+        """`hw` is the per-GPU entry; with `tp` > 1 its GPUs split every layer (tensor parallelism) and
+        `self.hw` is their one-engine view."""
+        check_tensor_parallel(hw, model, tp)
+        self.model, self.tp, self.gpu_hw = model, tp, hw
+        self.hw = tp_view(hw, tp)
+        self._bandwidth = {"h2d": self.hw.link.h2d_bandwidth, "d2h": self.hw.link.d2h_bandwidth}
+        self.roofline = Roofline(hw, model, tp)
         self._fit = hw.fit.check_model(model, hw.name) if hw.fit else None  # a calibrated profile's times
-        self._per_batch_size: dict[int, tuple[float, float, float]] = {}  # decode_time's parts per batch size
+        self.measured = MeasuredLayers(load_profile(hw.profile, model, tp), self.roofline) if hw.profile else None
+        self._compute = self.measured or self.roofline
 
     def layer_time(self, batch: BatchShape, copy_bandwidth: float = 0.0) -> float:
         """Seconds for one transformer layer. `copy_bandwidth` (bytes/s) of concurrent host↔GPU copies
         takes `compute_contention` of itself out of the HBM bandwidth left to compute."""
         if self._fit:
             return self._fit.layer_time(batch, copy_bandwidth)
-        return self._roofline_layer(batch.tokens, batch.attended_pairs, batch.kv_tokens_read, copy_bandwidth)
-
-    def _roofline_layer(self, tokens: int, pairs: int, read: int, copy_bandwidth: float) -> float:
-        hbm_rate = self._hbm_rate - self.hw.link.compute_contention * copy_bandwidth
-        if hbm_rate <= 0:
-            raise ValueError(f"copies at {copy_bandwidth:.3g} B/s leave no HBM bandwidth to compute")
-        flops = self._flops_rate
-        linear = max(self._linear_flops * tokens / flops, (self._weight_bytes + self._token_bytes * tokens) / hbm_rate)
-        attention = max(self._pair_flops * pairs / flops, (self._read_bytes * read + self._new_bytes * tokens) / hbm_rate)
-        return linear + attention + self.hw.gpu.layer_overhead
+        return self._compute.layer_time(batch, copy_bandwidth)
 
     def head_time(self, batch: BatchShape) -> float:
-        """Seconds for the LM head over the batch's sampled tokens (embedding lookup is negligible)."""
+        """Seconds outside the layers: the LM head over the batch's sampled tokens and the engine's host
+        time per iteration."""
         if self._fit:
             return self._fit.head_time(batch)
-        return self._roofline_head(batch.sampled_tokens)
+        return self._compute.head_time(batch)
+
+    def all_reduce_time(self, tokens: int) -> float:
+        """Seconds of one of a layer's two all-reduces over `tokens` tokens (0 without tensor parallelism;
+        in layer_time already)."""
+        return 0.0 if self._fit else self._compute.all_reduce_time(tokens)
 
     def issue_time(self, calls: int) -> float:
         """Seconds of compute time that issuing a copy of `calls` transfer calls takes (a calibrated
         profile's measured host cost; nothing on the roofline, where a GPU's host issues ahead of it)."""
         return self._fit.issue_time(calls) if self._fit else 0.0
-
-    def _roofline_head(self, sampled: int) -> float:
-        return max(self._head_flops * sampled / self._flops_rate, (self._head_bytes + self._sample_bytes * sampled) / self._hbm_rate)
 
     def iteration_time(self, batch: BatchShape) -> float:
         """Seconds for a whole forward pass with no copy in flight and no stall."""
@@ -105,15 +102,8 @@ class CostModel:
         if self._fit:
             return self.iteration_time(BatchShape(decode_tokens=sequences, attended_pairs=attended,
                                                   kv_tokens_read=attended, sampled_tokens=sequences,
-                                                  padded_keys=padded, padded_pairs=padded))
-        known = self._per_batch_size.get(sequences)
-        if known is None:
-            linear = max(self._linear_flops * sequences / self._flops_rate,
-                         (self._weight_bytes + self._token_bytes * sequences) / self._hbm_rate)
-            known = self._per_batch_size[sequences] = (linear, self._new_bytes * sequences, self._roofline_head(sequences))
-        linear, new_bytes, head = known
-        attention = max(self._pair_flops * attended / self._flops_rate, (self._read_bytes * attended + new_bytes) / self._hbm_rate)
-        return self.model.num_layers * (linear + attention + self.hw.gpu.layer_overhead) + head
+                                                  padded_keys=padded, padded_pairs=padded, decode_kv_tokens=attended))
+        return self._compute.decode_time(sequences, attended)
 
     def transfer_time(self, nbytes: int, calls: int = 1, direction: str = "h2d") -> float:
         """Seconds to move `nbytes` in `calls` copies in one direction, alone on the link."""
@@ -127,18 +117,25 @@ class CostModel:
                       max_seqs: int = 256, staging_bytes: int = 0) -> MemoryBudget:
         """Split `gpu_mem_util` of HBM into weights, activations, a staging area and the KV pool
         (vLLM's semantics: the fraction bounds everything the engine allocates). Defaults follow vLLM:
-        up to 256 sequences and max(2048, context) batched tokens. Refuses a budget with no KV pool."""
+        up to 256 sequences and max(2048, context) batched tokens. Refuses a budget with no KV pool.
+
+        With tensor parallelism each GPU spends `gpu_mem_util` of its own HBM on 1/tp of the weights (the
+        norms every GPU repeats are under 0.01% of them), a whole layer's working set (conservative: the
+        MLP's intermediate is 1/tp of it on each) and 1/tp of the staging area and of the KV pool; the
+        budget is their sum (`per_gpu()` for one)."""
         if not 0 < gpu_mem_util <= 1:
             raise ValueError(f"gpu_mem_util must be in (0, 1], got {gpu_mem_util}")
-        m = self.model
+        m, n = self.model, self.tp
         tokens = max_batched_tokens if max_batched_tokens is not None else max(2048, m.max_context)
-        usable = int(self.hw.gpu.hbm_bytes * gpu_mem_util)
-        activations = m.activation_bytes(tokens, max_seqs)
-        kv_pool = usable - m.weight_bytes - activations - staging_bytes
+        usable = n * int(self.gpu_hw.gpu.hbm_bytes * gpu_mem_util)
+        weights = n * math.ceil(m.weight_bytes / n)
+        activations = n * m.activation_bytes(tokens, max_seqs)
+        kv_pool = usable - weights - activations - staging_bytes
         if kv_pool <= 0:
             gib = 1024**3
+            on = f"{n} x {self.gpu_hw.name}" if n > 1 else self.hw.name
             raise CapacityError(
-                f"{m.name} on {self.hw.name} leaves no KV pool: weights {m.weight_bytes / gib:.1f} GiB + "
+                f"{m.name} on {on} leaves no KV pool: weights {weights / gib:.1f} GiB + "
                 f"activations {activations / gib:.1f} GiB + staging {staging_bytes / gib:.1f} GiB exceed "
                 f"{gpu_mem_util:g} x {self.hw.gpu.hbm_bytes / gib:.0f} GiB HBM")
-        return MemoryBudget(usable, m.weight_bytes, activations, staging_bytes, kv_pool)
+        return MemoryBudget(usable, weights, activations, staging_bytes, kv_pool, n)

@@ -23,7 +23,7 @@ follows the sums (prefill and decode tokens apart, since a decode token is a seq
 attention; the padded sums because the executor's attention pads every sequence to the batch's longest),
 and for the head everything else outside the layers (binding the batch, embedding). Values are in µs and
 belong to one model architecture at one dtype: a profile used with another model is refused. `threads` is
-the host's torch thread count during calibration: CPU times depend on it, so `pie-exec validate` runs
+the host's torch thread count during calibration: CPU times depend on it, so `pie-validate` runs
 with it.
 
 `issue_time` is what issuing a copy costs the compute clock, beyond the copy's own time on the link: on
@@ -115,8 +115,10 @@ class ComputeFit:
 
 def architecture(model: ModelSpec) -> str:
     """What sets a model's compute time: its shapes and bytes per value (not its name or context)."""
+    extras = (", Q/K/V biases" if model.qkv_bias else "") + \
+        (f", {model.experts_per_token} of {model.num_experts} experts" if model.moe else "")
     return (f"{model.family}, {model.num_layers} layers, hidden {model.hidden_size}, heads "
-            f"{model.num_heads}/{model.num_kv_heads}, ffn {model.ffn_size}, vocab {model.vocab_size}, "
+            f"{model.num_heads}/{model.num_kv_heads}, ffn {model.ffn_size}{extras}, vocab {model.vocab_size}, "
             f"{model.dtype_bytes}-byte values")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar, cast
 
 GiB = 1024**3
 
@@ -21,6 +21,12 @@ UNITS = {
     "TFLOP/s": lambda x: x * 1e12,
     "us": lambda x: x / 1e6,
 }
+
+# The largest number a catalog field may hold, in the unit it is written in. The largest real figures are
+# thousands (TB/s of HBM in GB/s, dense TFLOP/s, GiB) to millions (a context in tokens); test systems that
+# stand for "free" write 1e12 GB/s and TFLOP/s. Above this a number is a slip (a unit's prefix twice, an
+# exponent's typo), and infinity makes times of 0 or inf that no event order survives.
+MAX_VALUE = 1e15
 
 T = TypeVar("T")
 
@@ -48,14 +54,14 @@ def curve(key: str, unit: str) -> Any:
     return dataclasses.field(default=(), metadata=dict(key=key, unit=UNITS[unit], curve=True))
 
 
-def text(key: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A required string field, optionally restricted to `choices`."""
-    return dataclasses.field(metadata=dict(key=key, choices=choices))
+def text(key: str, choices: tuple[str, ...] | None = None, default: Any = dataclasses.MISSING) -> Any:
+    """A string field, optionally restricted to `choices`; required unless it has a `default`."""
+    return dataclasses.field(default=default, metadata=dict(key=key, choices=choices))
 
 
-def flag(key: str) -> Any:
-    """A required boolean field."""
-    return dataclasses.field(metadata=dict(key=key, boolean=True))
+def flag(key: str, default: Any = dataclasses.MISSING) -> Any:
+    """A boolean field, required unless it has a `default`."""
+    return dataclasses.field(default=default, metadata=dict(key=key, boolean=True))
 
 
 def section(key: str, cls: type) -> Any:
@@ -78,7 +84,7 @@ def parse(cls: type[T], table: Any, path: Path, prefix: str = "", **given: Any) 
     where = f"{prefix}." if prefix else ""
     if not isinstance(table, dict):
         raise CatalogError(f"{path}: '{prefix}' must be a table")
-    fields = [f for f in dataclasses.fields(cls) if f.name not in given]
+    fields = [f for f in dataclasses.fields(cast(Any, cls)) if f.name not in given]
     known = {f.metadata["key"] for f in fields}
     unknown = sorted(k for k in table if k not in known)
     if unknown:
@@ -99,7 +105,7 @@ def parse(cls: type[T], table: Any, path: Path, prefix: str = "", **given: Any) 
     return cls(**values)
 
 
-def _convert(raw: Any, meta: dict, path: Path, name: str) -> Any:
+def _convert(raw: Any, meta: Mapping, path: Path, name: str) -> Any:
     if meta.get("curve"):
         return _curve(raw, meta["unit"], path, name)
     if meta.get("boolean"):
@@ -115,6 +121,8 @@ def _convert(raw: Any, meta: dict, path: Path, name: str) -> Any:
         raise CatalogError(f"{path}: field '{name}' must be a number, not {raw!r}")
     if raw != raw:  # NaN
         raise CatalogError(f"{path}: field '{name}' must be a number, not nan")
+    if raw > MAX_VALUE:  # inf too
+        raise CatalogError(f"{path}: field '{name}' must be at most {MAX_VALUE:g}, a finite number (got {raw})")
     if raw < 0:
         raise CatalogError(f"{path}: field '{name}' must not be negative (got {raw})")
     if meta["positive"] and raw == 0:
@@ -126,8 +134,8 @@ def _convert(raw: Any, meta: dict, path: Path, name: str) -> Any:
     return meta["unit"](raw)
 
 
-def resolve(name_or_path: str | Path, catalog_dir: Path, what: str) -> Path:
-    """A catalog name (`gh200-96g`) or a path to a user's TOML file."""
+def resolve(name_or_path: str | Path, catalog_dir: Path, what: str, other: str = "the path of a .toml file") -> Path:
+    """A catalog name (`gh200-96g`) or a path to a user's TOML file; `other` says what else may be given."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
@@ -136,7 +144,7 @@ def resolve(name_or_path: str | Path, catalog_dir: Path, what: str) -> Path:
     candidate = catalog_dir / f"{name_or_path}.toml"
     if not candidate.is_file():
         raise CatalogError(f"unknown {what} '{name_or_path}' (known: {', '.join(names(catalog_dir))}; "
-                           f"or give the path of a .toml file)")
+                           f"or give {other})")
     return candidate
 
 
@@ -150,11 +158,13 @@ def _curve(raw: Any, unit, path: Path, name: str) -> tuple[tuple[int, float], ..
 
     if not isinstance(raw, list) or len(raw) < 2:
         raise bad("(two at least)")
-    points = []
+    points: list[tuple[int, float]] = []
     for pair in raw:
         if not (isinstance(pair, list) and len(pair) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in pair)):
             raise bad(f"of numbers, not {pair!r}")
+        if any(v > MAX_VALUE for v in pair):  # inf too
+            raise bad(f"of numbers at most {MAX_VALUE:g}, finite, not {pair!r}")
         count, value = pair
         if count != int(count) or count < 1 or value < 0:
             raise bad(f"with whole counts of at least 1 and non-negative values, not {pair!r}")

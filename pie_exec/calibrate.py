@@ -40,16 +40,28 @@ from rich.table import Table
 
 from hwmodels import BatchShape, ModelSpec
 from hwmodels.hardware import HARDWARE_DIR
-from hwmodels.profile import CURVES, HEAD_TERMS, LAYER_TERMS, ComputeFit, architecture, features, interpolate, relative_fit
+from hwmodels.profile import (
+    CURVES,
+    HEAD_TERMS,
+    LAYER_TERMS,
+    ComputeFit,
+    architecture,
+    features,
+    interpolate,
+    relative_fit,
+)
 from hwmodels.spec import read_toml, resolve
 from pie_policy import Copy, EngineConfig, Plan
 from pie_policy.blocks import GPU, BlockRef
 from pie_policy.layerswap import runs
 from pie_policy.plan import D2H, H2D, LAYER_KV, SeqWork
+from pie_serving.options import positive_int
+from pie_serving.outputs import output_files
 
 from .engine import Executor, device_clock
 
 GB = 1e9
+SUSPECT_ERROR = 0.25  # a fit this far from a point it fitted is worth a warning (a busy machine, too few repeats)
 RUNS = 4  # calls of the multi-call copies timed: layer copies of OPT-125M on azure-conv have 1-10, mostly 1-5
 
 
@@ -114,7 +126,7 @@ def _sizes(text: str) -> tuple[int, ...]:
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"need positive whole numbers separated by commas, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be positive whole numbers separated by commas, got {text!r}")
     return sizes
 
 
@@ -129,7 +141,8 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
         sizes = getattr(default, name)
         parser.add_argument("--" + name.replace("_", "-"), type=_sizes, default=sizes,
                             help=f"{what} (default {','.join(map(str, sizes))})")
-    parser.add_argument("--repeats", type=int, default=default.repeats, help="timed repeats of each point (median)")
+    parser.add_argument("--repeats", type=positive_int, default=default.repeats,
+                        help="timed repeats of each point (median)")
 
 
 def grid_from(args: argparse.Namespace) -> Grid:
@@ -432,8 +445,20 @@ def residuals(points: list[Point]) -> dict[str, tuple[float, float, int]]:
 def points_table(points: list[Point]) -> Table:
     table = Table("fit", "point", "measured ms", "fitted ms", "error", title="calibration points")
     for p in points:
-        table.add_row(p.fit, p.label, f"{p.measured * 1e3:.3f}", f"{p.fitted * 1e3:.3f}", f"{p.error:+.1%}")
+        table.add_row(p.fit, p.label, f"{p.measured * 1e3:.3f}", f"{p.fitted * 1e3:.3f}",
+                      "-" if math.isnan(p.error) else f"{p.error:+.1%}")
     return table
+
+
+def warnings(points: list[Point]) -> list[str]:
+    """A line for each fit whose worst point is off by more than SUSPECT_ERROR."""
+    lines = []
+    for kind, (worst, _, _) in residuals(points).items():
+        if worst > SUSPECT_ERROR:
+            point = max((p for p in points if p.fit == kind and not math.isnan(p.error)), key=lambda p: abs(p.error))
+            lines.append(f"the {kind} fit is {point.error:+.0%} off at '{point.label}': the machine may have been "
+                         f"busy or the point too short; calibrate again on a quiet machine or with more --repeats")
+    return lines
 
 
 def write_points(path: Path, points: list[Point]) -> None:
@@ -496,28 +521,37 @@ def header_lines(settings: str, device: torch.device, points: list[Point], csv_n
 
 
 def calibrate(model, spec: ModelSpec, device: torch.device, grid: Grid, base: str, out: Path, dtype_name: str,
-              console) -> None:
-    """Time, fit, print the points and write PROFILE, its points CSV and the model TOML it simulates."""
+              console, force: bool = False) -> None:
+    """Time, fit, print the points and write PROFILE, its points CSV and the model TOML it simulates (all
+    three or none; an existing one only with `force`)."""
     started = time.perf_counter()
-    run = Calibration(model, spec, device, grid)
-    for step, what in ((run.time_compute, "compute"), (run.time_copies, "copies"), (run.time_contention, "contention")):
-        console.print(f"timing {what}")  # not a live spinner: its thread would take the GIL from the timed work
-        step()
-    fit, link = run.fit()
-    console.print(points_table(run.points))
-    out.parent.mkdir(parents=True, exist_ok=True)
     points_csv = out.with_suffix(".csv")
     model_toml = out.parent / f"{spec.name}-{dtype_name}.toml"
-    write_points(points_csv, run.points)
-    model_toml.write_text(model_text(spec, dtype_name))
-    settings = f"{spec.name} {dtype_name} on {device.type}, base {base}, {grid}"
-    header = header_lines(settings, device, run.points, points_csv.name)
-    out.write_text(profile_text(base, fit, link, 2 if device.type == "cuda" else 1, header))
-    for line in header[-len(residuals(run.points)):]:
+    with output_files([out, points_csv, model_toml], force) as (out_tmp, points_tmp, model_tmp):
+        fit, link, points = _calibrate(model, spec, device, grid, console)
+        write_points(points_tmp, points)
+        model_tmp.write_text(model_text(spec, dtype_name))
+        settings = f"{spec.name} {dtype_name} on {device.type}, base {base}, {grid}"
+        header = header_lines(settings, device, points, points_csv.name)
+        out_tmp.write_text(profile_text(base, fit, link, 2 if device.type == "cuda" else 1, header))
+    for line in header[len(header) - len(residuals(points)):]:
         console.print(line.strip(), highlight=False)
+    for line in warnings(points):
+        console.print(f"[yellow]warning:[/] {line}", highlight=False)
     console.print(f"link: h2d {link['h2d'] / GB:.1f} GB/s, d2h {link['d2h'] / GB:.1f} GB/s, both at once "
                   f"{link['bidirectional'] / GB:.1f} GB/s, {link['latency'] * 1e6:.1f} us a call; a layer "
                   f"{fit.copy_slowdown_per_gb_s:.1%} slower per GB/s of copies; issuing a copy costs it "
                   f"{fit.copy_issue * 1e6:.0f} us + {fit.copy_issue_per_call * 1e6:.1f} us a call")
     console.print(f"wrote {out}, {points_csv.name} and {model_toml.name} in {time.perf_counter() - started:.0f} s; "
                   f"simulate with: pie-sim run --hw {out} --model {model_toml} ...", highlight=False)
+
+
+def _calibrate(model, spec: ModelSpec, device: torch.device, grid: Grid, console):
+    """Time and fit: (the fit, the link's figures, every point)."""
+    run = Calibration(model, spec, device, grid)
+    for step, what in ((run.time_compute, "compute"), (run.time_copies, "copies"), (run.time_contention, "contention")):
+        console.print(f"timing {what}")  # not a live spinner: its thread would take the GIL from the timed work
+        step()
+    fit, link = run.fit()
+    console.print(points_table(run.points))
+    return fit, link, run.points

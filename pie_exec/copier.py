@@ -1,10 +1,22 @@
 """Runs a plan's copies asynchronously and measures them.
 
 On CUDA each direction has its own stream; a copy first waits (on the GPU, not the host) for the copies
-it is ordered after and for the compute issued before it, and records an event when done. On the CPU one
-worker thread runs the copies in issue order (the two directions share the memory bus anyway), and a
+it is ordered after and for the compute its data depends on, and records an event when done. On the CPU
+one worker thread runs the copies in issue order (the two directions share the memory bus anyway), and a
 threading.Event marks each one done. Either way the host learns about completion only when the engine
 waits for a copy it needs, which is where stall is measured.
+
+What a layer-KV copy's data depends on: a prefetch into a staging slot overwrites what the last layer to
+use that slot read (and wrote: its new tokens), so it waits for that layer's compute, and for the slot's
+last write-back (`Copy.after`); a write-back reads what its layer wrote, so it waits for that layer's
+compute. Two orderings enforce it (`ORDERINGS`):
+- `stream`: a copy waits for all the compute issued before it (`wait_stream`);
+- `events`: a layer-KV copy waits only for the compute event of that layer (`computed`); whole-block copies
+  still wait for all compute issued before them.
+In a whole-model plan the two wait for the same compute: layer swapping issues each prefetch when the
+layer after the slot's last reader is reached, and each write-back right after its layer (tests/
+test_exec_ordering.py checks the engine's issue order). They differ where copies are issued later than
+their data is ready: a pipeline stage's copies for the next plan, issued after all its layers.
 """
 from __future__ import annotations
 
@@ -15,7 +27,10 @@ from typing import Callable
 
 import torch
 
-from pie_policy.plan import D2H, H2D, Copy
+from pie_policy.plan import D2H, H2D, LAYER_KV, Copy
+
+STREAM, EVENTS = "stream", "events"
+ORDERINGS = (STREAM, EVENTS)
 
 
 class CpuCopier:
@@ -48,6 +63,10 @@ class CpuCopier:
                 self._busy[copy.direction] += time.perf_counter() - start
             self._done.pop(copy.op_id).set()
 
+    def computed(self, layer: int, staging: int | None, done) -> None:
+        """Layer `layer` has computed (reading staging slot `staging`). Nothing to record: compute on the
+        CPU is synchronous, so every copy issued after it finds its data ready."""
+
     def wait(self, op_ids) -> None:
         """Block until the copies are done."""
         for op in op_ids:
@@ -69,17 +88,37 @@ class CpuCopier:
 
 
 class CudaCopier:
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, ordering: str = STREAM):
+        """`ordering`: one of ORDERINGS (see the module docstring); it may be changed between plans."""
+        if ordering not in ORDERINGS:
+            raise ValueError(f"copy ordering {ordering!r}: expected one of {', '.join(ORDERINGS)}")
+        self.device, self.ordering = device, ordering
         self.streams = {H2D: torch.cuda.Stream(device), D2H: torch.cuda.Stream(device)}
         self._done: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
         self._issued: list[tuple[int, str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._layer_done: dict[int, torch.cuda.Event] = {}  # layer → its latest compute's end
+        self._slot_read: dict[int, torch.cuda.Event] = {}   # staging slot → the end of the last layer using it
+
+    def computed(self, layer: int, staging: int | None, done: torch.cuda.Event) -> None:
+        """Layer `layer`'s compute, reading staging slot `staging` (None: none), has been issued; `done` is
+        an event recorded on the compute stream after it (the engine's clock mark)."""
+        self._layer_done[layer] = done
+        if staging is not None:
+            self._slot_read[staging] = done
+
+    def _wait_for_compute(self, copy: Copy, stream: torch.cuda.Stream) -> None:
+        """Make `stream` wait for the compute `copy`'s data depends on, as `ordering` says."""
+        if self.ordering == STREAM or copy.kind != LAYER_KV:
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # all compute issued so far
+            return
+        done = self._slot_read.get(copy.staging) if copy.direction == H2D else self._layer_done.get(copy.layer)
+        if done is not None:  # none: no layer has used it since this copier began
+            stream.wait_event(done)
 
     def issue(self, copy: Copy, work: Callable[[], None]) -> None:
-        compute = torch.cuda.current_stream(self.device)
         stream = self.streams[copy.direction]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        stream.wait_stream(compute)  # data written by compute issued so far
+        self._wait_for_compute(copy, stream)
         for op in copy.after:
             if op in self._done:  # gone from the table: already finished
                 stream.wait_event(self._done[op][1])

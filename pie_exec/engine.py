@@ -28,7 +28,7 @@ from pie_policy import Copy, IterationStats, Plan
 from pie_policy.layerswap import runs
 from pie_policy.plan import BLOCK_KV, D2H, H2D, LAYER_KV
 
-from .copier import CpuCopier, CudaCopier
+from .copier import STREAM, CpuCopier, CudaCopier
 from .kvcache import BatchLayout, PagedKV
 from .model import Transformer
 
@@ -104,8 +104,9 @@ class Executor:
     every block, copy and wait comes from the plan."""
 
     def __init__(self, model: Transformer, config, device: torch.device, staging_slots: int,
-                 layers: range | None = None):
-        """`layers`: the slice of the model's layers this executor computes (default all of them)."""
+                 layers: range | None = None, copy_ordering: str = STREAM):
+        """`layers`: the slice of the model's layers this executor computes (default all of them);
+        `copy_ordering`: what a copy waits for on a GPU (copier.py's ORDERINGS)."""
         self.model, self.config, self.device = model, config, device
         self.layers = range(config.num_layers) if layers is None else layers
         if not (self.layers.step == 1 and 0 <= self.layers.start < self.layers.stop <= config.num_layers):
@@ -118,7 +119,7 @@ class Executor:
         cuda = device.type == "cuda"
         if not cuda:
             keep_freed_host_memory()
-        self.copier = CudaCopier(device) if cuda else CpuCopier()
+        self.copier = CudaCopier(device, copy_ordering) if cuda else CpuCopier()
         self.clock = device_clock(device)
         self._last_write_back: int | None = None  # the latest device-to-host copy issued here
 
@@ -207,6 +208,7 @@ class Executor:
             h = self.model.layers[layer](h, layout.positions,
                                          lambda q, k, v, layer=layer: paged_attend(layout, layer, q, k, v))
             marks.append((before, after, self.clock.mark()))
+            self.copier.computed(layer, plan.staging_slots[layer] if plan.staging_slots else None, marks[-1][2])
             self._issue(step.evict)
         output, logits = h, None
         if self.last:

@@ -1,4 +1,5 @@
-"""The decoder-only transformer the executor runs: OPT and Llama, numerically as Hugging Face computes them.
+"""The decoder-only transformer the executor runs: OPT and Llama (Mistral's and, with biases on Q, K and V,
+Qwen2's layers are Llama's), numerically as Hugging Face computes them.
 
 One file, no framework (in the manner of gpt-fast's `model.py`). The ENGINE owns the layer loop, because it
 interleaves KV-block copies between layers, so the model only exposes the pieces of a forward pass:
@@ -128,7 +129,7 @@ class Block(nn.Module):
         norm = ((lambda: nn.LayerNorm(h, eps=OPT_LAYER_NORM_EPS, dtype=dtype)) if opt
                 else (lambda: RMSNorm(h, details.rms_norm_eps, dtype=dtype)))
         self.attention_norm = norm()
-        self.wqkv = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=opt, dtype=dtype)
+        self.wqkv = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=opt or spec.qkv_bias, dtype=dtype)
         self.wo = nn.Linear(self.q_size, h, bias=opt, dtype=dtype)
         self.ffn_norm = norm()
         self.mlp = ReluMLP(h, spec.ffn_size, dtype) if opt else SwiGLU(h, spec.ffn_size, dtype)
@@ -161,6 +162,8 @@ class Transformer(nn.Module):
         if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
             raise ValueError(f"model {spec.name}: hidden_size {spec.hidden_size}, num_heads {spec.num_heads} "
                              f"and num_kv_heads {spec.num_kv_heads} do not divide evenly")
+        if spec.moe:
+            raise ValueError(f"model {spec.name}: mixtures of experts ({spec.num_experts} experts) are not implemented")
         if spec.family == "opt" and spec.num_kv_heads != spec.num_heads:
             raise ValueError(f"model {spec.name}: OPT has no grouped-query attention "
                              f"(num_kv_heads {spec.num_kv_heads} != num_heads {spec.num_heads})")

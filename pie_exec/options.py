@@ -7,13 +7,15 @@ import dataclasses
 
 import torch
 
-from hwmodels import load_model
-from pie_serving.options import add_engine_arguments
+from hwmodels import GiB, ModelSpec, matching_entry
+from pie_serving.options import CV_HELP, add_engine_arguments, non_negative_float, positive_float, positive_int, rate
 
 from .run import InputError
-from .weights import random_transformer
+from .weights import model_shape, random_transformer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODEL_HELP = "catalog model, model TOML, Hugging Face config.json or model folder"
+DEFAULT_REQUESTS = 16
 
 
 def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -23,36 +25,59 @@ def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     return device, DTYPES[args.dtype or ("float32" if device.type == "cpu" else "float16")]
 
 
+def catalog_spec(name: str, dtype: torch.dtype) -> ModelSpec:
+    """A model named as pie-sim names one (catalog name, TOML, config.json, model folder) at `dtype`, read
+    without building it."""
+    return dataclasses.replace(model_shape(name)[0], dtype_bytes=torch.finfo(dtype).bits // 8)
+
+
 def catalog_model(name: str, seed: int, dtype: torch.dtype, device: torch.device):
-    """A catalog model (or model TOML) at `dtype`, randomly initialised: (model, spec)."""
-    spec = dataclasses.replace(load_model(name), dtype_bytes=torch.finfo(dtype).bits // 8)
-    return random_transformer(spec, seed, dtype=dtype, device=device), spec
+    """A model named as pie-sim names one at `dtype`, randomly initialised: (model, spec)."""
+    spec = catalog_spec(name, dtype)
+    return random_transformer(spec, seed, details=model_shape(name)[1], dtype=dtype, device=device), spec
+
+
+def device_hardware(device: torch.device) -> str | None:
+    """The catalog entry that models `device` (cpu-host for the CPU), or None for a GPU it has none for."""
+    if device.type != "cuda":
+        return matching_entry("cpu")
+    props = torch.cuda.get_device_properties(device)
+    return matching_entry("cuda", props.name, props.total_memory)
+
+
+def gpu_pool_bytes(spec: ModelSpec, args: argparse.Namespace) -> int:
+    """The GPU KV pool `--gpu-kv-gb` asks for, refused when it holds no block."""
+    pool, block = int(args.gpu_kv_gb * GiB), args.block_size * spec.kv_bytes_per_token
+    if pool < block:
+        raise InputError(f"--gpu-kv-gb {args.gpu_kv_gb:g} holds no KV block ({block:,} bytes: {args.block_size} "
+                         f"tokens of {spec.name}'s {spec.num_layers} layers); raise --gpu-kv-gb")
+    return pool
+
 
 
 def set_threads(threads: int | None) -> None:
     """torch's intra-op threads (default: torch's own choice). CPU timings depend on it, so a profile
     records it and validate runs with it."""
     if threads is not None:
-        if threads < 1:
-            raise InputError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
 
 
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-requests", type=int, default=16)
-    p.add_argument("--rate", type=float, help="re-time arrivals at this rate (req/s; inf: all at once)")
-    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of re-timed gaps")
-    p.add_argument("--gpu-kv-gb", type=float, default=0.25, help="GPU KV pool (with the staging area), GiB")
-    p.add_argument("--cpu-kv-gb", type=float, default=1.0, help="CPU KV pool, GiB")
+    p.add_argument("--num-requests", type=positive_int, help=f"requests to take from the trace (default "
+                                                             f"{DEFAULT_REQUESTS})")
+    p.add_argument("--rate", type=rate, help="re-time the trace's arrivals as Poisson at this rate (req/s; inf: "
+                                             "all at once; default: the trace's own times)")
+    p.add_argument("--cv", type=positive_float, help=CV_HELP + " (default 1)")
+    p.add_argument("--gpu-kv-gb", type=positive_float, default=0.25,
+                   help="GPU KV pool (with the staging area), GiB")
+    p.add_argument("--cpu-kv-gb", type=non_negative_float, default=1.0, help="CPU KV pool, GiB")
     add_engine_arguments(p)
 
 
 def add_threads_argument(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--threads", type=int, help=f"torch CPU threads (default {default})")
-
-
+    p.add_argument("--threads", type=positive_int, help=f"torch CPU threads (default {default})")
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", choices=list(DTYPES), help="default float32 on cpu, float16 on cuda")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model computes")
+    p.add_argument("--dtype", choices=list(DTYPES), help="weights and KV (default float32 on cpu, float16 on cuda)")

@@ -22,7 +22,8 @@ stage computes the others wait; micro-batches in flight would need a planner tha
 The ranks meet through a file in a temporary folder (no network beyond this machine). Plans and stats go
 on a gloo group that waits as long as arrivals take (`PLAN_TIMEOUT`); hidden states and tokens on the
 default group, where a rank waits at most `STAGE_TIMEOUT`. A rank that fails exits, and
-torch.multiprocessing's spawn then ends the others at once.
+torch.multiprocessing's spawn then ends the others at once; the ranks die with the process that started
+them (pie_serving.processes), which kills them when it is interrupted.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from itertools import accumulate
+from multiprocessing.reduction import ForkingPickler  # with torch's reductions: tensors shared, not copied
 from pathlib import Path
 
 import torch
@@ -41,6 +43,7 @@ import torch.multiprocessing as mp
 
 from pie_policy import IterationStats, Plan, Policy
 from pie_policy.pipeline_layout import split_layers
+from pie_serving.processes import die_with_parent, kill_children
 
 from .engine import Executor, StageTimes
 from .model import Transformer
@@ -175,9 +178,12 @@ class _Job:
     progress: bool
 
 
-def _rank_main(rank: int, job: _Job, folder: str) -> None:
+def _rank_main(rank: int, jobs, folder: str, parent: int) -> None:
     """One rank, from joining the group to leaving it. On an error the rank exits without leaving it (a
-    peer that is gone could hold the teardown up); spawn ends the others."""
+    peer that is gone could hold the teardown up); spawn ends the others. It dies with `parent`, which
+    hands it the job through `jobs`."""
+    die_with_parent(parent)
+    job: _Job = pickle.loads(jobs.get())
     torch.set_num_threads(job.threads)
     cuda = job.device_type == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -217,5 +223,18 @@ def serve(model: Transformer, policy: Policy, prompts: list[Prompt], stages: int
     check_fits(policy, prompts)
     job = _Job(model, policy, prompts, stages, device_type, threads or default_threads(stages), progress)
     with tempfile.TemporaryDirectory(prefix="pie-pipeline-") as folder:
-        mp.spawn(_rank_main, args=(job, folder), nprocs=stages, join=True)
+        # The job goes through a queue, not the start-up arguments: the parent writes those to each rank
+        # (blocking until the rank, importing torch, has read them all), and a parent interrupted while it
+        # writes leaves a rank that prints a traceback; the queue's thread writes while this one waits.
+        jobs = mp.get_context("spawn").Queue()
+        jobs.cancel_join_thread()  # at exit, do not wait to hand the job to ranks that are gone
+        try:
+            ranks = mp.spawn(_rank_main, args=(jobs, folder, os.getpid()), nprocs=stages, join=False)
+            for _ in range(stages):  # pickled here, not by the queue's thread: one still in torch at exit aborts
+                jobs.put(ForkingPickler.dumps(job))
+            while not ranks.join():
+                pass
+        except BaseException:  # Ctrl-C, SIGTERM, a rank's error: no rank outlives the run
+            kill_children()
+            raise
         return pickle.loads((Path(folder) / "result.pkl").read_bytes())

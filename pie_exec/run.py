@@ -17,6 +17,8 @@ from rich.progress import Progress
 
 from pie_policy import IterationStats, Plan, Policy
 from pie_serving import RunRecorder, Serving, drive
+from pie_serving.outputs import json_text
+from pie_serving.records import request_table, write_csv
 
 
 class InputError(ValueError):
@@ -35,8 +37,13 @@ def read_prompts(path: Path, vocab_size: int, max_context: int) -> list[Prompt]:
     """One JSON object a line: {"id": ..., "prompt_token_ids": [...], "max_new_tokens": n}; all arrive at 0."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # JSON is UTF-8; a byte-order mark is allowed
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}, line {line}: not UTF-8 (byte {e.object[e.start]:#x})") from None
+    prompts, lines = [], {}
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"
@@ -54,7 +61,13 @@ def read_prompts(path: Path, vocab_size: int, max_context: int) -> list[Prompt]:
         if len(ids) + new - 1 > max_context:
             raise InputError(f"{where}: prompt of {len(ids)} tokens + {new} new tokens exceeds the model's "
                              f"context of {max_context}")
-        prompts.append(Prompt(record.get("id", len(prompts)), 0.0, tuple(ids), new))
+        key = record.get("id", len(prompts))
+        if not isinstance(key, (str, int)) or isinstance(key, bool):
+            raise InputError(f"{where}: id must be a string or an integer, got {key!r}")
+        if str(key) in lines:  # as requests.csv writes it
+            raise InputError(f"{where}: id {key!r} repeats line {lines[str(key)]}'s (each request needs its own)")
+        lines[str(key)] = number
+        prompts.append(Prompt(key, 0.0, tuple(ids), new))
     if not prompts:
         raise InputError(f"{path}: no prompts in the file")
     return prompts
@@ -66,6 +79,11 @@ def trace_prompts(workload, vocab_size: int, seed: int) -> list[Prompt]:
     return [Prompt(int(r.request_id), float(r.arrival_s),
                    tuple(rng.integers(0, vocab_size, int(r.prompt_tokens)).tolist()), int(r.output_tokens))
             for r in workload.itertuples()]
+
+
+def mean_context(prompts: list[Prompt]) -> int:
+    """The mean tokens a request holds when it finishes: what pie's largest share is sized for."""
+    return round(sum(len(p.token_ids) + p.max_new_tokens for p in prompts) / len(prompts))
 
 
 def check_fits(policy: Policy, prompts: list[Prompt]) -> None:
@@ -107,7 +125,7 @@ def run(executor, policy: Policy, prompts: list[Prompt], progress: bool = True,
     arrivals = [(i, p.arrival_s, len(p.token_ids), p.max_new_tokens) for i, p in enumerate(prompts)]
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("serving", total=len(prompts))
-        serving = Serving(policy, arrivals, on_finish=lambda n: bar.advance(task, n))
+        serving = Serving(policy, arrivals, on_finish=lambda n: bar.advance(task, n), token_gaps=True)
         start = time.perf_counter()
         server = TokenServer(executor, prompts, start, on_iteration)
 
@@ -120,9 +138,12 @@ def run(executor, policy: Policy, prompts: list[Prompt], progress: bool = True,
     return requests, generated, serving.recorder, wall
 
 
-def write_outputs(out: Path, prompts: list[Prompt], requests, generated, recorder: RunRecorder, summary: dict):
-    recorder.write(out, requests, summary)
+def write_outputs(out: Path, prompts: list[Prompt], requests, generated, recorder: RunRecorder, summary: dict,
+                  benchmark: dict | None = None):
+    """The simulator's files, requests.csv with each prompt's `id` added, and tokens.jsonl."""
+    recorder.write(out, requests, summary, benchmark)
+    write_csv(out / "requests.csv", request_table(requests) | {"id": np.array([str(p.key) for p in prompts])})
     with open(out / "tokens.jsonl", "w") as f:
         for i, p in enumerate(prompts):
-            f.write(json.dumps({"id": p.key, "prompt_token_ids": list(p.token_ids),
+            f.write(json_text({"id": p.key, "prompt_token_ids": list(p.token_ids),
                                 "output_token_ids": generated[i]}) + "\n")

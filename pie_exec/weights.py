@@ -1,29 +1,58 @@
 """Weights for `pie_exec.model.Transformer`: seeded random ones, and Hugging Face folders in and out.
 
 A Hugging Face folder is `config.json` plus one or several `*.safetensors` files with HF's parameter names
-(what `AutoModelForCausalLM.from_pretrained` reads and `save_pretrained` writes). Only what the model
-implements is accepted: OPT with pre-LayerNorm and no embedding projection (OPT-125M, 1.3B … 66B; not 350M),
-and Llama with the plain ("default") RoPE (Llama-2, Llama-3 without rope scaling; not Llama-3.1's "llama3"
-scaling). Anything else is refused with a `ModelFolderError` that names the folder and the problem.
+(what `AutoModelForCausalLM.from_pretrained` reads and `save_pretrained` writes). Its config.json is read by
+`hwmodels.hf_config`, as the simulator reads it (a problem there is a `CatalogError`); of what that reads,
+the executor runs the dense models with plain ("default") RoPE: OPT, Llama (not Llama-3.1's "llama3"
+scaling), Mistral, Qwen2. Mixtures of experts (Mixtral) and other RoPE variants are refused with a
+`ModelFolderError` naming the source, as is any problem with the weights.
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from hwmodels import ModelSpec
+from hwmodels import ModelSpec, load_model
+from hwmodels.hf_config import HFConfig, read_hf_config
+from hwmodels.models import is_hf_config
 
 from .model import ArchDetails, Transformer
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the tensors cast into the weights
 
 
 class ModelFolderError(ValueError):
     """A model folder is missing, malformed, or describes a model the executor does not implement."""
+
+
+# ---------------------------------------------------------------- what the executor runs
+
+def executable_details(source: HFConfig | ModelSpec, where: str | Path) -> ArchDetails:
+    """The numerics the executor needs for a model read from `where` (a config.json's, or the defaults for
+    a catalog or TOML model); a `ModelFolderError` for what the executor does not implement."""
+    spec = source.spec if isinstance(source, HFConfig) else source
+    if spec.moe:
+        raise ModelFolderError(f"{where}: unsupported feature: a mixture of {spec.num_experts} experts (the "
+                               f"executor runs dense models; simulate it with pie-sim)")
+    if not isinstance(source, HFConfig) or spec.family == "opt":  # OPT needs no details
+        return ArchDetails()
+    if source.rope_variant:
+        raise ModelFolderError(f"{where}: unsupported feature: {source.rope_variant} (only plain RoPE is "
+                               f"implemented)")
+    return ArchDetails(rope_theta=source.rope_theta, rms_norm_eps=source.rms_norm_eps)
+
+
+def model_shape(name_or_path: str | Path) -> tuple[ModelSpec, ArchDetails]:
+    """A model as `pie-sim --model` names it (catalog name, TOML, config.json or model folder) and the
+    numerics to build it with; refuses what the executor does not run."""
+    source = read_hf_config(name_or_path) if is_hf_config(name_or_path) else load_model(name_or_path)
+    return (source.spec if isinstance(source, HFConfig) else source), executable_details(source, name_or_path)
 
 
 # ---------------------------------------------------------------- random weights
@@ -87,6 +116,8 @@ def _layout(spec: ModelSpec) -> list[tuple[str, str, slice | None]]:
         for i in range(spec.num_layers):
             hf, me = f"model.layers.{i}", f"layers.{i}"
             entries += [(f"{hf}.self_attn.{p}_proj.weight", f"{me}.wqkv.weight", rows) for p, rows in qkv.items()]
+            if spec.qkv_bias:
+                entries += [(f"{hf}.self_attn.{p}_proj.bias", f"{me}.wqkv.bias", rows) for p, rows in qkv.items()]
             entries += [(f"{hf}.self_attn.o_proj.weight", f"{me}.wo.weight", None),
                         (f"{hf}.input_layernorm.weight", f"{me}.attention_norm.weight", None),
                         (f"{hf}.post_attention_layernorm.weight", f"{me}.ffn_norm.weight", None),
@@ -101,7 +132,7 @@ def _layout(spec: ModelSpec) -> list[tuple[str, str, slice | None]]:
 
 def _architecture(spec: ModelSpec) -> tuple:
     return (spec.family, spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.ffn_size,
-            spec.vocab_size, spec.max_context, spec.tied_embeddings)
+            spec.vocab_size, spec.max_context, spec.tied_embeddings, spec.qkv_bias)
 
 
 def _expected_shape(param: Tensor, rows: slice | None) -> tuple[int, ...]:
@@ -131,12 +162,13 @@ def save_hf_folder(model: Transformer, spec: ModelSpec, details: ArchDetails, pa
                       word_embed_proj_dim=spec.hidden_size, do_layer_norm_before=True,
                       activation_function="relu", enable_bias=True, layer_norm_elementwise_affine=True,
                       dropout=0.0, attention_dropout=0.0)
-    else:
-        config = dict(architectures=["LlamaForCausalLM"], model_type="llama", **common,
-                      intermediate_size=spec.ffn_size, num_key_value_heads=spec.num_kv_heads,
+    else:  # Llama, or Qwen2 for biases on Q, K and V (Llama's attention_bias would put one on O too)
+        kind = "qwen2" if spec.qkv_bias else "llama"
+        config = dict(architectures=["Qwen2ForCausalLM" if spec.qkv_bias else "LlamaForCausalLM"], model_type=kind,
+                      **common, intermediate_size=spec.ffn_size, num_key_value_heads=spec.num_kv_heads,
                       head_dim=spec.head_dim, hidden_act="silu", rms_norm_eps=details.rms_norm_eps,
-                      rope_theta=details.rope_theta, rope_scaling=None,
-                      attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+                      rope_theta=details.rope_theta, rope_scaling=None, attention_dropout=0.0,
+                      **({} if spec.qkv_bias else dict(attention_bias=False, mlp_bias=False)))
     params = dict(model.named_parameters())
     tensors = {}
     for hf_name, name, rows in _layout(spec):
@@ -149,9 +181,33 @@ def save_hf_folder(model: Transformer, spec: ModelSpec, details: ArchDetails, pa
 
 # ---------------------------------------------------------------- load
 
+def _failing(folder: Path):
+    def fail(problem: str) -> ModelFolderError:
+        return ModelFolderError(f"model folder {folder}: {problem}")
+    return fail
+
+
+def _read_folder_config(folder: Path, dtype: torch.dtype) -> tuple[ModelSpec, ArchDetails]:
+    fail = _failing(folder)
+    if not folder.exists():
+        raise fail("does not exist")
+    if not folder.is_dir():
+        raise fail("is not a folder")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"load_hf_folder: dtype {dtype} is not one of {', '.join(DTYPE_NAMES.values())}")
+    config = read_hf_config(folder)
+    spec = replace(config.spec, dtype_bytes=torch.empty((), dtype=dtype).element_size())
+    return spec, executable_details(config, folder)
+
+
+def read_hf_spec(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelSpec:
+    """The ModelSpec of a Hugging Face folder at `dtype`, from its config.json alone (nothing allocated)."""
+    return _read_folder_config(Path(path), dtype)[0]
+
+
 def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu") -> tuple[Transformer, ModelSpec, ArchDetails]:
-    """Read a Hugging Face OPT or Llama folder into a `Transformer` (weights cast to `dtype`, on `device`).
+    """Read a Hugging Face folder into a `Transformer` (weights cast to `dtype`, on `device`).
 
     Returns (model, spec, details); spec.name is the folder's name. Shards are read one tensor at a time
     straight into the model's parameters, so peak memory is about one model plus one tensor.
@@ -159,17 +215,8 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32,
     from safetensors import safe_open  # imported here: random weights need no safetensors
 
     folder = Path(path)
-
-    def fail(problem: str) -> ModelFolderError:
-        return ModelFolderError(f"model folder {folder}: {problem}")
-
-    if not folder.exists():
-        raise fail("does not exist")
-    if not folder.is_dir():
-        raise fail("is not a folder")
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"load_hf_folder: dtype {dtype} is not one of {', '.join(DTYPE_NAMES.values())}")
-    spec, details = _read_config(folder, fail, dtype)
+    fail = _failing(folder)
+    spec, details = _read_folder_config(folder, dtype)
     files = _weight_files(folder, fail)
 
     model = Transformer(spec, details, dtype=dtype, device=device)
@@ -196,7 +243,11 @@ def load_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32,
                     seen[hf_name] = file
                     name, rows = wanted[hf_name]
                     target = params[name] if rows is None else params[name][rows]
-                    shape = tuple(handle.get_slice(key).get_shape())
+                    stored = handle.get_slice(key)
+                    if stored.get_dtype() not in FLOAT_DTYPES:
+                        raise fail(f"{file.name}: tensor {key!r} holds {stored.get_dtype()}, not floating-point "
+                                   f"weights (quantized or corrupt?)")
+                    shape = tuple(stored.get_shape())
                     if shape != tuple(target.shape):
                         raise fail(f"{file.name}: tensor {key!r} has shape {list(shape)}, expected "
                                    f"{list(target.shape)}")
@@ -234,96 +285,3 @@ def _canonical(key: str) -> str:
     if key.startswith("model.") or key.startswith("lm_head."):
         return key
     return "model." + key
-
-
-def _read_config(folder: Path, fail, dtype: torch.dtype) -> tuple[ModelSpec, ArchDetails]:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise fail("no config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise fail(f"config.json is not valid JSON ({error})") from error
-    if not isinstance(config, dict):
-        raise fail("config.json is not a JSON object")
-
-    missing = object()
-
-    def get(key: str, kind: type, default=missing):
-        if key not in config or config[key] is None:
-            if default is missing:
-                raise fail(f"config.json: missing field {key!r}")
-            return default
-        value = config[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise fail(f"config.json: field {key!r} is {value!r}, expected {kind.__name__}")
-        if kind in (int, float) and value <= 0:
-            raise fail(f"config.json: field {key!r} is {value!r}, expected a positive number")
-        return value
-
-    def require(key: str, value, default, why: str) -> None:
-        actual = config.get(key, default)
-        if actual is None:
-            actual = default
-        if actual != value:
-            raise fail(f"config.json: unsupported feature: {key} = {json.dumps(actual)} ({why})")
-
-    if config.get("quantization_config"):
-        raise fail("config.json: unsupported feature: quantization_config (quantized checkpoints)")
-    model_type = get("model_type", str)
-    hidden, layers = get("hidden_size", int), get("num_hidden_layers", int)
-    heads, vocab = get("num_attention_heads", int), get("vocab_size", int)
-    max_context = get("max_position_embeddings", int)
-    if model_type == "opt":
-        ffn = get("ffn_dim", int)
-        kv_heads = heads
-        proj = get("word_embed_proj_dim", int, hidden)
-        if proj != hidden:
-            raise fail(f"config.json: unsupported feature: word_embed_proj_dim = {proj} differs from "
-                       f"hidden_size = {hidden} (embedding projections, as in OPT-350M)")
-        require("do_layer_norm_before", True, True, "only pre-LayerNorm OPT is implemented")
-        require("_remove_final_layer_norm", False, False, "the final LayerNorm is always applied")
-        require("activation_function", "relu", "relu", "only ReLU is implemented")
-        require("enable_bias", True, True, "OPT layers always have biases here")
-        require("layer_norm_elementwise_affine", True, True, "LayerNorms always have weight and bias here")
-        tied = get("tie_word_embeddings", bool, True)
-        details = ArchDetails()
-    elif model_type == "llama":
-        ffn = get("intermediate_size", int)
-        kv_heads = get("num_key_value_heads", int, heads)
-        theta = get("rope_theta", float, 10000.0)
-        for key in ("rope_scaling", "rope_parameters"):
-            rope = config.get(key)
-            if rope is None:
-                continue
-            if not isinstance(rope, dict):
-                raise fail(f"config.json: field {key!r} is {rope!r}, expected an object")
-            kind = rope.get("rope_type", rope.get("type", "default"))
-            if kind != "default":
-                raise fail(f"config.json: unsupported feature: {key} of type {kind!r} (only plain RoPE "
-                           f"is implemented)")
-            if "partial_rotary_factor" in rope and rope["partial_rotary_factor"] != 1.0:
-                raise fail(f"config.json: unsupported feature: {key}.partial_rotary_factor")
-            if "rope_theta" in rope:
-                theta = float(rope["rope_theta"])
-        require("hidden_act", "silu", "silu", "only SwiGLU with SiLU is implemented")
-        require("attention_bias", False, False, "Llama projections have no biases here")
-        require("mlp_bias", False, False, "Llama projections have no biases here")
-        if hidden % heads == 0:
-            require("head_dim", hidden // heads, hidden // heads, "head_dim must be hidden_size / num_heads")
-        tied = get("tie_word_embeddings", bool, False)
-        # HF's LlamaConfig defaults rms_norm_eps to 1e-6; a config without the field means that.
-        details = ArchDetails(rope_theta=theta, rms_norm_eps=get("rms_norm_eps", float, 1e-6))
-    else:
-        raise fail(f"config.json: unknown model_type {model_type!r} (supported: 'opt', 'llama')")
-    if hidden % heads:
-        raise fail(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    if heads % kv_heads:
-        raise fail(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    spec = ModelSpec(name=folder.resolve().name, description=f"{model_type} model read from {folder}", family=model_type,
-                     num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
-                     ffn_size=ffn, vocab_size=vocab, max_context=max_context,
-                     dtype_bytes=torch.empty((), dtype=dtype).element_size(), tied_embeddings=tied)
-    return spec, details

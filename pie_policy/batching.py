@@ -22,7 +22,6 @@ from .config import EngineConfig
 from .placement import GpuOnly
 from .request import Request, State
 
-
 FCFS = attrgetter("arrival_s", "request_id")  # the order running sequences get their steps in
 
 
@@ -32,7 +31,8 @@ class Schedule:
     swap_out: list[tuple[int, int]] = field(default_factory=list)   # (GPU slot, CPU slot)
     swap_in: list[tuple[int, int]] = field(default_factory=list)    # (CPU slot, GPU slot)
     preempted: list[Request] = field(default_factory=list)
-    limited: bool = False  # a block the controller's share refused would have fitted the CPU
+    limited: bool = False  # a block the controller's share refused (admission or preemption) would have fitted the CPU
+    refused: list[int] = field(default_factory=list)  # tokens of KV lost by the preemptions the share caused
 
 
 class Scheduler:
@@ -167,7 +167,11 @@ class Scheduler:
             new = min(request.prompt_tokens + request.generated - request.computed, budget)
             if -(-(request.computed + new) // size) != len(tables.get(request.request_id, ())):
                 while not self._grow(request, new):
+                    share_caused = self._place(request, new, False, unlimited=True) is not None
                     victim = queue.pop() if queue else request
+                    if share_caused:
+                        out.limited = True
+                        out.refused.append(victim.computed)
                     self._preempt(victim, out)
                     if victim is request:
                         break

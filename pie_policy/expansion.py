@@ -1,37 +1,113 @@
-"""Adaptive expansion: how much of the KV cache may live in CPU memory, set online from what the GPU did.
+"""Adaptive expansion: how much of the KV cache may live in CPU memory, set online to serve the most tokens.
 
-The controller owns one number, `share`: the most the CPU may hold of the live KV blocks. Layer swapping
-hides its copies as long as the host→device link moves an iteration's CPU-resident KV in no more time
-than the GPU computes it. So the stall-free share follows from two measured times of an iteration that
-streamed the whole batch (compute C; link busy H; stall S), with x = in_use / (1 - in_use) the CPU
-blocks per GPU block now on the CPU:
+The controller owns one number, `share`: the most the CPU may hold of the live KV blocks. It starts at 0
+(Pie begins as vLLM) and hears about every iteration that computed every running sequence (only such a
+batch streams all the CPU-resident KV it measures). It weighs, in that iteration's seconds, what the CPU
+share buys against what it costs:
 
-    u = H / C, or (C + S) / C if that is larger and the GPU waited (the link needed at least that long)
-    x_target = x · (1 - margin) / u,        target = x_target / (1 + x_target)
+- **a larger batch.** With x = CPU blocks per GPU block and the GPU full, the batch is (1 + x) times what
+  the GPU alone holds. The batch's copy-free time T0 (the cost model's price of the batch with no copy in
+  flight) has a part F that no batch changes (weights read once per layer, per-layer overheads): the
+  same tokens served by the GPU alone, in batches 1 + x times smaller, would take T0 + x·F;
+- **longer iterations.** Whatever makes the measured iteration T (end - start) longer than its copy-free
+  time is what the CPU share costs: the layers' HBM contention with the copies, waits on the link, issuing
+  copy calls: y = T / (ρ·T0) - 1, with ρ the measured / copy-free ratio of the full iterations without
+  copies (the cost model's error on this machine: 1 in the simulator, which prices with it);
+- **fewer recomputed prefills.** A preemption the share caused (the running sequence's block would have
+  fitted CPU memory, not the share) throws away its victim's KV, and a prefill recomputes it later; the
+  policy prices that prefill on the cost model. π = those seconds per copy-free second of decode.
 
-Transfer time is proportional to the CPU bytes, so target is where the link would be busy (1 - margin)
-of compute had the batch's compute stayed the same; it grows with the batch, so the estimate is low from
-below and the controller converges on the stall-free share s* in a few steps without crossing it.
+So the decode token rate with CPU share s = x / (1 + x), against the GPU alone on the same work, is
 
-- **Stalled** (S > tolerance · C): share = min(share, target). One cut to the estimated stall-free
-  point, not a fraction of the share: a cut strands the sequences whose next block may no longer go to
-  the CPU, so the controller never cuts further than the link requires, and a repeated stall of the
-  same KV (blocks stay on the CPU until their sequences finish) gives the same target.
-- **Limited, GPU did not wait** (a block the share refused would have fitted the CPU): share moves up
-  to target, at most `max_step` per iteration (the batch must show what the new share costs before the
-  next step); with nothing on the CPU yet there is nothing to measure, so it probes `step` up.
-- Otherwise hold: between (1 - margin) and 1 + tolerance of link load nothing moves, so the share does
-  not dither with the batch's noise.
+    J(x) = (1 + x·φ) / (1 + a·x),   φ = F / T0,   a = y / x
 
-Defaults: start 0 (Pie begins as vLLM and expands during warm-up), step 0.02, max_step 0.05,
-tolerance 0.01, margin 0.05, max_share 0.5. Tested against a closed-form plant in tests/test_expansion.py.
+with a (the overhead per unit x: Σy / Σx) and φ averaged over the last `horizon` iterations that held CPU
+KV (exponential weights), π over those and the ones the share limited, ρ over the ones without copies. J rises with x where φ > a
+(weights dominate what a layer reads: expanding pays) and falls where φ < a (the copies' HBM traffic
+costs more than the larger batch saves). **The control law:**
+
+    acceptable = the shares s ≤ min(max_share, the largest share measured + step) with
+                 J(s) ≥ max J - tolerance - π:
+                 decode speed is given up for as much recomputation as the share is measured to cause
+                 (and `tolerance` more: a larger share also shortens the queue, which J does not count)
+    ceiling    = a step below the share in use when the GPU waited more than `stall_tolerance` of
+                 compute (averaged over STALL_MEMORY iterations), lowered while it keeps waiting, raised a
+                 step after `relax_iterations` calm iterations
+    link       = the share at which the link would be busy (1 - margin) of compute, from its load per unit
+                 x averaged over LINK_MEMORY iterations (each direction against compute, and a staging
+                 slot's write-back plus the prefetch that reuses it against `prefetch_depth` layers)
+
+    if the GPU is waiting:                    share = min(share, ceiling)
+    elif share > largest acceptable:          share = max(largest acceptable, min(share, in use)), or a
+                                              step below what is in use if that is not acceptable
+    elif the share refused a block CPU memory had room for, and what is in use has caught up with it:
+                                              share += step, but no further than the largest acceptable,
+                                              the ceiling and the link share
+    with nothing measured (or nothing for `stale_iterations` plans) and refused: a step up, forgetting
+    the old measurements (the load may have changed).
+
+An economic cut goes no more than a step below the share in use: further, it would preempt many running
+sequences whose next block the share refuses, whereas the CPU KV drains as sequences finish (the share
+follows it down a step at a time). Only waiting on the link cuts deeper.
+
+Deterministic and clock-free: the share is a function of the observations alone. An iteration with no CPU
+KV whose share refused nothing (a plain decode) only updates ρ; where its measured time is its copy-free
+price, as in the simulator, ρ stays 1 and the shares are the same whether a backend reports it or not.
+Defaults: step 0.02, tolerance 0.005, horizon 200, stall_tolerance 0.03, margin 0.1, relax_iterations 500,
+stale_iterations 2000, max_share 0.5. Tested against closed-form plants with HBM contention
+(tests/test_expansion.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import ConfigError, check_share
 from .plan import IterationStats
+
+STALL_MEMORY = 8   # iterations the stall fraction is averaged over
+LINK_MEMORY = 50   # iterations the link load is averaged over
+
+
+@dataclass
+class Evidence:
+    """What the iterations said, exponentially weighted: sums over those that held CPU KV (weight, x, y,
+    φ), over those and the ones the share limited (weight, π), over those without copies (weight,
+    measured / copy-free), and short averages of the wait and the link load per unit x."""
+    cpu: list[float] = field(default_factory=lambda: [0.0] * 4)
+    pressure: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    free: list[float] = field(default_factory=lambda: [0.0, 0.0])  # weight, weight·(measured / copy-free)
+    waited: float = 0.0
+    load_per_x: float = 0.0
+    top: float = 0.0      # the largest share measured
+    last: int = -1        # the plan number of the last iteration with CPU KV
+
+    def measure(self, iteration: int, x: float, y: float, phi: float, wait: float, load: float, keep: float):
+        self.cpu = [keep * s + t for s, t in zip(self.cpu, (1.0, x, y, phi))]
+        self.waited += (wait - self.waited) / STALL_MEMORY
+        self.load_per_x += (load / x - self.load_per_x) / (LINK_MEMORY if self.load_per_x else 1)
+        self.top, self.last = max(self.top, x / (1 + x)), iteration
+
+    def press(self, pi: float, keep: float) -> None:
+        self.pressure = [keep * self.pressure[0] + 1.0, keep * self.pressure[1] + pi]
+
+    def calibrate(self, ratio: float, keep: float) -> None:
+        self.free = [keep * self.free[0] + 1.0, keep * self.free[1] + ratio]
+
+    @property
+    def rho(self) -> float:
+        w, wr = self.free
+        return wr / w if w > 0 else 1.0
+
+    @property
+    def pi(self) -> float:
+        w, wpi = self.pressure
+        return wpi / w if w > 0 else 0.0
+
+    @property
+    def economics(self) -> tuple[float, float] | None:
+        """(a, φ), or None before an iteration with CPU KV."""
+        w, wx, wy, wphi = self.cpu
+        return (wy / wx, wphi / w) if wx > 0 else None
 
 
 @dataclass
@@ -39,38 +115,119 @@ class ExpansionController:
     share: float = 0.0
     max_share: float = 0.5
     step: float = 0.02
-    max_step: float = 0.05
-    tolerance: float = 0.03
-    margin: float = 0.05
+    tolerance: float = 0.005
+    horizon: int = 200
+    stall_tolerance: float = 0.03
+    margin: float = 0.1
+    prefetch_depth: int = 1
+    relax_iterations: int = 500
+    stale_iterations: int = 2000
+    evidence: Evidence = field(default_factory=Evidence)
+    ceiling: float = 1.0  # a step below the share in use where the GPU last waited on the link
+    calm: int = 0         # iterations with CPU KV since the GPU last waited (or the ceiling last rose)
 
     def __post_init__(self) -> None:
         check_share("max_share", self.max_share)
         check_share("share", self.share)
-        if not 0 < self.step <= self.max_step < 1:
-            raise ConfigError(f"need 0 < step <= max_step < 1, got {self.step}, {self.max_step}")
-        if not (0 <= self.tolerance and 0 <= self.margin < 1):
-            raise ConfigError("tolerance and margin must be >= 0 (margin < 1)")
+        if not 0 < self.step < 1:
+            raise ConfigError(f"step must be in (0, 1), got {self.step}")
+        if not (0 <= self.tolerance < 1 and 0 <= self.stall_tolerance and 0 <= self.margin < 1):
+            raise ConfigError("tolerance, stall_tolerance and margin must be >= 0 (tolerance and margin < 1)")
+        for name in ("horizon", "prefetch_depth", "relax_iterations", "stale_iterations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         self.share = min(self.share, self.max_share)
 
-    def stalled(self, stats: IterationStats) -> bool:
-        return stats.stall_s > self.tolerance * stats.compute_s
+    # ---- what the evidence says
+    def link_load(self, stats: IterationStats) -> float:
+        """How busy the link was against compute: each direction must keep up with compute, and a staging
+        slot's write-back and the prefetch that reuses it share the `prefetch_depth` layers between them
+        (layerswap.py); a wait longer than `stall_tolerance` of compute means the link needed at least
+        compute + stall (a shorter one is the first layers' prefetch after the batch changed)."""
+        compute, stall, h2d, d2h = stats.compute_s, stats.stall_s, stats.h2d_busy_s, stats.d2h_busy_s
+        waited = stall > self.stall_tolerance * compute
+        link = max(h2d, d2h, (h2d + d2h) / self.prefetch_depth, compute + stall if waited else 0.0)
+        return link / compute if compute > 0 else 0.0
 
-    def target(self, stats: IterationStats, in_use: float) -> float | None:
-        """The largest share whose copies the iteration's compute would hide, or None without a measurement."""
-        compute, stall = stats.compute_s, stats.stall_s
-        link = max(stats.h2d_busy_s, stats.d2h_busy_s, compute + stall if self.stalled(stats) else 0.0)
-        if compute <= 0 or link <= 0 or in_use <= 0:
+    @property
+    def link_share(self) -> float | None:
+        """The share at which the link would be busy (1 - margin) of compute (busy time scales with the
+        CPU bytes), or None before an iteration with CPU KV."""
+        if self.evidence.load_per_x <= 0:
             return None
-        x = in_use / (1 - in_use) * (1 - self.margin) * compute / link
+        x = (1 - self.margin) / self.evidence.load_per_x
         return x / (1 + x)
 
-    def observe(self, stats: IterationStats, limited: bool, in_use: float) -> float:
-        """Update and return the share after an iteration that computed every running sequence; `in_use`
-        is the share of the live KV on the CPU, `limited` whether the share refused a block."""
-        target = self.target(stats, in_use)
-        if self.stalled(stats):
-            self.share = min(self.share, target)
-        elif limited and self.share < self.max_share:
-            rise = self.step if target is None else min(self.max_step, max(0.0, target - self.share))
-            self.share = min(self.max_share, self.share + rise)
+    def predicted(self, share: float) -> float | None:
+        """J at `share` (1 at 0), or None before an iteration with CPU KV."""
+        economics = self.evidence.economics
+        if economics is None:
+            return None
+        a, phi = economics
+        x = share / (1 - share)
+        return (1 + x * phi) / (1 + a * x)
+
+    def largest_acceptable(self) -> float | None:
+        """The largest share up to `max_share` and a step past the largest measured whose J is within
+        `tolerance` + π of the best (J is monotone in x: the best is at 0 or at the top), or None."""
+        economics = self.evidence.economics
+        if economics is None:
+            return None
+        a, phi = economics
+        top = min(self.max_share, self.evidence.top + self.step)
+        floor = max(1.0, self.predicted(top)) - self.tolerance - self.evidence.pi
+        if self.predicted(top) >= floor:
+            return top
+        # (1 + x·φ) / (1 + a·x) = floor, J falling (φ < a·floor)
+        x = (1 - floor) / (a * floor - phi)
+        return min(top, x / (1 + x))
+
+    # ---- the law
+    def observe(self, stats: IterationStats, *, limited: bool, in_use: float, copy_free_s: float,
+                fixed_s: float, refused_s: float = 0.0) -> float:
+        """Update and return the share after an iteration that computed every running sequence.
+        `in_use`: the share of the live KV blocks on the CPU; `limited`: whether the share refused a block
+        CPU memory had room for; `copy_free_s`: the cost model's seconds for the batch with no copies in
+        flight; `fixed_s`: the part of those that no batch changes; `refused_s`: the cost model's seconds
+        to recompute what the preemptions the share caused (since the last call) threw away."""
+        if copy_free_s <= 0:
+            return self.share
+        keep = 1 - 1 / self.horizon
+        seconds = stats.end_s - stats.start_s
+        if not (in_use > 0 or limited):
+            if stats.bytes_h2d == stats.bytes_d2h == 0:
+                self.evidence.calibrate(seconds / copy_free_s, keep)
+            return self.share  # nothing measured with CPU KV, nothing asked for
+        if stats.iteration - self.evidence.last > self.stale_iterations:
+            self.evidence = Evidence(free=self.evidence.free)
+        if in_use > 0:
+            x, rho = in_use / (1 - in_use), self.evidence.rho
+            wait = stats.stall_s / stats.compute_s if stats.compute_s > 0 else 0.0
+            self.evidence.measure(stats.iteration, x, seconds / (rho * copy_free_s) - 1, fixed_s / copy_free_s, wait,
+                                  self.link_load(stats), keep)
+        self.evidence.press(refused_s / copy_free_s, keep)
+        self._learn_ceiling(in_use)
+        largest = self.largest_acceptable()
+        if largest is None:
+            if limited:
+                self.share = min(self.max_share, self.ceiling, self.share + self.step)
+        elif self.share > largest:
+            self.share = max(largest, min(self.share, in_use - self.step if in_use > largest else in_use))
+        elif limited and in_use >= self.share - self.step / 2:
+            up = min(self.share + self.step, largest, self.max_share, self.ceiling)
+            link = self.link_share
+            self.share = up if link is None else max(self.share, min(up, link))
         return self.share
+
+    def _learn_ceiling(self, in_use: float) -> None:
+        """While the GPU waits, the ceiling is a step below what is in use, and the share no higher; after
+        `relax_iterations` calm iterations with CPU KV it rises a step."""
+        if in_use <= 0:
+            return
+        if self.evidence.waited > self.stall_tolerance:
+            self.ceiling = min(self.ceiling, max(0.0, in_use - self.step))
+            self.share, self.calm = min(self.share, self.ceiling), 0
+        else:
+            self.calm += 1
+            if self.calm >= self.relax_iterations:
+                self.ceiling, self.calm = min(1.0, self.ceiling + self.step), 0

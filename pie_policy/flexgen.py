@@ -29,8 +29,20 @@ from itertools import count
 from hwmodels import BatchShape, CostModel
 
 from .flexgen_lp import FlexGenPlacement, check_shares
-from .plan import (ACTIVATIONS, D2H, DISK_READ, DISK_WRITE, H2D, LAYER_KV, WEIGHTS, Copy, IterationStats,
-                   LayerStep, Plan, SeqWork)
+from .plan import (
+    ACTIVATIONS,
+    D2H,
+    DISK_READ,
+    DISK_WRITE,
+    H2D,
+    LAYER_KV,
+    WEIGHTS,
+    Copy,
+    IterationStats,
+    LayerStep,
+    Plan,
+    SeqWork,
+)
 from .request import Request, State
 
 AHEAD = {DISK_READ: 2, H2D: 1}  # layers ahead of its compute that a layer's data is read from disk, copied to the GPU

@@ -33,6 +33,7 @@ from functools import cached_property
 from itertools import count, islice
 
 from .blocks import CPU, SlotRuns
+from .config import ConfigError
 from .plan import D2H, H2D, LAYER_KV, Copy, LayerStep, SeqWork
 
 
@@ -197,7 +198,12 @@ class SwapSteps(Sequence):
 class FifoLayerSwap:
     def __init__(self, num_layers: int, depth: int, capacity: int, block_bytes_layer: int,
                  block_size: int, dirty_only: bool, op_ids: count, coalesce_gap: int = 0):
-        self.num_layers, self.depth, self.capacity = num_layers, min(depth, num_layers), capacity
+        if depth >= num_layers:
+            # the prefetch of the next iteration's layer l is issued when this one reaches layer l - depth + L:
+            # at depth L, before layer l has computed, so before its write-back of the tokens it adds
+            raise ConfigError(f"prefetch depth {depth} must be less than the model's {num_layers} layers (a "
+                              f"layer's prefetch for the next iteration must follow its write-back)")
+        self.num_layers, self.depth, self.capacity = num_layers, depth, capacity
         self.block_bytes_layer, self.block_size, self.dirty_only = block_bytes_layer, block_size, dirty_only
         self.ring, self.coalesce_gap = self.depth + 1, coalesce_gap
         self._ids = op_ids

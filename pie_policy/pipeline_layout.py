@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from hwmodels import BatchShape, CapacityError, CostModel, GiB, ModelSpec
 
 
-
 def split_layers(num_layers: int, num_stages: int) -> tuple[int, ...]:
     """Layers per stage, vLLM's way."""
     if not 1 <= num_stages <= num_layers:

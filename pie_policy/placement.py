@@ -6,14 +6,17 @@ table order, or None when they do not fit (an admission also keeps `watermark` G
 
 - `GpuOnly` (vllm, vllm-swap): every live block on the GPU.
 - `StaticShare` (static): keep a fixed share of the live blocks on the CPU, whatever the load.
-- `Expanding` (pie): the GPU first. An admission the GPU cannot take whole keeps its full blocks in CPU
+- `Expanding` (pie; pie-fixed, whose share is a `HeldShare`): the GPU first. An admission the GPU
+  cannot take whole keeps its full blocks in CPU
   memory, up to the share the expansion controller allows, and its partial tail on the GPU. By role,
   because a copy call costs a fixed latency (8 µs on GH200, ~9 block-layers' worth of bytes): full
   prompt blocks are read-only, allocated together (consecutive CPU slots: one call per layer) and never
   written back, whereas a growing tail block on the CPU would be read and written back every layer of
   every iteration, one call each. A running sequence whose block the GPU cannot take gets it on the
   CPU within the share, else preemption (letting it past the share traded preemptions for dirty tails'
-  stalls and lost, bench/RESULTS.md). No admission while the CPU holds more than the share.
+  stalls and lost, bench/RESULTS.md). After a cut below what the CPU holds, admissions that fit the GPU
+  go on (their compute hides the CPU KV's copies; stopping them shrank the batch around the CPU KV until
+  the link stalled) and the CPU KV drains as its sequences finish.
 Live CPU blocks are also bounded by `cpu_capacity`, the blocks the GPU staging area can hold.
 """
 from __future__ import annotations
@@ -22,11 +25,18 @@ from .blocks import CPU, GPU, BlockTables
 from .expansion import ExpansionController
 
 
+class HeldShare:
+    """A share no controller moves: `Expanding` at a fixed share (pie-fixed)."""
+
+    def __init__(self, share: float):
+        self.share = share
+
+
 class GpuOnly:
     """The placement interface (what the scheduler asks) and its simplest rule: everything on the GPU."""
     live_cpu = False  # whether its CPU blocks are live KV (then the policy plans layer swapping)
     gpu_first = True  # a new block goes to the GPU while it has room
-    controller: ExpansionController | None = None  # the online controller that sets its share, if any
+    controller: ExpansionController | HeldShare | None = None  # what sets its share, if anything
 
     def __init__(self, tables: BlockTables, watermark: int = 0):
         self.tables, self.watermark = tables, watermark
@@ -51,16 +61,24 @@ class GpuOnly:
         return self.tables.pools[GPU].capacity
 
 
-class StaticShare(GpuOnly):
+class LiveCpu(GpuOnly):
+    """A placement whose CPU blocks are live KV (streamed in by layer swapping), at most `cpu_capacity` of
+    them: what the GPU staging area holds."""
     live_cpu = True
 
-    def __init__(self, tables: BlockTables, watermark: int, share: float, cpu_capacity: int):
+    def __init__(self, tables: BlockTables, watermark: int, cpu_capacity: int):
         super().__init__(tables, watermark)
-        self.share, self.cpu_capacity = share, cpu_capacity
+        self.cpu_capacity = cpu_capacity
 
     def cpu_room(self, unlimited: bool = False) -> int:
         cpu = self.tables.pools[CPU]
         return min(cpu.num_free, self.cpu_capacity - cpu.num_used)
+
+
+class StaticShare(LiveCpu):
+    def __init__(self, tables: BlockTables, watermark: int, share: float, cpu_capacity: int):
+        super().__init__(tables, watermark, cpu_capacity)
+        self.share = share
 
     def place(self, blocks, full=0, admitting=False, unlimited=False):
         """Block by block, the CPU while it holds less than `share` of the live blocks."""
@@ -91,9 +109,10 @@ class StaticShare(GpuOnly):
 class Expanding(StaticShare):
     gpu_first = True
 
-    def __init__(self, tables: BlockTables, watermark: int, controller: ExpansionController, cpu_capacity: int):
-        GpuOnly.__init__(self, tables, watermark)
-        self.controller, self.cpu_capacity = controller, cpu_capacity
+    def __init__(self, tables: BlockTables, watermark: int, controller: ExpansionController | HeldShare,
+                 cpu_capacity: int):
+        LiveCpu.__init__(self, tables, watermark, cpu_capacity)
+        self.controller = controller
 
     def cpu_room(self, unlimited: bool = False) -> int:
         room = super().cpu_room()
@@ -110,11 +129,8 @@ class Expanding(StaticShare):
     def place(self, blocks, full=0, admitting=False, unlimited=False):
         """All on the GPU while they fit it (an admission keeping the watermark); else an admission puts
         its full blocks on the CPU and the rest on the GPU, a running sequence its full blocks and as many
-        more as the GPU lacks room for; the CPU blocks within the share unless `unlimited`. No admission
-        while the CPU holds more than the share (after a cut), so the cut takes effect as sequences end."""
+        more as the GPU lacks room for; the CPU blocks within the share unless `unlimited`."""
         free = self.tables.pools[GPU].num_free
-        if admitting and not unlimited and self.cpu_room() == 0 and self.tables.pools[CPU].num_used > self.allowed:
-            return None
         keep = self.watermark if admitting else 0
         if free - blocks >= keep:
             return [(GPU, blocks)]

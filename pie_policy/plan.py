@@ -160,6 +160,12 @@ class RunStep(NamedTuple):
     swap: object = None          # its layer-swap record (layerswap.LayerSwap) when the run copies
     cpu_share: float = 0.0       # the share of the live KV in CPU memory after it
 
+    @property
+    def shape(self) -> BatchShape:
+        """Its batch, as a plan of these decodes has it (`BatchShape.decoding` of its sums)."""
+        n = self.sequences
+        return BatchShape.decoding(n, self.attended - n, self.padded // n - 1)
+
 
 @dataclass(frozen=True)
 class DecodeRun:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from itertools import count
 from typing import Callable
 
-from hwmodels import BatchShape
+from hwmodels import BatchShape, CostModel
 
 from . import decode_runs
 from .batching import Schedule, Scheduler
@@ -53,7 +53,7 @@ class Policy:
     micro_batches = 1
 
     def __init__(self, name: str, config: EngineConfig, cpu_share: float = 0.0,
-                 controller: ExpansionController | None = None):
+                 controller: ExpansionController | None = None, cost_model: CostModel | None = None):
         if name not in POLICIES:
             raise ConfigError(f"unknown policy '{name}' (known: {', '.join(POLICIES)})")
         policy = REGISTRY[name]
@@ -62,7 +62,12 @@ class Policy:
                                   journal=policy.cpu_blocks == LIVE_KV)
         self._ids = count()
         placement = policy.placement(self.tables, config, cpu_share, controller)
-        self.controller = placement.controller
+        self.controller = placement.controller if policy.adaptive else None
+        if self.controller is not None and cost_model is None:
+            raise ConfigError(f"{name}'s controller prices each batch without copies: it needs the cost model")
+        self.cost_model = cost_model
+        self._fixed_s = cost_model.iteration_time(BatchShape()) if cost_model else 0.0  # what no batch changes
+        self._refused_s = 0.0  # recomputation the share caused since the controller last saw an iteration
         if policy.cpu_blocks == SWAP_SPACE and config.num_cpu_blocks == 0:
             raise ConfigError(f"{name} needs CPU swap space: num_cpu_blocks must be at least 1")
         self.swapper = FifoLayerSwap(config.num_layers, config.prefetch_depth, config.num_cpu_blocks,
@@ -168,14 +173,17 @@ class Policy:
 
     def _observe_run(self, stats: IterationStats, step: RunStep) -> bool:
         """A copying run's iteration to the controller, as `observe` gives it a plan of every running
-        sequence (its CPU share while it runs); whether the share held (else the run ends after it)."""
-        return self._adapt(stats, False, self._share(step.gpu_blocks_during, self.tables.pools[CPU].num_used))
+        sequence (its CPU share while it runs; nothing refused); whether the share held (else the run ends
+        after it)."""
+        share = self.controller.share
+        self._tell(stats, False, self._share(step.gpu_blocks_during, self.tables.pools[CPU].num_used), step.shape)
+        return self.controller.share == share
 
     def commit_run(self, run: DecodeRun, ends) -> list[Request]:
         """Account for the first len(ends) iterations of `run`, iteration j ending at ends[j]; returns the
         requests that finished. A copying run's iterations were told to the controller as they ran; a plain
-        run's hold no CPU KV, wait for no copy and the share refuses nothing in them, which leaves the
-        controller as it is, so it is not told about them."""
+        run's hold no CPU KV and the share refuses nothing in them, so the controller, which such
+        iterations leave unchanged, is not told about them."""
         iterations = len(ends)
         if self._open_run is None or run.first_iteration != self._iteration or iterations < 1:
             raise ValueError(f"cannot commit {iterations} iterations of a run that is not the one open")
@@ -197,16 +205,23 @@ class Policy:
     def observe(self, plan: Plan, stats: IterationStats) -> list[Request]:
         """Account for an executed plan; returns the requests that finished in it."""
         schedule = self._pending.pop(plan.iteration)
-        if len(schedule.work) == len(self.scheduler.running):
-            # only a batch of every running sequence streams all the CPU-resident KV it measures
-            self._adapt(stats, schedule.limited, self.cpu_share)
+        if self.controller is not None:
+            self._observe_share(plan, stats, schedule)
         return self.scheduler.complete(schedule, stats.end_s)
 
-    def _adapt(self, stats: IterationStats, limited: bool, in_use: float) -> bool:
-        """One executed iteration of every running sequence to the controller (if any): its stats, whether
-        the share refused a block and the CPU share of the live KV. Whether the share held."""
-        if self.controller is None:
-            return True
-        share = self.controller.share
-        self.controller.observe(stats, limited, in_use)
-        return self.controller.share == share
+    def _observe_share(self, plan: Plan, stats: IterationStats, schedule: Schedule) -> None:
+        """Tell the controller about an iteration of every running sequence (only such a batch streams all
+        the CPU-resident KV it measures), with the cost model's prices of the batch without copies and of
+        recomputing what the preemptions its share caused since the last one threw away."""
+        price = self.cost_model.iteration_time
+        self._refused_s += sum(price(BatchShape.of(prefills=[(tokens, 0)])) - self._fixed_s
+                               for tokens in schedule.refused if tokens)
+        if len(schedule.work) == len(self.scheduler.running):
+            self._tell(stats, schedule.limited, self.cpu_share, plan.shape)
+
+    def _tell(self, stats: IterationStats, limited: bool, in_use: float, shape: BatchShape) -> None:
+        """One iteration of every running sequence to the controller: its stats, whether the share refused
+        a block, the CPU share of the live KV, the batch's copy-free price and the recomputation refused."""
+        self.controller.observe(stats, limited=limited, in_use=in_use, copy_free_s=self.cost_model.iteration_time(shape),
+                                fixed_s=self._fixed_s, refused_s=self._refused_s)
+        self._refused_s = 0.0

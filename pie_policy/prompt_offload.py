@@ -9,21 +9,12 @@ the GPU; a step whose GPU blocks do not fit is refused (the scheduler preempts b
 """
 from __future__ import annotations
 
-from .blocks import CPU, GPU, BlockTables
-from .placement import GpuOnly
+from .blocks import CPU, GPU
+from .placement import LiveCpu
 
 
-class PromptOffload(GpuOnly):
-    live_cpu = True     # its CPU blocks are live KV: layer swapping streams them in
+class PromptOffload(LiveCpu):
     gpu_first = False   # a full block goes to the CPU even while the GPU has room
-
-    def __init__(self, tables: BlockTables, watermark: int, cpu_capacity: int):
-        super().__init__(tables, watermark)
-        self.cpu_capacity = cpu_capacity
-
-    def cpu_room(self, unlimited: bool = False) -> int:
-        cpu = self.tables.pools[CPU]
-        return min(cpu.num_free, self.cpu_capacity - cpu.num_used)
 
     def place(self, blocks, full=0, admitting=False, unlimited=False):
         """The step's `full` blocks on the CPU as far as it has room, the rest on the GPU."""

@@ -12,6 +12,7 @@ the executor cannot run (weights and activations copies; several GPUs), so they 
 | vllm-swap      | GPU                   | preempt, swap blocks to CPU  | whole blocks before the iteration | sim, exec  |
 | static         | GPU + fixed CPU share | preempt, recompute           | FIFO layer swapping               | sim, exec  |
 | pie            | GPU + adaptive share  | preempt, recompute           | FIFO layer swapping               | sim, exec  |
+| pie-fixed      | GPU + fixed share     | preempt, recompute           | FIFO layer swapping               | sim, exec  |
 | prompt-offload | prompts on the CPU    | preempt, recompute           | FIFO layer swapping               | sim, exec  |
 | flexgen        | GPU/CPU/disk (LP)     | none: fixed offline blocks   | weights, KV, activations per layer| sim        |
 | pp-vllm        | every GPU's HBM       | preempt, recompute           | none (activations between GPUs)   | sim        |
@@ -25,7 +26,7 @@ from typing import Callable
 from .blocks import BlockTables
 from .config import ConfigError, EngineConfig, check_share
 from .expansion import ExpansionController
-from .placement import Expanding, GpuOnly, StaticShare
+from .placement import Expanding, GpuOnly, HeldShare, StaticShare
 from .prompt_offload import PromptOffload
 
 SIM, EXEC = "sim", "exec"
@@ -67,6 +68,11 @@ def _expanding(tables, config, share, controller):
     return Expanding(tables, config.watermark_blocks, controller or ExpansionController(), config.num_cpu_blocks)
 
 
+def _held(tables, config, share, controller):
+    return Expanding(tables, config.watermark_blocks, HeldShare(check_share("cpu_share", share)),
+                     config.num_cpu_blocks)
+
+
 def _prompt_offload(tables, config, share, controller):
     return PromptOffload(tables, config.watermark_blocks, config.num_cpu_blocks)
 
@@ -79,6 +85,8 @@ REGISTRY: dict[str, PolicyEntry] = {entry.name: entry for entry in (
                 (SIM, EXEC), cpu_blocks=LIVE_KV, default_share=0.2, placement=_static),
     PolicyEntry("pie", "Pie: layer swapping with the CPU share grown and cut online by adaptive expansion",
                 (SIM, EXEC), cpu_blocks=LIVE_KV, default_share=0.5, adaptive=True, placement=_expanding),
+    PolicyEntry("pie-fixed", "Pie's placement with the CPU share held fixed: what the adaptive share is "
+                "measured against", (SIM, EXEC), cpu_blocks=LIVE_KV, default_share=0.1, placement=_held),
     PolicyEntry("prompt-offload", "every admitted prompt's full blocks in CPU memory, the rest on the GPU",
                 (SIM, EXEC), cpu_blocks=LIVE_KV, default_share=0.5, placement=_prompt_offload),
     PolicyEntry("flexgen", "FlexGen: offline LP placement over GPU/CPU/disk, large fixed blocks, zig-zag",

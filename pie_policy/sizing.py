@@ -4,9 +4,10 @@ executor build identical engines.
 The KV pool (the cost model's memory budget in the simulator, an explicit size in the executor) holds
 `G` GPU blocks plus, for the layer-swapping policies, the staging area: `(depth + 1)` slots of `C`
 blocks of one layer, where `C`, the most live CPU blocks, is `share / (1 - share)` of the GPU blocks
-(static's fixed share, pie's largest: in a simulated system the link's bandwidth bound,
-`link_bound_share`) and at most what `cpu_mem_bytes` holds. vllm-swap uses all of
-`cpu_mem_bytes` as swap space; vllm uses none.
+(static's fixed share, pie's largest: the link's bandwidth bound, `link_bound_share`, on the hardware
+the run is priced on) and at most what `cpu_mem_bytes` holds. vllm-swap uses all of `cpu_mem_bytes` as
+swap space; vllm uses none. `engine_policy` is the one place both backends build a single engine from,
+so that the pie `pie-validate` checks on the executor is the pie `pie-sim` simulates.
 
 The pipeline policies (pp-vllm, pipemax) split the model over the server's GPUs (pipeline_layout.py): the
 node holds as many pipeline blocks as its tightest GPU, pipemax's after two staging slots sized for a
@@ -99,12 +100,33 @@ def coalesce_gap(cost_model: CostModel, block_size: int) -> int:
     return int(latency / (cost_model.transfer_time(block_layer, calls=1) - latency))
 
 
-def make_policy(name: str, config: EngineConfig, share: float | None = None) -> Policy:
-    """A single-engine policy over `config`; `share` as in engine_config (defaults per policy)."""
+def make_policy(name: str, config: EngineConfig, share: float | None = None,
+                cost_model: CostModel | None = None) -> Policy:
+    """A single-engine policy over `config`; `share` as in engine_config (defaults per policy). An adaptive
+    policy's controller starts at 0 with `share` its largest and prices batches on `cost_model`."""
     share = policy_share(name, share)
     if REGISTRY[name].adaptive:
-        return Policy(name, config, controller=ExpansionController(max_share=share))
+        controller = ExpansionController(max_share=share, prefetch_depth=config.prefetch_depth)
+        return Policy(name, config, controller=controller, cost_model=cost_model)
     return Policy(name, config, cpu_share=share)
+
+
+def engine_policy(name: str, cost_model: CostModel, kv_pool_bytes: int, *, context: int, cpu_mem_bytes: int = 0,
+                  share: float | None = None, **settings) -> Policy:
+    """A single-engine policy as both backends build it, on a KV pool of `kv_pool_bytes` (the simulator's
+    from the memory budget, the executor's from its option) for requests of `context` tokens on average:
+    pie's largest share the link's bound (`link_bound_share`) unless `share` is given, prefetches that
+    span gaps cheaper than a call (`coalesce_gap`) for every policy that streams live KV, the staging area
+    sized for the share (`engine_config`), pie's controller pricing batches on `cost_model`."""
+    policy = REGISTRY[name]
+    if policy.adaptive and share is None:
+        share = link_bound_share(cost_model, kv_pool_bytes, context)
+    share = policy_share(name, share)
+    if policy.cpu_blocks == LIVE_KV:
+        settings.setdefault("coalesce_gap", coalesce_gap(cost_model, settings.get("block_size", 16)))
+    config = engine_config(cost_model.model, name, kv_pool_bytes, cpu_mem_bytes=cpu_mem_bytes, share=share,
+                           **settings)
+    return make_policy(name, config, share, cost_model)
 
 
 def build_policy(name: str, cost_model: CostModel, *, share: float | None = None, mean_prompt: int = 512,
@@ -120,21 +142,23 @@ def build_policy(name: str, cost_model: CostModel, *, share: float | None = None
                           f"{hw.host.memory_bytes / GiB:.1f} GiB")
     micro_batches = settings.pop("micro_batches", None)
     if policy.family == PIPELINE:
+        if cost_model.tp > 1:
+            raise ConfigError(f"{name} splits the layers over every GPU of the server; tensor parallelism within "
+                              f"its stages is not modelled (tp must be 1, got {cost_model.tp})")
         return build_pipeline_policy(name, cost_model, micro_batches=micro_batches, gpu_mem_util=gpu_mem_util,
                                      cpu_mem_bytes=cpu_mem_bytes, context=mean_prompt + mean_output // 2, **settings)
     if policy.family == FLEXGEN:
+        if mean_prompt >= m.max_context:
+            raise ConfigError(f"flexgen: the mean prompt of {mean_prompt} tokens does not fit {m.name}'s context of "
+                              f"{m.max_context} tokens (no request leaves room for an output)")
         output = min(mean_output, m.max_context - mean_prompt)
-        placement = _flexgen_placement(hw, m, mean_prompt, output, gpu_mem_util, cpu_mem_bytes or None)
+        placement = _flexgen_placement(cost_model.gpu_hw, m, cost_model.tp, mean_prompt, output, gpu_mem_util,
+                                       cpu_mem_bytes or None)
         return FlexGenPolicy(cost_model, placement)
     tokens = settings.get("max_num_batched_tokens") or max(2048, m.max_context)
     pool = cost_model.memory_budget(gpu_mem_util, tokens, settings.get("max_num_seqs", 256)).kv_pool_bytes
-    if policy.adaptive and share is None:
-        share = link_bound_share(cost_model, pool, mean_prompt + mean_output)
-    share = policy_share(name, share)
-    if policy.cpu_blocks == LIVE_KV:
-        settings.setdefault("coalesce_gap", coalesce_gap(cost_model, settings.get("block_size", 16)))
-    config = engine_config(m, name, pool, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
-    return make_policy(name, config, share)
+    return engine_policy(name, cost_model, pool, context=mean_prompt + mean_output, cpu_mem_bytes=cpu_mem_bytes,
+                         share=share, **settings)
 
 
 def build_pipeline_policy(name: str, cost_model: CostModel, *, micro_batches: int | None = None,
@@ -169,7 +193,7 @@ def build_pipeline_policy(name: str, cost_model: CostModel, *, micro_batches: in
 
 
 @lru_cache(maxsize=16)
-def _flexgen_placement(hw: HardwareSpec, model: ModelSpec, prompt: int, output: int, gpu_mem_util: float,
+def _flexgen_placement(hw: HardwareSpec, model: ModelSpec, tp: int, prompt: int, output: int, gpu_mem_util: float,
                        cpu_mem_bytes: int | None):
     """FlexGen's LP search (seconds) once per system and shape: a sweep over rates re-uses it."""
-    return search(CostModel(hw, model), prompt, output, gpu_mem_util, cpu_mem_bytes=cpu_mem_bytes)
+    return search(CostModel(hw, model, tp), prompt, output, gpu_mem_util, cpu_mem_bytes=cpu_mem_bytes)

@@ -1,5 +1,7 @@
 """What a run reports, written identically by the simulator and the executor so that their files compare
-line by line: requests.csv, iterations.csv and summary.json (times in seconds, sizes in bytes).
+line by line: requests.csv, iterations.csv, summary.json and benchmark.json (vLLM's benchmark keys:
+benchmark.py) (times in seconds, sizes in bytes). JSON is strict: a value that is not a finite number
+(an infinite rate, a latency with no request) is null.
 
 A simulated run has as many iteration rows as iterations (a million in a long run), so the recorder keeps
 them in typed columns (8 bytes a value) and, past `CHUNK` rows, moves them to a temporary file: its memory
@@ -7,17 +9,20 @@ follows what is in flight, not the run's length. The summary, iterations.csv and
 made from the rows chunk by chunk."""
 from __future__ import annotations
 
-import json
 import tempfile
 from array import array
 from itertools import repeat
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from pie_policy.plan import DecodeRun, IterationStats, Plan
 from pie_policy.request import Request, State
+
+from .benchmark import benchmark_metrics
+from .outputs import json_text
+from .token_gaps import TokenGaps
 
 REQUEST_COLUMNS = ("request_id", "arrival_s", "prompt_tokens", "output_tokens", "first_token_s", "finish_s",
                    "ttft_s", "tpot_s", "e2e_s", "preemptions", "status", "reason")
@@ -33,6 +38,14 @@ def envelope_slices(n: int, points: int) -> tuple[np.ndarray, np.ndarray]:
     consecutive equal slices (n > points): a plot's envelope keeps each slice's maximum."""
     edges = np.linspace(0, n, points + 1).astype(int)[:-1]
     return edges, np.r_[edges[1:] - 1, n - 1]
+
+
+def cpu_percent(iterations: dict) -> np.ndarray:
+    """Per iteration, the share of the KV held that sits in CPU memory (%): live KV streamed in, or the
+    blocks of preempted sequences swapped out (vllm-swap), alike."""
+    gpu, cpu = iterations["gpu_kv_bytes"].astype(float), iterations["cpu_kv_bytes"].astype(float)
+    held = gpu + cpu
+    return np.divide(100 * cpu, held, out=np.zeros_like(held), where=held > 0)
 
 
 def request_table(requests: list[Request]) -> dict[str, np.ndarray]:
@@ -52,10 +65,12 @@ def request_table(requests: list[Request]) -> dict[str, np.ndarray]:
 
 
 class RunRecorder:
-    """Collects one row per iteration and the requests; writes the three files. Rows come one by one (an
-    executed plan) or a decode run at a time, into typed columns; full chunks go to a temporary file."""
+    """Collects one row per iteration, the gaps between tokens (`gaps`, when asked for: else None) and the
+    requests; writes the files. Rows come one by one (an executed plan) or a decode run at a time, into
+    typed columns; full chunks go to a temporary file."""
 
-    def __init__(self, chunk: int = CHUNK):
+    def __init__(self, token_gaps: bool = False, chunk: int = CHUNK):
+        self.gaps = TokenGaps() if token_gaps else None
         self._chunk = chunk
         self._open = {name: array("d" if name in FLOATS else "q") for name in ITERATION_COLUMNS}
         self._columns = tuple(self._open.values())
@@ -124,26 +139,31 @@ class RunRecorder:
             self._table = {name: self.column(name) for name in ITERATION_COLUMNS}
         return self._table
 
-    def envelope(self, names: tuple[str, ...], points: int = POINTS) -> dict[str, np.ndarray]:
-        """end_s and `names`, each cut to at most `points` rows as `envelope_slices` cuts them (each slice's
-        maximum, at its last row's end), chunk by chunk."""
+    def envelope(self, names: tuple[str, ...], points: int = POINTS,
+                 derived: dict[str, Callable[[dict], np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+        """end_s, `names` and `derived` (name → a column made from the rows of `names`, row by row), each cut
+        to at most `points` rows as `envelope_slices` cuts them (each slice's maximum, at its last row's
+        end), chunk by chunk."""
+        derived = derived or {}
         n = self.count
         if n <= points:
-            return {name: self.column(name) for name in ("end_s", *names)}
+            whole = {name: self.column(name) for name in ("end_s", *names)}
+            return whole | {name: make(whole) for name, make in derived.items()}
         edges, picks = envelope_slices(n, points)
         out = {"end_s": np.empty(points)}
-        for name in names:
-            out[name] = np.full(points, -np.inf if name in FLOATS else np.iinfo(np.int64).min,
-                                np.float64 if name in FLOATS else np.int64)
+        for name in (*names, *derived):
+            floats = name in FLOATS or name in derived
+            out[name] = np.full(points, -np.inf if floats else np.iinfo(np.int64).min, np.float64 if floats else np.int64)
         first = 0
         for chunk in self.chunks(("end_s", *names)):
+            chunk |= {name: make(chunk) for name, make in derived.items()}
             size = len(chunk["end_s"])
             inside = (picks >= first) & (picks < first + size)
             out["end_s"][inside] = chunk["end_s"][picks[inside] - first]
             low = int(np.searchsorted(edges, first, side="right")) - 1       # the slice row `first` is in
             high = int(np.searchsorted(edges, first + size, side="left"))    # the first slice after the chunk
             starts = np.r_[0, edges[low + 1:high] - first]
-            for name in names:
+            for name in (*names, *derived):
                 out[name][low:high] = np.maximum(out[name][low:high], np.maximum.reduceat(chunk[name], starts))
             first += size
         return out
@@ -177,11 +197,22 @@ class RunRecorder:
                 summary[f"{metric[:-2]}_{name}_s"] = None if value is None else float(value)
         return summary
 
-    def write(self, out: Path, requests: list[Request], summary: dict) -> None:
+    def benchmark(self, requests: list[Request], percentiles, slos, **context) -> dict:
+        """benchmark.json's metrics (vLLM's keys: benchmark.py), `context` first."""
+        return benchmark_metrics(request_table(requests), self.gaps, percentiles, slos, **context)
+
+    def write(self, out: Path, requests: list[Request], summary: dict, benchmark: dict | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "requests.csv", request_table(requests))
         write_csv(out / "iterations.csv", self.chunks())
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(out / "summary.json", summary)
+        if benchmark is not None:
+            write_json(out / "benchmark.json", benchmark)
+
+
+def write_json(path: Path, value) -> None:
+    """Strict JSON (no NaN or Infinity: null), indented."""
+    path.write_text(json_text(value, indent=2) + "\n")
 
 
 def write_csv(path: Path, columns: dict[str, np.ndarray] | Iterator[dict[str, np.ndarray]]) -> None:

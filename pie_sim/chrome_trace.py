@@ -3,10 +3,10 @@ computes and copies as a Chrome/Perfetto trace, so that a user can open it (chro
 ui.perfetto.dev) and see the copies overlap the layers."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pie_policy.plan import D2H, DISK_READ, DISK_WRITE, H2D
+from pie_serving.outputs import json_text
 
 from .timeline import Timeline
 
@@ -31,4 +31,4 @@ def write_chrome_trace(timeline: Timeline, path: Path) -> None:
                        "pid": 0, "tid": COPIES[copy.direction][0],
                        "ts": start * 1e6, "dur": (links.done[copy.op_id] - start) * 1e6,
                        "args": {"iteration": iteration, "bytes": copy.nbytes, "calls": copy.calls}})
-    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    path.write_text(json_text({"traceEvents": events, "displayTimeUnit": "ms"}))

@@ -20,8 +20,8 @@ have completed, and it pays `calls x transfer_latency` before its bytes move.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 import heapq
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 

@@ -3,12 +3,13 @@ grid of `reproduce` are many runs that share nothing."""
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from concurrent.futures import as_completed
 from typing import Callable, Sequence, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pie_serving.processes import worker_pool
 
 Item, Result = TypeVar("Item"), TypeVar("Result")
 
@@ -25,7 +26,7 @@ def progress_bar(console: Console) -> Progress:
 def run_parallel(work: Callable[[Item], Result], items: Sequence[Item], console: Console, label: str,
                  workers: int | None = None) -> list[Result]:
     """`work(item)` for every item, in `workers` forked processes (inline with one), results in the items'
-    order; the first exception stops the rest and propagates."""
+    order; the first exception (or Ctrl-C, SIGTERM) kills the workers and propagates."""
     workers = min(workers or default_workers(), len(items)) or 1
     results: list = [None] * len(items)
     with progress_bar(console) as bar:
@@ -35,14 +36,9 @@ def run_parallel(work: Callable[[Item], Result], items: Sequence[Item], console:
                 results[i] = work(item)
                 bar.advance(task)
             return results
-        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+        with worker_pool(workers) as pool:
             futures = {pool.submit(work, item): i for i, item in enumerate(items)}
-            try:
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.advance(task)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.advance(task)
     return results

@@ -134,11 +134,12 @@ class _Stage:
 
 
 def simulate_pipeline(policy: PipelinePolicy, cost_model: CostModel, workload: pd.DataFrame, *,
-                      on_finish: Callable[[int], None] | None = None) -> SimResult:
-    """Serve `workload` with a pipeline policy over every GPU of `cost_model`'s server."""
+                      on_finish: Callable[[int], None] | None = None, token_gaps: bool = False) -> SimResult:
+    """Serve `workload` with a pipeline policy over every GPU of `cost_model`'s server (`token_gaps`: fold
+    the gaps between tokens into the recorder)."""
     started = time.perf_counter()
     env = CountingEnvironment()
-    run, serving = _Run(policy, cost_model, env), Serving(policy, workload_rows(workload), on_finish)
+    run, serving = _Run(policy, cost_model, env), Serving(policy, workload_rows(workload), on_finish, token_gaps)
 
     def arrivals():
         """Queue each request at its arrival time (all those arriving together at once), then wake the

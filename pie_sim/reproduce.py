@@ -2,12 +2,16 @@
 and Alpaca), measured the way its claims are stated:
 
 - latency vs load: normalized latency (mean e2e / output tokens) against Poisson request rate for every
-  policy, rates scaled per panel by vLLM's offline throughput (the most it serves);
-- throughput at equal latency: the highest rate meeting an SLO, for pie and vllm (`capacity.max_rate`),
-  each SLO being a factor (`slo_factors`) x vLLM's normalized latency at light load (`rate_factors[0]`):
-  a tight one before the knee of the curves and, in the full grid, a loose one past it, where vLLM preempts;
-- GPU memory at equal performance: the least HBM with which pie, and vllm, meet the tight SLO at the rate
-  vLLM sustains with the paper's 0.9 of HBM (`capacity.min_gpu_mem`);
+  policy, rates scaled per panel by vLLM's offline throughput (the most it serves), each point marked
+  sustainable or not (steady_state.py);
+- throughput at equal latency: the highest *sustainable* rate whose mean normalized latency over the
+  steady-state window meets an SLO, for pie and vllm (`capacity.max_rate`, below each one's offline
+  throughput), each SLO being a factor (`slo_factors`) x vLLM's normalized latency at light load
+  (`rate_factors[0]`): a tight one before the knee of the curves and, in the full grid, a loose one past it;
+- GPU memory at equal performance: the least HBM, up to the paper's 0.9, with which pie, and vllm, sustain
+  the rate vLLM sustains with 0.9 of HBM within the tight SLO (`capacity.min_gpu_mem`). Unlike `pie-sim
+  capacity`, these searches are not confirmed with longer runs: the paper's metric is a mean, which the rare
+  congestion episodes that move a tail percentile move little, and the grid is large;
 - FlexGen: offline throughput (every request at once, its best case) and latency, pie against flexgen.
 
 Every point is an ordinary `Scenario`, so any number here can be re-run alone with `pie-sim run`.
@@ -21,10 +25,11 @@ from rich.console import Console
 
 from hwmodels import CostModel, GiB, load_hardware, load_model
 from pie_policy.sizing import link_bound_share
+from pie_serving.slo import Slo
 
-from .capacity import search
+from .capacity import Job, offline_summary, search
 from .parallel import run_parallel
-from .scenario import Scenario, summarize, workload_of
+from .scenario import Scenario, summarize_steady, workload_of
 
 MODELS, TRACES = ("opt-13b", "opt-30b"), ("sharegpt", "alpaca")
 SEARCHED = ("vllm", "pie")
@@ -47,8 +52,9 @@ class Grid:
                 ("flexgen", None))
 
 
-# quick: fewer requests, rates and static shares, and no loose SLO (100 requests never reach its knee)
-QUICK = Grid(100, (0.1, 0.5, 1.0, 1.3), tolerance=0.1, slo_factors=(1.5,), static_shares=(0.2,))
+# quick: fewer requests (a steady-state window of 180, a few latencies long at the rates searched), rates and
+# static shares, and no loose SLO (so few requests never reach its knee)
+QUICK = Grid(300, (0.1, 0.5, 1.0, 1.3), tolerance=0.1, slo_factors=(1.5,), static_shares=(0.2,))
 FULL = Grid(1000, (0.1, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.7), tolerance=0.02)
 
 
@@ -65,7 +71,7 @@ class Panel:
     offline: dict          # label → summary at rate inf
     curves: dict           # label → [summary per rate factor]
     rates: tuple[float, ...] = ()
-    slos: tuple[float, ...] = ()        # s/token, per grid SLO factor
+    slos: tuple[float, ...] = ()        # s/token on the window's mean normalized latency, per grid SLO factor
     max_rates: tuple[dict, ...] = ()    # per SLO: policy → Answer
     min_hbm: dict | None = None         # policy → Answer (at vLLM's max rate, tight SLO)
 
@@ -85,30 +91,36 @@ def run(grid: Grid, hw: str, console: Console, workers: int | None = None) -> li
                                    gpu_mem_util=PAPER_GPU_MEM_UTIL), {}, {}) for m in MODELS for t in TRACES]
     jobs = [(p, label(*ps), p.base.replace(policy=ps[0], share=ps[1], rate=math.inf))
             for p in panels for ps in grid.policies]
-    for (p, name, _), summary in zip(jobs, run_parallel(summarize, [j[2] for j in jobs], console,
+    for (p, name, _), summary in zip(jobs, run_parallel(offline_summary, [j[2] for j in jobs], console,
                                                          "offline runs", workers)):
         p.offline[name] = summary
     jobs = []
     for p in panels:
         p.rates = tuple(f * p.offline["vllm"]["throughput_req_s"] for f in grid.rate_factors)
         jobs += [(p, label(*ps), p.base.replace(policy=ps[0], share=ps[1], rate=r)) for ps in grid.policies for r in p.rates]
-    for (p, name, _), summary in zip(jobs, run_parallel(summarize, [j[2] for j in jobs], console,
+    for (p, name, _), summary in zip(jobs, run_parallel(summarize_steady, [j[2] for j in jobs], console,
                                                          "latency vs rate", workers)):
         p.curves.setdefault(name, []).append(summary)
     for p in panels:
         p.slos = tuple(f * p.curves["vllm"][0]["normalized_latency_s"] for f in grid.slo_factors)
-    searches = [(p.base.replace(policy=name), slo, grid.tolerance, False)
-                for p in panels for slo in p.slos for name in SEARCHED]
+    searches = [Job(p.base.replace(policy=name), slos_of(slo), grid.tolerance, offline=p.offline[name]["offline_req_s"],
+                    confirm=1) for p in panels for slo in p.slos for name in SEARCHED]
     answers = iter(run_parallel(search, searches, console, "throughput at the SLOs", workers))
     for p in panels:
         p.max_rates = tuple({name: next(answers) for name in SEARCHED} for _ in p.slos)
-    searches = [(p.base.replace(policy=name, rate=p.max_rates[0]["vllm"].value), p.slo, grid.tolerance, True)
+    searches = [Job(p.base.replace(policy=name, rate=p.max_rates[0]["vllm"].value), slos_of(p.slo), grid.tolerance,
+                    min_hbm=True, confirm=1)
                 for p in panels for name in SEARCHED if _finite(p.max_rates[0]["vllm"].value)]
     answers = iter(run_parallel(search, searches, console, "GPU memory at the SLO", workers))
     for p in panels:
         if _finite(p.max_rates[0]["vllm"].value):
             p.min_hbm = {name: next(answers) for name in SEARCHED}
     return panels
+
+
+def slos_of(normalized_s: float) -> tuple[Slo, ...]:
+    """The paper's latency target: mean normalized latency (s/token), here over the steady-state window."""
+    return (Slo("normalized", None, normalized_s),)
 
 
 def _finite(value: float | None) -> bool:

@@ -12,7 +12,6 @@ from .capacity_report import write_rows
 from .reproduce import PAPER_GPU_MEM_UTIL, SEARCHED, Findings, Grid, Panel, facts, findings, label
 
 
-
 def claims_of(grid: Grid) -> list[tuple[str, str, Callable[[Findings], float | None]]]:
     """(claim, published figure, the panel's simulated figure from its Findings), one throughput row per SLO."""
     throughput = [(f"Throughput at equal latency (SLO {factor:g}x), pie / vLLM", "up to 1.9x",
@@ -34,7 +33,7 @@ def write_tables(panels: list[Panel], out: Path) -> None:
         for kind, slo, answers in searches + [("min_gpu_mem_util", p.slo, p.min_hbm or {})]:
             for name, a in answers.items():
                 rows.append(dict(zip(keys, (p.model, p.trace, name)), slo_s=slo, search=kind, value=a.value,
-                                 bound=a.bound, probes=len(a.probes)))
+                                 upper=a.upper, bound=a.bound, binding=a.binding, probes=len(a.probes)))
     write_rows(out / "searches.csv", rows)
 
 
@@ -44,24 +43,28 @@ def _row(p: Panel, name: str, summary: dict) -> dict:
 
 
 def plot_curves(panels: list[Panel], grid: Grid, path: Path) -> None:
-    from .plots import plt  # matplotlib on demand
+    from .plots import log_seconds, plt, style  # matplotlib on demand
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for ax, p in zip(axes.flat, panels):
-        for policy, share in grid.policies:
+        for i, (policy, share) in enumerate(grid.policies):
             name = label(policy, share)
             latency = [s["normalized_latency_s"] for s in p.curves[name]]
-            ax.plot(p.rates, latency, "o-" if policy in SEARCHED else ".--", ms=4, label=name,
-                    lw=2 if policy == "pie" else 1)
-        for factor, slo, style in zip(grid.slo_factors, p.slos, (":", "-.")):
-            ax.axhline(slo, color="k", lw=0.8, ls=style, label=f"SLO {factor:g}x")
+            (line,) = ax.plot(p.rates, latency, ms=5, mfc="none", label=name, **style(i, len(grid.policies)))
+            beyond = [(r, y) for r, y, s in zip(p.rates, latency, p.curves[name]) if s["sustainable"] is False]
+            if beyond:  # the rates it cannot sustain: a burst that drains, not a load it serves
+                ax.plot(*zip(*beyond), "o", ms=9, mfc="none", color=line.get_color())
+        for factor, slo, dashes in zip(grid.slo_factors, p.slos, (":", "-.")):
+            ax.axhline(slo, color="k", lw=0.8, ls=dashes, label=f"SLO {factor:g}x")
         ax.set_yscale("log")
-        ax.set_title(p.name)
+        log_seconds(ax.yaxis)
+        ax.set_title(f"{p.name} (ringed: not sustainable)")
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("normalized latency (s/token)")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Normalized latency vs request rate on {panels[0].base.hw}")
+    fig.suptitle(f"Normalized latency vs request rate on {panels[0].base.hw} "
+                 f"(gpu_mem_util {panels[0].base.gpu_mem_util:g})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -92,8 +95,10 @@ def _why(p: Panel, f: dict) -> str:
             f"decode turns compute-bound.")
 
 
-def write_report(panels: list[Panel], grid: Grid, quick: bool, path: Path) -> list[tuple[str, str, str, str]]:
-    """report.md; returns the claims table's rows (claim, published, simulated best, where)."""
+def write_report(panels: list[Panel], grid: Grid, quick: bool, path: Path,
+                 sections: list[str] = ()) -> list[tuple[str, str, str, str]]:
+    """report.md, with `sections` (Markdown lines) before the list of files; returns the claims table's rows
+    (claim, published, simulated best, where)."""
     found = [findings(p) for p in panels]
     hw = load_hardware(panels[0].base.hw)
     claims = []
@@ -118,12 +123,16 @@ def write_report(panels: list[Panel], grid: Grid, quick: bool, path: Path) -> li
              "|---|---|---|---|" + "---|" * len(panels)]
     for claim, published, best, where, per in claims:
         lines.append(f"| {claim} | {published} | {best} | {where} | " + " | ".join(per) + " |")
-    lines += ["", "Definitions: throughput at equal latency is the highest Poisson rate at which the policy "
-              "meets the SLO (a tight one before the knee of the curves; in the full grid also a loose one past "
-              "it, where vLLM preempts); latency is the largest ratio over the rates of the curve; GPU memory "
-              "is the least HBM with which each policy meets the tight SLO at the rate vLLM sustains with "
-              f"{PAPER_GPU_MEM_UTIL:g} of HBM; FlexGen's throughput is offline (every request at once, "
-              "its best case), as is pie's it is compared with.", "",
+    lines += ["", "Definitions: throughput at equal latency is the highest Poisson rate the policy *sustains* "
+              "(over the steady-state window, warm-up and drain left out, it serves what arrives and its queue "
+              "does not grow: `pie_sim/steady_state.py`) with its mean normalized latency over that window within "
+              "the SLO (a tight one before the knee of the curves; in the full grid also a loose one past it); "
+              "every such rate lies below the policy's offline throughput. Latency is the largest ratio over the "
+              "rates of the curve (a burst above what a policy sustains drains, and its mean still counts here: "
+              "the plot rings those points). GPU memory is the least HBM, up to "
+              f"{PAPER_GPU_MEM_UTIL:g}, with which each policy sustains, within the tight SLO, the rate vLLM "
+              f"sustains with {PAPER_GPU_MEM_UTIL:g} of HBM; FlexGen's throughput is offline (every request at "
+              "once, its best case), as is pie's it is compared with.", "",
               "## Why the simulator finds what it finds", ""]
     lines += [f"- {_why(p, facts(p))}" for p in panels]
     lines += ["", GENERAL_REASONS, "", "## Per panel", "",
@@ -138,7 +147,7 @@ def write_report(panels: list[Panel], grid: Grid, quick: bool, path: Path) -> li
         lines.append(f"| {p.name} | {searched}{_num(hbm['vllm'], '{:.1f}')} | "
                      f"{_num(hbm['pie'], '{:.1f}')} | " + " | ".join(
                          f"{p.offline[n]['throughput_tok_s']:,.0f}" for n in ("vllm", "pie", "flexgen")) + " |")
-    lines += ["", "Files: `offline.csv`, `curves.csv` (every run's summary), `searches.csv` (every search's "
+    lines += ["", *sections, "", "Files: `offline.csv`, `curves.csv` (every run's summary), `searches.csv` (every search's "
               "answer), `latency_vs_rate.png`. Any point re-runs alone with `pie-sim run` and the same options."]
     path.write_text("\n".join(lines) + "\n")
     return [c[:4] for c in claims]

@@ -79,14 +79,14 @@ def engine(env: simpy.Environment, serving: Serving, backend: Timeline | LayerEv
 
 def simulate(policy: ServingPolicy, cost_model: CostModel, workload: pd.DataFrame, *, layer_events: bool = False,
              decode_runs: bool = True, traced_iterations: int = 0,
-             on_finish: Callable[[int], None] | None = None) -> SimResult:
+             on_finish: Callable[[int], None] | None = None, token_gaps: bool = False) -> SimResult:
     """Serve `workload` (request_id, arrival_s, prompt_tokens, output_tokens) with a single-engine policy
     or FlexGen. With `decode_runs` (not in `layer_events` mode), stretches of plain decode iterations are
     planned and priced together up to the next arrival: the same iterations as one by one, far fewer
-    Python steps."""
+    Python steps. `token_gaps`: fold the gaps between tokens (ITL) into the recorder."""
     started = time.perf_counter()
     env = CountingEnvironment()
-    serving = Serving(policy, workload_rows(workload), on_finish)
+    serving = Serving(policy, workload_rows(workload), on_finish, token_gaps)
     if layer_events:
         backend: Timeline | LayerEvents = LayerEvents(cost_model)
         accepts_runs = None

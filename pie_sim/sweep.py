@@ -15,14 +15,19 @@ host's memory). `inf` is TOML's infinity (`rate = inf`: every request at time 0)
 
 is 2 x 2 x 3 = 12 points. The whole grid is checked before anything runs: an unknown option, an empty
 axis, a repeated value, a value of the wrong type or an unknown hardware, model, trace or policy name is
-one error naming its key. Combinations that cannot run (a model that does not fit) fail as points.
+one error naming its key, and so is a value the option's rule refuses (`block_size = 0`; the rules of
+`pie-sim run`'s options) or an option no policy of the grid uses (`micro_batches` without pp-vllm or
+pipemax, `share` without a policy that keeps live KV in CPU memory, `cv` without `rate`). Combinations
+that cannot run (a model that does not fit) fail as points.
 
-DIR/points/ keeps one JSON per finished point, named by a hash of all its options (a hardware, model or
-trace file by its path, not its contents) and written atomically as soon as the point finishes, so an
+DIR/points/ keeps one JSON per finished point (strict JSON: infinity written as null), named by a hash of
+all its options (a hardware, model or trace file by its path, not its contents) and written atomically as soon as the point finishes, so an
 interrupted sweep loses only the points in flight and a re-run skips the finished ones and retries the
 failed ones. DIR/results.parquet and DIR/results.csv: one row per point in grid order (whatever the
-workers or the order they finish in): `point` (the hash), every option, the summary's metrics, `status`
-(ok/error) and `error`.
+workers or the order they finish in): `point` (the hash), every option, the summary's metrics,
+`sustainable` (whether the point's rate is sustainable at steady state, steady_state.py; empty where its
+run cannot say: every request at once, too few requests, or a window too short against latency), `status` (ok/error) and `error`. The point
+files are strict JSON: an infinite rate is null there (the table takes the options from the grid).
 """
 from __future__ import annotations
 
@@ -36,9 +41,9 @@ import os
 import signal
 import tempfile
 import typing
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -48,9 +53,11 @@ from hwmodels import load_hardware, load_model
 from hwmodels.spec import read_toml
 from pie_policy import ConfigError
 from pie_policy.registry import SIM, entry
-from traces import load_trace
+from pie_serving.outputs import json_text
+from pie_serving.processes import worker_pool
+from traces import FORMATS, load_trace
 
-from .scenario import Scenario, summarize
+from .scenario import RULES, Scenario, check_policy_options, summarize_steady
 
 BACKENDS = ("local", "ray")
 PACKAGES = ("hwmodels", "pie_policy", "pie_serving", "pie_sim", "traces")  # what a point's run imports: shipped to Ray
@@ -60,14 +67,23 @@ _OPTION_TYPES = typing.get_type_hints(Scenario)
 _NAMED_BY = {"hw": load_hardware, "model": load_model, "trace": load_trace}
 
 
-def _check_name(key: str, value: str) -> None:
+def _check_value(key: str, value, where: str) -> None:
+    """A named hardware, model, trace or policy must exist; a number must be what the option takes."""
     if key == "policy":
         try:
             entry(value, SIM)
         except ConfigError as e:
             raise ConfigError(f"policy: {e}") from None
+    elif key == "trace_format":
+        if value not in ("auto", *FORMATS):
+            raise ConfigError(f"trace_format: unknown format '{value}' (known: auto, {', '.join(FORMATS)})")
     elif key in _NAMED_BY:
         _NAMED_BY[key](value)
+    elif key in RULES:
+        try:
+            RULES[key].check(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _typed(key: str, value, where: str):
@@ -100,9 +116,13 @@ def expand_grid(grid: dict) -> list[Scenario]:
                 raise ConfigError(f"{key}: the axis repeats {repeated[0]!r}")
         else:
             values = [_typed(key, value, key)]
-        for v in values:
-            _check_name(key, v)
+        for i, v in enumerate(values):
+            _check_value(key, v, f"{key}[{i}]" if isinstance(value, list) else key)
         axes[key] = values
+    check_policy_options(axes.get("policy", [Scenario.policy]), next(iter(axes.get("micro_batches", [])), None),
+                         next(iter(axes.get("share", [])), None), spell=str)
+    if "cv" in axes and "rate" not in axes:
+        raise ConfigError("cv shapes the gaps of re-timed arrivals: it needs rate")
     return [Scenario.from_options(dict(zip(axes, combination))) for combination in itertools.product(*axes.values())]
 
 
@@ -110,10 +130,16 @@ def load_grid(path: str | Path) -> list[Scenario]:
     return expand_grid(read_toml(Path(path)))
 
 
+# Options added after sweeps were saved, with their defaults: hashed only when set, so that the points of
+# those sweeps keep their ids.
+LATER_OPTIONS = {"trace_format": "auto", "tp": 1}
+
+
 def point_id(s: Scenario) -> str:
     """Stable across runs and machines: a hash of every option, defaults included (so a grid that spells a
-    default out names the same point as one that leaves it out)."""
-    text = json.dumps(dataclasses.asdict(s), sort_keys=True)
+    default out names the same point as one that leaves it out), but LATER_OPTIONS at their defaults."""
+    options = {k: v for k, v in dataclasses.asdict(s).items() if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]}
+    text = json.dumps(options, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -125,8 +151,8 @@ def _record(s: Scenario, summary: dict | None, error: str | None) -> dict:
 def run_point(s: Scenario) -> dict:
     """One point's record; any exception is the point's error, not the sweep's (the worker's function)."""
     try:
-        return _record(s, summarize(s), None)
-    except Exception as e:  # noqa: BLE001: whatever the run raises is reported against its point
+        return _record(s, summarize_steady(s), None)
+    except Exception as e:  # whatever the run raises is reported against its point
         return _record(s, None, f"{type(e).__name__}: {e}")
 
 
@@ -149,7 +175,7 @@ def _record_path(out: Path, point: str) -> Path:
 
 def save_record(out: Path, record: dict) -> None:
     with _atomic(_record_path(out, record["point"])) as tmp:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.write_text(json_text(record, indent=1) + "\n")
 
 
 def load_record(out: Path, s: Scenario) -> dict | None:
@@ -170,9 +196,9 @@ def _die_at_interrupt() -> None:
 
 def _local_records(points: list[Scenario], workers: int) -> Iterator[dict]:
     """Records as local worker processes finish them. A worker that dies (out of memory, killed) breaks the
-    pool: every point it had not finished is reported as failed (and retried by a re-run)."""
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(points)), initializer=_die_at_interrupt)
-    try:
+    pool: every point it had not finished is reported as failed (and retried by a re-run). Ctrl-C, SIGTERM
+    or the caller stopping kills the workers (they die with this process too) and drops the points queued."""
+    with worker_pool(min(workers, len(points)), _die_at_interrupt) as pool:
         futures = {pool.submit(run_point, s): s for s in points}
         for future in as_completed(futures):
             try:
@@ -180,10 +206,6 @@ def _local_records(points: list[Scenario], workers: int) -> Iterator[dict]:
             except BrokenProcessPool as e:
                 yield _record(futures[future], None, f"not finished: a worker process died while this point was "
                                                      f"queued or running ({type(e).__name__}: {e})")
-    except BaseException:  # Ctrl-C, or the caller stopped: drop the points not started instead of running them
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
 
 
 def _ray_records(points: list[Scenario], workers: int | None, address: str | None) -> Iterator[dict]:
@@ -231,9 +253,10 @@ def run_sweep(points: list[Scenario], out: Path, *, backend: str = "local", work
     (out / "points").mkdir(parents=True, exist_ok=True)
     records = (_local_records(points, workers or os.cpu_count() or 1) if backend == "local"
                else _ray_records(points, workers, address))
-    for record in records:
-        save_record(out, record)
-        on_record(record)
+    with closing(records):  # an interrupt ends the workers now, not when the generator is collected
+        for record in records:
+            save_record(out, record)
+            on_record(record)
 
 
 # Wall-clock, not simulated: the only columns two runs of one grid may disagree on.
@@ -251,9 +274,9 @@ def results_table(points: list[Scenario], out: Path) -> pd.DataFrame:
     rows, metrics = [], {}
     for s in points:
         record = load_record(out, s) or _record(s, None, "not run yet (the sweep was interrupted): run it again")
-        summary = record["summary"] or {}
-        metrics.update(dict.fromkeys(k for k in summary if k not in record["options"]))
-        rows.append({**summary, **record["options"], "point": record["point"], "status": record["status"],
+        summary, options = record["summary"] or {}, dataclasses.asdict(s)  # the record's JSON has null for inf
+        metrics.update(dict.fromkeys(k for k in summary if k not in options))
+        rows.append({**summary, **options, "point": record["point"], "status": record["status"],
                      "error": record["error"]})  # where the summary repeats an option, the option's value
     columns = ["point", *Scenario.options(), *metrics, "status", "error"]
     return pd.DataFrame(rows, columns=columns)

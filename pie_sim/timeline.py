@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hwmodels import BatchShape, CostModel
+from hwmodels import CostModel
 from pie_policy import IterationStats, Plan
 from pie_policy.plan import D2H, H2D, DecodeRun
 from pie_serving import RunResult
@@ -113,8 +113,7 @@ class Timeline:
         now = start
         for step in run.steps:
             n = step.sequences
-            plan = Plan(run.first_iteration + len(ends), (), BatchShape(0, n, step.attended, step.attended, n,
-                                                                        step.padded, step.padded))
+            plan = Plan(run.first_iteration + len(ends), (), step.shape)
             stats = recurrence(links, cm, plan, step.swap, now, *layer_prices(cm, plan), head_seconds(cm, plan),
                                self._swap_memory)
             for name, value in zip(columns, (now, stats.stall_s, stats.bytes_h2d, stats.bytes_d2h,

@@ -7,16 +7,30 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hwmodels import CatalogError, CostModel, GiB, load_hardware
-from pie_exec.options import (add_device_arguments, add_threads_argument, add_workload_arguments, catalog_model,
-                              device_dtype, set_threads)
+from hwmodels import CostModel, GiB, load_hardware
+from pie_exec.cli import USER_ERRORS
+from pie_exec.memory import check_memory, check_pool_options, pool_needs, weights_need
+from pie_exec.options import (
+    DEFAULT_REQUESTS,
+    MODEL_HELP,
+    add_device_arguments,
+    add_threads_argument,
+    add_workload_arguments,
+    catalog_model,
+    catalog_spec,
+    device_dtype,
+    gpu_pool_bytes,
+    set_threads,
+)
 from pie_exec.run import InputError, trace_prompts
-from pie_exec.weights import ModelFolderError
-from pie_policy import POLICIES, ConfigError
-from pie_serving.options import engine_settings
-from traces import TraceError, load_workload
+from pie_policy.registry import EXEC, entry, names
+from pie_serving.options import Parser, add_force_argument, check_cv, engine_settings, name_list, positive_int, run_cli
+from pie_serving.outputs import check_folder, output_folder
+from traces import load_workload
 
-from .validate import report, validate
+from .validate import policy_maker, report, validate
+
+OUTPUTS = ("validate.png", "validate.csv")
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> None:
@@ -27,49 +41,50 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> None:
         raise InputError(f"--threads {args.threads}: the profile was calibrated with {calibrated} threads, and "
                          f"times depend on it; validate with its count (the default) or calibrate again")
     set_threads(calibrated if args.threads is None else args.threads)
-    names = [n.strip() for n in args.policies.split(",") if n.strip()]
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown or not names:
-        raise InputError(f"--policies: unknown policy '{unknown[0] if unknown else ''}' (known: {', '.join(POLICIES)})")
-    if args.rounds < 1:
-        raise InputError(f"--rounds must be at least 1, got {args.rounds}")
-    model, spec = catalog_model(args.model, args.seed, dtype, device)
-    CostModel(hw, spec)  # refuses a profile calibrated for another model before anything runs
-    workload = load_workload(args.trace, args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed,
+    for name in args.policies:
+        entry(name, EXEC)
+    check_folder(Path(args.out), args.force)
+    cv = check_cv(args)
+    spec = catalog_spec(args.model, dtype)
+    cost_model = CostModel(hw, spec)  # refuses a profile calibrated for another model before anything runs
+    weights = weights_need(spec, str(dtype).removeprefix("torch."), "--model", device.type)
+    check_pool_options(args.gpu_kv_gb, args.cpu_kv_gb, device)
+    workload = load_workload(args.trace, args.num_requests or DEFAULT_REQUESTS, rate=args.rate, cv=cv, seed=args.seed,
                              max_total_tokens=spec.max_context + 1)
     prompts = trace_prompts(workload, spec.vocab_size, args.seed)
-    comparisons = validate(names, model.eval(), spec, device, hw, prompts, int(args.gpu_kv_gb * GiB),
-                           int(args.cpu_kv_gb * GiB), args.share, engine_settings(args), args.rounds,
-                           console.is_terminal)
-    report(comparisons, Path(args.out), console)
+    kv_pool_bytes, cpu_mem_bytes = gpu_pool_bytes(spec, args), int(args.cpu_kv_gb * GiB)
+    for name in args.policies:  # one policy's pools at a time, each beside the weights
+        policy = policy_maker(name, cost_model, prompts, kv_pool_bytes, cpu_mem_bytes, args.share,
+                              engine_settings(args))()
+        check_memory([weights, *pool_needs(policy.config, policy.staging_slots, device.type)], device)
+    model, _ = catalog_model(args.model, args.seed, dtype, device)
+    with output_folder(args.out, OUTPUTS, args.force, last=OUTPUTS[-1]) as out:
+        comparisons = validate(args.policies, model.eval(), spec, device, hw, prompts, kv_pool_bytes, cpu_mem_bytes,
+                               args.share, engine_settings(args), args.rounds, console.is_terminal)
+        report(comparisons, out, console)
     console.print(f"wrote {args.out}/validate.csv and validate.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pie-validate", description="Run the executor and the simulator on the same "
-                                "requests and compare them.")
+    p = Parser(prog="pie-validate", description="Run the executor and the simulator on the same requests and "
+                                                "compare them.")
     p.add_argument("--profile", required=True, help="hardware profile from `pie-exec calibrate` on this machine")
-    p.add_argument("--model", default="opt-125m", help="catalog model or model TOML (the profile's)")
+    p.add_argument("--model", default="opt-125m", help=f"{MODEL_HELP}: the profile's (default opt-125m)")
     add_device_arguments(p)
-    p.add_argument("--trace", default="azure-conv", help="trace name or CSV/JSONL (random prompt ids)")
-    p.add_argument("--policies", default="vllm,static,pie", help=", ".join(POLICIES))
-    p.add_argument("--rounds", type=int, default=1, help="serve every policy this many times, in turn, and "
+    p.add_argument("--trace", default="azure-conv", help="trace name or file, as pie-sim reads it (random prompt ids)")
+    p.add_argument("--policies", type=name_list, default="vllm,static,pie",
+                   help="comma-separated: " + ", ".join(names(backend=EXEC)))
+    p.add_argument("--rounds", type=positive_int, default=1, help="serve every policy this many times, in turn, and "
                    "compare the medians (a machine whose speed drifts then moves every policy alike)")
     add_workload_arguments(p)
     add_threads_argument(p, "the profile's; another count is refused")
     p.add_argument("--out", required=True, help="folder for validate.csv and validate.png")
+    add_force_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    console = Console()
-    try:
-        cmd_validate(args, console)
-    except (CatalogError, TraceError, ConfigError, ModelFolderError, InputError) as e:
-        console.print(f"[red]pie-validate: error:[/] {e}", highlight=False, soft_wrap=True)
-        return 2
-    return 0
+    return run_cli(build_parser(), argv, USER_ERRORS, cmd_validate)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ package is the one place where the two backends meet.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,9 @@ from rich.table import Table
 
 from hwmodels import CostModel, HardwareSpec, ModelSpec
 from pie_exec.engine import Executor
-from pie_exec.run import Prompt, run
-from pie_policy import IterationStats
-from pie_policy.sizing import engine_config, make_policy, policy_share
+from pie_exec.run import Prompt, mean_context, run
+from pie_policy import IterationStats, Policy
+from pie_policy.sizing import engine_policy
 from pie_serving.records import write_csv
 from pie_sim.simulate import simulate
 from pie_sim.timeline import Timeline
@@ -89,17 +90,18 @@ def workload_of(prompts: list[Prompt]) -> pd.DataFrame:
                          "output_tokens": [p.max_new_tokens for p in prompts]})
 
 
-def policy_setup(name: str, spec: ModelSpec, kv_pool_bytes: int, cpu_mem_bytes: int, share: float | None,
-                 settings: dict):
-    """(engine config, CPU share) of policy `name`: the one both backends run."""
-    share = policy_share(name, share)
-    return engine_config(spec, name, kv_pool_bytes, cpu_mem_bytes=cpu_mem_bytes, share=share, **settings), share
+def policy_maker(name: str, cost_model: CostModel, prompts: list[Prompt], kv_pool_bytes: int, cpu_mem_bytes: int,
+                 share: float | None, settings: dict) -> Callable[[], Policy]:
+    """A maker of fresh copies of policy `name` as both backends build it (`sizing.engine_policy`, on the
+    profile's link and compute figures): the one the executor runs and the simulator simulates."""
+    return lambda: engine_policy(name, cost_model, kv_pool_bytes, context=mean_context(prompts),
+                                 cpu_mem_bytes=cpu_mem_bytes, share=share, **settings)
 
 
-def serve(name: str, config, share: float | None, model, device, prompts: list[Prompt], progress: bool) -> Served:
-    """Serve `prompts` with policy `name` on the executor."""
-    policy, executed = make_policy(name, config, share), []
-    executor = Executor(model, config, device, policy.staging_slots)
+def serve(make: Callable[[], Policy], model, device, prompts: list[Prompt], progress: bool) -> Served:
+    """Serve `prompts` with a fresh policy from `make` on the executor."""
+    policy, executed = make(), []
+    executor = Executor(model, policy.config, device, policy.staging_slots)
     try:
         requests, _, recorder, wall = run(executor, policy, prompts, progress=progress,
                                           on_iteration=lambda plan, stats: executed.append((plan, stats)))
@@ -122,11 +124,10 @@ def replay(cost_model: CostModel, executed: list) -> list[IterationStats]:
     return replayed
 
 
-def compare(name: str, config, share: float | None, hw: HardwareSpec, spec: ModelSpec, prompts: list[Prompt],
+def compare(name: str, make: Callable[[], Policy], cost_model: CostModel, prompts: list[Prompt],
             rounds: list[Served]) -> Comparison:
     """The simulator on the same requests and engine, against the executor's rounds (their median)."""
-    cost_model = CostModel(hw, spec)
-    simulated = simulate(make_policy(name, config, share), cost_model, workload_of(prompts))
+    simulated = simulate(make(), cost_model, workload_of(prompts))
     predicted = simulated.recorder.summary(simulated.requests, simulated.wall_s)
     its = simulated.recorder.iterations
     predicted["iteration_mean_s"] = float(np.mean(its["end_s"] - its["start_s"]))
@@ -148,16 +149,17 @@ def validate(names: list[str], model, spec: ModelSpec, device, hw: HardwareSpec,
              progress: bool) -> list[Comparison]:
     """Every policy served `rounds` times on the executor, in turn (vllm, static, pie, vllm, ...), so that a
     machine whose speed drifts moves every policy's median alike; then each compared with the simulator."""
-    setups = {name: policy_setup(name, spec, kv_pool_bytes, cpu_mem_bytes, share, settings) for name in names}
-    served = [[serve(name, *setups[name], model, device, prompts, progress) for name in names]
-              for _ in range(rounds)]
-    return [compare(name, *setups[name], hw, spec, prompts, [r[i] for r in served]) for i, name in enumerate(names)]
+    cost_model = CostModel(hw, spec)
+    makers = {name: policy_maker(name, cost_model, prompts, kv_pool_bytes, cpu_mem_bytes, share, settings)
+              for name in names}
+    served = [[serve(makers[name], model, device, prompts, progress) for name in names] for _ in range(rounds)]
+    return [compare(name, makers[name], cost_model, prompts, [r[i] for r in served]) for i, name in enumerate(names)]
 
 
 def report(comparisons: list[Comparison], out: Path, console: Console) -> None:
     """Print the side-by-side table; write validate.csv and validate.png under `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    view = Table(title="pie-exec validate: measured (executor) vs predicted (simulator); error = predicted / measured - 1")
+    view = Table(title="pie-validate: measured (executor) vs predicted (simulator); error = predicted / measured - 1")
     view.add_column("metric")
     for c in comparisons:
         for header in ("measured", "predicted", "error"):
@@ -178,7 +180,9 @@ def report(comparisons: list[Comparison], out: Path, console: Console) -> None:
     columns = ("policy", "metric", "measured", "predicted", "relative_error", "measured_min", "measured_max")
     write_csv(out / "validate.csv", {name: np.array([r[i] for r in records], dtype=float if i > 1 else object)
                                      for i, name in enumerate(columns)})
-    from pie_sim.plots import plot_iteration_check  # here: matplotlib takes half a second to import
+    from pie_sim.plots import (
+        plot_iteration_check,  # here: matplotlib takes half a second to import
+    )
 
     plot_iteration_check({c.policy: (c.measured_iterations, c.replayed_iterations) for c in comparisons},
                          out / "validate.png")

@@ -217,15 +217,16 @@ def test_a_bad_fit_is_refused_naming_file_and_field(write, edit, problem):
 @pytest.mark.parametrize("args, name, message", [
     (["--model", "opt-7b"], "p.toml", "unknown model 'opt-7b'"),
     (["--model", str(TINY), "--contexts", "16,128"], "p.toml", "--contexts must stay below"),
-    (["--model", str(TINY), "--contexts", "16", "--prefills", "8", "--repeats", "0"], "p.toml", "--repeats must be at least 1"),
+    (["--model", str(TINY), "--contexts", "16", "--prefills", "8", "--repeats", "0"], "p.toml", "--repeats must be a positive integer, got 0"),
     (["--model", str(TINY), "--base", "no-such-host"], "p.toml", "unknown hardware 'no-such-host'"),
     (["--model", str(TINY)], "p.txt", "a profile is a .toml file"),
-    (["--model", str(TINY), "--threads", "0"], "p.toml", "--threads must be at least 1"),
+    (["--model", str(TINY), "--threads", "0"], "p.toml", "--threads must be a positive integer, got 0"),
 ])
 def test_bad_input_is_refused_before_timing(tmp_path, capsys, args, name, message):
     out = tmp_path / name
     assert pie_exec(["calibrate", *args, "--out", str(out)]) == 2
-    assert message in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert message in printed.out + printed.err
     assert not out.exists()
 
 
@@ -248,3 +249,16 @@ def test_the_copy_fit_prices_the_copiers_handoff_per_call(tmp_path, one_thread):
     _, link = run.fit()
     assert link["latency"] > 1e-6  # a block of this model is 1 KiB: its bytes alone take well under 1 µs
     assert link["latency"] * one_block.calls < 2 * one_block.measured
+
+
+def test_a_fit_far_from_its_points_is_warned_about():
+    """A busy machine once gave a 650% fit error in a profile, written without a word."""
+    from pie_exec.calibrate import Point, points_table, warnings
+
+    points = [Point("layer", "decode 1 x 64", 1e-3, fitted=7.5e-3), Point("layer", "decode 4 x 64", 2e-3, fitted=2.1e-3),
+              Point("issue", "issue a copy", -1e-6, fitted=0.0), Point("copy", "h2d", 1e-3, fitted=1.1e-3)]
+    [line] = warnings(points)
+    assert "the layer fit is +650% off at 'decode 1 x 64'" in line and "--repeats" in line
+    assert warnings(points[1:]) == []  # within 25%, and an issue point's nan error is no warning
+    rows = points_table(points).columns[4]._cells
+    assert rows[2] == "-"  # a nan error is shown as none, not "+nan%"

@@ -7,7 +7,7 @@ from hwmodels import BatchShape, CatalogError, hardware_names, load_hardware, lo
 
 from .conftest import DATA
 
-REQUIRED_HARDWARE = {"gh200-96g", "gh200-144g", "h100-pcie5", "h200-pcie5", "a100-80g-pcie4", "cpu-host"}
+REQUIRED_HARDWARE = {"gh200-96g", "gh200-144g", "h100-sxm-pcie5", "h200-sxm-pcie5", "a100-80g-sxm-pcie4", "cpu-host"}
 REQUIRED_MODELS = {"opt-125m", "opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "llama-2-7b",
                    "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b"}
 
@@ -103,6 +103,21 @@ TINY_HW = (DATA / "tiny-hw.toml").read_text()
     (lambda t: t.replace("memory_gib = 4", 'memory_gib = "4"'), "host.memory_gib", "must be a number"),
     (lambda t: t.replace("h2d_gb_s = 10", "h2d_gbs = 10"), "link.h2d_gbs", "unknown field"),
     (lambda t: t.replace("[server]\nnum_gpus = 1\ngpus_per_switch = 1\n", ""), "server", "missing"),
+    # TOML writes infinity as inf: a time of inf, a bandwidth of inf (copies in no time) are not figures
+    (lambda t: t.replace("layer_overhead_us = 10", "layer_overhead_us = inf"), "gpu.layer_overhead_us",
+     "must be at most 1e+15, a finite number (got inf)"),
+    (lambda t: t.replace("hbm_bandwidth_gb_s = 100", "hbm_bandwidth_gb_s = inf"), "gpu.hbm_bandwidth_gb_s",
+     "must be at most 1e+15"),
+    (lambda t: t.replace("hbm_bandwidth_gb_s = 100", "hbm_bandwidth_gb_s = 1e30"), "gpu.hbm_bandwidth_gb_s",
+     "must be at most 1e+15"),
+    (lambda t: t.replace("h2d_gb_s = 10", "h2d_gb_s = 1_000_000_000_000_001"), "link.h2d_gb_s", "must be at most"),
+    # a block table entry per KV block of the HBM: a petabyte ran out of memory building it
+    (lambda t: t.replace("hbm_gib = 1", "hbm_gib = 1e15"), "gpu.hbm_gib", "must be at most 16384"),
+    (lambda t: t + (DATA / "tiny-fit.toml").read_text().replace("[8, 200]", "[8, inf]"),
+     "fit.layer_us_dense_by_tokens", "at most 1e+15, finite, not [8, inf]"),
+    (lambda t: t.replace("bidirectional_gb_s = 12", "bidirectional_gb_s = 9.5"), "link.bidirectional_gb_s",
+     "= 9.5 must be at least the faster direction's 10 (h2d_gb_s, d2h_gb_s) with 2 copy engines"),
+    (lambda t: t.replace("d2h_gb_s = 5", "d2h_gb_s = 20"), "link.bidirectional_gb_s", "faster direction's 20"),
 ])
 def test_bad_hardware_toml_is_refused_naming_file_and_field(write, edit, field, problem):
     path = write("my-gpu.toml", edit(TINY_HW))
@@ -110,6 +125,19 @@ def test_bad_hardware_toml_is_refused_naming_file_and_field(write, edit, field, 
         load_hardware(path)
     message = str(info.value)
     assert str(path) in message and f"'{field}'" in message and problem in message, message
+
+
+def test_bounds_are_inclusive(write):
+    """1e12 GB/s and TFLOP/s stand for "free" in test systems; two engines capped at one direction's
+    bandwidth together (directions that share a bus) make a link."""
+    text = TINY_HW.replace("hbm_bandwidth_gb_s = 100", "hbm_bandwidth_gb_s = 1e15")
+    hw = load_hardware(write("edge.toml", text.replace("bidirectional_gb_s = 12", "bidirectional_gb_s = 10")))
+    assert hw.gpu.hbm_bandwidth == 1e24 and hw.link.bidirectional_bandwidth == hw.link.h2d_bandwidth == 10e9
+    assert load_hardware(DATA / "fixed-cost-hw.toml").gpu.peak_flops == 1e24
+    # one copy engine: the directions take turns, both together between the two (a calibrated CPU host)
+    turns = TINY_HW.replace("copy_engines = 2", "copy_engines = 1").replace("bidirectional_gb_s = 12",
+                                                                            "bidirectional_gb_s = 6.5")
+    assert load_hardware(write("turns.toml", turns)).link.bidirectional_bandwidth == 6.5e9
 
 
 def test_bad_model_toml_is_refused_naming_file_and_field(write):
@@ -136,7 +164,7 @@ def test_unknown_name_lists_the_known_ones():
 
 
 def test_the_disk_is_optional_and_read_in_si_units(write):
-    assert load_hardware("a100-80g-pcie4").disk is None
+    assert load_hardware("a100-80g-sxm-pcie4").disk is None
     disk = load_hardware("gh200-96g").disk
     assert (disk.capacity_bytes, disk.read_bandwidth, disk.write_bandwidth, disk.transfer_latency) == (
         7152 * 1024**3, 13e9, 6.6e9, 20e-6)

@@ -8,12 +8,12 @@ from pie_sim.cli import main as pie_sim
 
 def test_preview_writes_table_and_plot(tmp_path, capsys):
     out = tmp_path / "preview"
-    assert pie_sim(["preview", "--hw", "gh200-96g,h100-pcie5", "--model", "opt-30b", "--out", str(out)]) == 0
+    assert pie_sim(["preview", "--hw", "gh200-96g,h100-sxm-pcie5", "--model", "opt-30b", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "gh200-96g" in printed and "h100-pcie5" in printed
+    assert "gh200-96g" in printed and "h100-sxm-pcie5" in printed
     with open(out / "preview.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["hw"] for r in rows] == ["gh200-96g", "h100-pcie5"]
+    assert [r["hw"] for r in rows] == ["gh200-96g", "h100-sxm-pcie5"]
     # The faster link hides a larger CPU share, and pooling never loses to GPU-only.
     assert float(rows[0]["best_cpu_share"]) > float(rows[1]["best_cpu_share"])
     assert all(float(r["gain"]) >= 1.0 for r in rows)
@@ -21,9 +21,9 @@ def test_preview_writes_table_and_plot(tmp_path, capsys):
 
 
 def test_preview_reports_models_that_do_not_fit(tmp_path, capsys):
-    assert pie_sim(["preview", "--hw", "a100-80g-pcie4,gh200-144g", "--model", "opt-66b", "--out", str(tmp_path)]) == 0
+    assert pie_sim(["preview", "--hw", "a100-80g-sxm-pcie4,gh200-144g", "--model", "opt-66b", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "skipped:" in printed and "opt-66b on a100-80g-pcie4 leaves no KV pool" in printed
+    assert "skipped:" in printed and "opt-66b on a100-80g-sxm-pcie4 leaves no KV pool" in printed
     with open(tmp_path / "preview.csv") as f:
         assert [r["hw"] for r in csv.DictReader(f)] == ["gh200-144g"]
 
@@ -64,6 +64,8 @@ def test_compare_runs_each_policy_on_the_same_requests(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["policy"] for r in rows] == ["vllm", "pie"] and all(r["finished"] == "40" for r in rows)
     assert (tmp_path / "vllm" / "requests.csv").exists() and (tmp_path / "pie" / "iterations.csv").exists()
+    printed = capsys.readouterr().out
+    assert "preempt." in printed and "(gpu_mem_util 0.5)" in printed  # the figure this load is about
     assert pie_sim(["compare", "--policies", "vllm,pi", "--out", str(tmp_path)]) == 2
     assert "unknown policy 'pi'" in capsys.readouterr().out
 
@@ -76,5 +78,26 @@ def test_compare_runs_the_pipeline_policies_on_the_multi_gpu_server(tmp_path, ca
         rows = list(csv.DictReader(f))
     assert [r["policy"] for r in rows] == ["pp-vllm", "pipemax"]
     assert all(int(r["finished"]) + int(r["rejected"]) == 30 for r in rows)
-    assert pie_sim(args + ["--policies", "pipemax", "--micro-batches", "7", "--out", str(tmp_path)]) == 2
+    assert pie_sim(args + ["--policies", "pipemax", "--micro-batches", "7", "--out", str(tmp_path), "--force"]) == 2
     assert "7 micro-batches cannot fill 8 pipeline stages" in capsys.readouterr().out
+
+
+def test_errors_print_names_with_brackets_as_they_are(tmp_path, capsys):
+    """A user's error is printed as text, not as terminal markup: square brackets in a path survive."""
+    trace = tmp_path / "neg[run1].csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,-5,3\n")
+    assert pie_sim(["run", "--trace", str(trace), "--num-requests", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "neg[run1].csv" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_flexgen_is_sized_from_the_requests_that_fit_the_model(tmp_path):
+    """azure-code's mean prompt (about 2,000 tokens) leaves OPT-13B's 2,048-token context no room for the
+    mean output: FlexGen's block is sized for the requests the model can serve, the others are rejected."""
+    out = tmp_path / "o"
+    assert pie_sim(["run", "--policy", "flexgen", "--trace", "azure-code", "--num-requests", "40", "--out",
+                    str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    with open(out / "requests.csv") as f:
+        rows = list(csv.DictReader(f))
+    too_long = [r for r in rows if int(r["prompt_tokens"]) + int(r["output_tokens"]) - 1 > 2048]
+    assert too_long and summary["rejected"] == len(too_long) and summary["finished"] == 40 - len(too_long)

@@ -3,11 +3,11 @@ policy, also when most KV lives in CPU memory and sequences are preempted and re
 import pytest
 import torch
 
-from hwmodels import ModelSpec
+from hwmodels import CostModel, ModelSpec, load_hardware
 from pie_exec.engine import Executor
+from pie_exec.model import ArchDetails
 from pie_exec.run import Prompt, run
 from pie_exec.weights import random_transformer, save_hf_folder
-from pie_exec.model import ArchDetails
 from pie_policy import EngineConfig, ExpansionController, Policy, State
 
 transformers = pytest.importorskip("transformers")
@@ -19,6 +19,9 @@ SPECS = {
     "llama": ModelSpec(name="tiny-llama", description="tiny Llama, GQA", family="llama", num_layers=2,
                        hidden_size=64, num_heads=4, num_kv_heads=2, ffn_size=128, vocab_size=256,
                        max_context=128, dtype_bytes=4, tied_embeddings=False),
+    "qwen2": ModelSpec(name="tiny-qwen2", description="tiny Qwen2: GQA, biases on Q, K and V", family="llama",
+                       num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_size=128, vocab_size=256,
+                       max_context=128, dtype_bytes=4, tied_embeddings=True, qkv_bias=True),
 }
 PROMPT_LENGTHS, NEW_TOKENS = (5, 23, 9, 40), (20, 12, 30, 16)
 
@@ -58,15 +61,20 @@ def config(spec, gpu_blocks, cpu_blocks=0, **kw):
                         watermark=0.0, **kw)
 
 
+def pie(spec, engine: EngineConfig) -> Policy:
+    """pie with its controller pricing batches on the CPU's catalog entry (as `pie-exec run` on the CPU),
+    starting at a share of 0.5 so that CPU blocks are used from the first admissions."""
+    return Policy("pie", engine, controller=ExpansionController(share=0.5, max_share=0.5),
+                  cost_model=CostModel(load_hardware("cpu-host"), spec))
+
+
 CASES = {
     "vllm, roomy": lambda s: Policy("vllm", config(s, 200)),
     "vllm, preempting": lambda s: Policy("vllm", config(s, 15)),
     "vllm-swap, preempting": lambda s: Policy("vllm-swap", config(s, 15, 60)),
     "static, most KV on CPU": lambda s: Policy("static", config(s, 12, 40), cpu_share=0.75),
-    "pie, preempting with CPU": lambda s: Policy("pie", config(s, 14, 14),
-                                                 controller=ExpansionController(share=0.5, max_share=0.5)),
-    "pie, chunked prefill, CPU": lambda s: Policy("pie", config(s, 14, 14, chunked_prefill=True),
-                                                  controller=ExpansionController(share=0.5, max_share=0.5)),
+    "pie, preempting with CPU": lambda s: pie(s, config(s, 14, 14)),
+    "pie, chunked prefill, CPU": lambda s: pie(s, config(s, 14, 14, chunked_prefill=True)),
     "prompt-offload, prompts on CPU": lambda s: Policy("prompt-offload", config(s, 14, 20)),
 }
 

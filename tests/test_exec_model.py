@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hwmodels import ModelSpec
+from hwmodels import CatalogError, ModelSpec
 from pie_exec.model import ArchDetails, Transformer
 from pie_exec.weights import ModelFolderError, load_hf_folder, random_transformer, save_hf_folder
 
@@ -321,24 +321,28 @@ def _edit_tensors(fn):
 _DELETE = object()
 
 BAD = {
-    # name: (family, edit of a valid folder, fragment the message must contain)
+    # name: (family, edit of a valid folder, fragment the message must contain); config.json's problems are
+    # the simulator's too (hwmodels reads it: a CatalogError), the rest the executor's (a ModelFolderError).
     "missing-folder": ("opt", lambda f: __import__("shutil").rmtree(f), "does not exist"),
     "not-a-folder": ("opt", lambda f: (__import__("shutil").rmtree(f), f.write_text("x")), "is not a folder"),
-    "no-config": ("opt", lambda f: (f / "config.json").unlink(), "no config.json"),
+    "no-config": ("opt", lambda f: (f / "config.json").unlink(), "no config.json in the folder"),
     "config-not-json": ("opt", lambda f: (f / "config.json").write_text("{hidden_size: 64"), "not valid JSON"),
     "config-not-object": ("opt", lambda f: (f / "config.json").write_text("[1, 2]"), "not a JSON object"),
-    "unknown-model-type": ("llama", _edit_config(model_type="mistral"), "unknown model_type 'mistral'"),
+    "unknown-model-type": ("llama", _edit_config(model_type="gpt2"), "unknown model_type 'gpt2'"),
     "no-model-type": ("llama", _edit_config(model_type=_DELETE), "missing field 'model_type'"),
     "missing-field": ("opt", _edit_config(ffn_dim=_DELETE), "missing field 'ffn_dim'"),
-    "wrong-type": ("llama", _edit_config(hidden_size="64"), "field 'hidden_size' is '64', expected int"),
-    "negative": ("llama", _edit_config(num_hidden_layers=-1), "'num_hidden_layers' is -1, expected a positive"),
+    "wrong-type": ("llama", _edit_config(hidden_size="64"),
+                   "field 'hidden_size' must be a positive whole number, not '64'"),
+    "negative": ("llama", _edit_config(num_hidden_layers=-1),
+                 "'num_hidden_layers' must be a positive whole number, not -1"),
     "rope-scaling": ("llama", _edit_config(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
                      "unsupported feature: rope_scaling of type 'llama3'"),
     "attention-bias": ("llama", _edit_config(attention_bias=True), "unsupported feature: attention_bias"),
     "opt-350m-projection": ("opt", _edit_config(word_embed_proj_dim=32), "unsupported feature: word_embed_proj_dim"),
     "opt-post-ln": ("opt", _edit_config(do_layer_norm_before=False), "unsupported feature: do_layer_norm_before"),
     "quantized": ("llama", _edit_config(quantization_config={"quant_method": "gptq"}), "quantization_config"),
-    "bad-gqa": ("llama", _edit_config(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
+    "bad-gqa": ("llama", _edit_config(num_key_value_heads=3),
+                "'num_attention_heads' (4) must be a multiple of 'num_key_value_heads' (3)"),
     "no-safetensors": ("opt", lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"),
                        "no *.safetensors file"),
     "corrupt-safetensors": ("opt", lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 8),
@@ -355,6 +359,8 @@ BAD = {
                                                                       torch.zeros(64)})),
                           "unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"),
 }
+EXECUTOR_CASES = {"missing-folder", "not-a-folder", "rope-scaling", "no-safetensors", "corrupt-safetensors",
+                  "missing-tensor", "missing-untied-head", "mis-shaped-tensor", "unexpected-tensor"}
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -363,8 +369,83 @@ def test_bad_folder_is_refused_with_folder_and_problem_named(tmp_path, case):
     spec = replace(tiny_spec(family), num_layers=2)
     folder = save_hf_folder(random_transformer(spec, seed=0), spec, ArchDetails(), tmp_path / "model")
     edit(folder)
-    with pytest.raises(ModelFolderError) as info:
+    with pytest.raises(ModelFolderError if case in EXECUTOR_CASES else CatalogError) as info:
         load_hf_folder(folder)
     assert isinstance(info.value, ValueError)
     assert str(folder) in str(info.value)
     assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------- Qwen2, Mistral: folders transformers writes
+
+def hf_random_folder(config, folder, seed: int):
+    """A model transformers builds from `config`, its weights drawn as `random_transformer` draws ours (HF's own
+    init makes a tiny model repeat one token), saved by `save_pretrained`: (folder, HF model)."""
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            value = torch.randn(param.shape, generator=gen)
+            if "embed" in name or "lm_head" in name:
+                value = value / config.hidden_size**0.5
+            elif "norm" in name:
+                value = 1.0 + 0.1 * value
+            elif name.endswith("bias"):
+                value = 0.1 * value
+            else:
+                value = value * (2.0 / param.shape[1] ** 0.5)
+            param.copy_(value)
+    hf.save_pretrained(folder)
+    return folder, hf.eval()
+
+
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+HF_CONFIGS = {
+    "qwen2": lambda: transformers.Qwen2Config(**TINY, rope_theta=1e6, tie_word_embeddings=False),
+    "qwen2-tied": lambda: transformers.Qwen2Config(**TINY, tie_word_embeddings=True),
+    # A window shorter than the context: max_context becomes the window, within which it is full attention.
+    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=64, rms_norm_eps=1e-5),
+}
+
+
+@pytest.mark.parametrize("kind", list(HF_CONFIGS))
+def test_folders_transformers_writes_load_and_decode_as_transformers_does(tmp_path, kind):
+    folder, hf = hf_random_folder(HF_CONFIGS[kind](), tmp_path / kind, seed=11)
+    model, spec, _ = load_hf_folder(folder)
+    assert spec.qkv_bias == kind.startswith("qwen2") and spec.num_kv_heads == 2
+    assert spec.max_context == (64 if kind == "mistral" else 128)
+    assert sum(p.numel() for p in model.parameters()) == spec.total_params == sum(p.numel() for p in hf.parameters())
+    ids = prompt_ids(2)
+    with torch.no_grad():
+        ours = forward_dense(model, ids)
+        theirs = hf(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0]
+        diff = (ours - theirs).abs().max().item()
+        assert diff <= LOGITS_ATOL, f"max |logits diff| {diff:.3g} > {LOGITS_ATOL}"
+        generated = hf.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                do_sample=False, max_new_tokens=NEW_TOKENS)[0, len(ids):].tolist()
+    tokens = greedy_dense(model, ids, NEW_TOKENS)
+    assert tokens == generated and len(set(tokens)) > 3, tokens
+
+
+def test_a_mixture_of_experts_is_refused_by_the_executor(tmp_path):
+    config = transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ModelFolderError, match="unsupported feature: a mixture of 4 experts"):
+        load_hf_folder(tmp_path)
+    with pytest.raises(ValueError, match="mixtures of experts"):
+        Transformer(replace(tiny_spec("llama"), num_experts=4, experts_per_token=2))
+
+
+def test_a_model_with_qkv_biases_saves_as_qwen2(tmp_path):
+    spec = replace(tiny_spec("llama"), qkv_bias=True)
+    model = random_transformer(spec, seed=6, details=DETAILS["llama"])
+    folder = save_hf_folder(model, spec, DETAILS["llama"], tmp_path / "q")
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    ids = prompt_ids(3)
+    with torch.no_grad():
+        theirs = hf.eval()(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0]
+        assert (forward_dense(model, ids) - theirs).abs().max().item() <= LOGITS_ATOL
+    loaded, _, _ = load_hf_folder(folder)
+    assert torch.equal(loaded.layers[1].wqkv.bias, model.layers[1].wqkv.bias)

@@ -16,11 +16,11 @@ def cost_model(hw, model):
     return CostModel(load_hardware(hw), load_model(model))
 
 
-@pytest.mark.parametrize("hw", ["gh200-96g", "a100-80g-pcie4", "h100-pcie5"])
+@pytest.mark.parametrize("hw", ["gh200-96g", "a100-80g-sxm-pcie4", "h100-sxm-pcie5"])
 @pytest.mark.parametrize("model", ["opt-13b", "opt-30b", "opt-66b"])
 @pytest.mark.parametrize("util", [0.9, 0.6])
 def test_placement_never_exceeds_a_tier(hw, model, util):
-    """Three tiers where the system has a disk (gh200-96g, h100-pcie5), two where it has none (a100)."""
+    """Three tiers where the system has a disk (gh200-96g, h100-sxm-pcie5), two where it has none (a100)."""
     cm = cost_model(hw, model)
     plan = search(cm, prompt_len=512, gen_len=32, gpu_mem_util=util)
     assert plan.gpu_bytes <= int(cm.hw.gpu.hbm_bytes * util)
@@ -42,7 +42,7 @@ def test_a_model_that_fits_stays_in_hbm():
 
 
 def test_a_model_bigger_than_hbm_streams_weights():
-    plan = search(cost_model("a100-80g-pcie4", "opt-66b"), prompt_len=512, gen_len=32)
+    plan = search(cost_model("a100-80g-sxm-pcie4", "opt-66b"), prompt_len=512, gen_len=32)
     assert plan.wg < 1
     assert plan.cpu_bytes > 0 and plan.decode_bound == "h2d"
 
@@ -106,7 +106,7 @@ def test_hbm_below_its_floor_is_refused(hand):
 
 
 def test_a_model_bigger_than_gpu_and_cpu_memory_is_refused(write):
-    hw = (HARDWARE_DIR / "a100-80g-pcie4.toml").read_text()
+    hw = (HARDWARE_DIR / "a100-80g-sxm-pcie4.toml").read_text()
     small_host = write("a100-16g-host.toml", hw.replace("memory_gib = 1024", "memory_gib = 16"))
     cm = CostModel(load_hardware(small_host), load_model("opt-66b"))
     refused = (r"opt-66b on a100-16g-host cannot hold a block of 1 x 1 sequences of 512 \+ 32 tokens: "
@@ -164,19 +164,19 @@ def test_cpu_memory_beyond_the_staging_buffers_takes_weights_off_the_disk(disk_h
 
 def test_too_big_for_gpu_and_cpu_memory_is_placed_with_a_disk_and_refused_without(write):
     """OPT-66B (122 GiB) on an H100 with 16 GiB of CPU memory: 72 + 16 GiB cannot hold it, the disk can."""
-    with_disk = CostModel(load_hardware("h100-pcie5"), load_model("opt-66b"))
+    with_disk = CostModel(load_hardware("h100-sxm-pcie5"), load_model("opt-66b"))
     plan = search(with_disk, prompt_len=512, gen_len=32, cpu_mem_bytes=16 * GiB)
     assert plan.wd > 0 and plan.disk_bytes <= with_disk.hw.disk.capacity_bytes
     assert plan.gpu_bytes <= 0.9 * 80 * GiB and plan.cpu_bytes <= 16 * GiB
     assert plan.decode_bound == "disk-read"
-    no_disk = re.sub(r"\[disk\].*?\n\n", "", (HARDWARE_DIR / "h100-pcie5.toml").read_text(), flags=re.S)
+    no_disk = re.sub(r"\[disk\].*?\n\n", "", (HARDWARE_DIR / "h100-sxm-pcie5.toml").read_text(), flags=re.S)
     cm = CostModel(load_hardware(write("h100-no-disk.toml", no_disk)), load_model("opt-66b"))
     with pytest.raises(ValueError, match=r"GPU \+ CPU memory is the binding constraint, .* \+ 16 GiB host memory$"):
         search(cm, prompt_len=512, gen_len=32, cpu_mem_bytes=16 * GiB)
 
 
 def test_a_full_disk_is_named_among_the_tiers(write):
-    hw = (HARDWARE_DIR / "h100-pcie5.toml").read_text().replace("capacity_gib = 7152", "capacity_gib = 8")
+    hw = (HARDWARE_DIR / "h100-sxm-pcie5.toml").read_text().replace("capacity_gib = 7152", "capacity_gib = 8")
     cm = CostModel(load_hardware(write("h100-small-disk.toml", hw)), load_model("opt-66b"))
     with pytest.raises(ValueError, match=r"GPU \+ CPU \+ disk memory is the binding constraint, .* \+ 16 GiB host "
                                          r"memory \+ 8 GiB disk"):

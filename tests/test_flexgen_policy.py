@@ -1,4 +1,6 @@
 """FlexGen as a policy: whole blocks, no continuous batching, copies of the offloaded shares."""
+import pytest
+
 from hwmodels import BatchShape, CostModel, load_hardware, load_model
 from pie_policy import State
 from pie_policy.flexgen import FlexGenPolicy
@@ -82,3 +84,13 @@ def test_disk_data_is_read_two_layers_ahead_then_copied_and_written_after_its_co
     # Two GPU batches of one row each; the disk stays off the link's byte counts.
     assert decode.gpu_batches == (BatchShape.of(decodes=[10]), BatchShape.of(decodes=[20]))
     assert decode.bytes_moved()[0] == sum(c.nbytes for c in decode.copies() if c.direction == H2D)
+
+
+def test_flexgen_refuses_in_words_a_mean_prompt_that_leaves_no_room():
+    from hwmodels import CostModel, load_hardware, load_model
+    from pie_policy import ConfigError
+    from pie_policy.sizing import build_policy
+
+    cm = CostModel(load_hardware("gh200-96g"), load_model("opt-13b"))
+    with pytest.raises(ConfigError, match="flexgen: the mean prompt of 2501 tokens does not fit opt-13b's context"):
+        build_policy("flexgen", cm, mean_prompt=2501, mean_output=30)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hwmodels import GiB, CostModel, load_hardware, load_model
+from hwmodels import CostModel, GiB, load_hardware, load_model
 from pie_exec.engine import Executor
 from pie_exec.run import TokenServer
 from pie_policy import EngineConfig, Policy, State

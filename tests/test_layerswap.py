@@ -1,12 +1,15 @@
 """FIFO layer swapping: a hand-worked op list, and the staging bound replayed independently."""
 from itertools import count
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pie_policy.blocks import CPU, GPU, BlockRef
+from pie_policy.config import ConfigError
 from pie_policy.layerswap import FifoLayerSwap, runs, span_gaps
 from pie_policy.plan import D2H, H2D, LAYER_KV, Copy, SeqWork
+
 
 def seq(request_id, new, cached, blocks):
     return SeqWork(request_id, new, cached, True, tuple(BlockRef(tier, slot) for tier, slot in blocks))
@@ -80,16 +83,21 @@ def test_runs_group_pairs_consecutive_on_both_sides():
 
 
 @settings(max_examples=60, deadline=None)
-@given(num_layers=st.integers(1, 12), depth=st.integers(1, 4), iterations=st.integers(1, 4),
+@given(num_layers=st.integers(2, 12), depth=st.integers(1, 4), iterations=st.integers(1, 4),
        cpu_blocks=st.lists(st.integers(0, 30), min_size=1, max_size=10, unique=True))
 def test_staging_never_exceeds_its_bound(num_layers, depth, iterations, cpu_blocks):
     """Replay issue order over several plans: a prefetch takes a staging slot for one (global) layer,
     its write-back or the layer's compute frees it. Never more than depth + 1 slots are taken, a slot
-    never holds two layers, and a prefetch is ordered after the last write-back out of its slot."""
+    never holds two layers, a prefetch is ordered after the last write-back out of its slot, and after
+    the write-back of what the previous iteration's same layer wrote (its own `after`, or a later
+    write-back: one direction's copies complete in issue order)."""
+    assume(depth < num_layers)
     swap = FifoLayerSwap(num_layers, depth, 31, 64, 16, dirty_only=True, op_ids=count())
     batch = (seq(0, 1, 16 * len(cpu_blocks) - 1, [(CPU, b) for b in sorted(cpu_blocks)]),)
     holder: dict[int, int] = {}         # staging slot → global layer it holds
     pending_evict: dict[int, int] = {}  # staging slot → its last write-back
+    written: dict[int, int] = {}        # global layer → its write-back's place in device→host issue order
+    order: dict[int, int] = {}          # write-back id → its place in device→host issue order
     most = 0
 
     def take(copy: Copy, layer: int) -> None:
@@ -98,6 +106,10 @@ def test_staging_never_exceeds_its_bound(num_layers, depth, iterations, cpu_bloc
         assert holder.get(copy.staging, layer) == layer, f"layer {layer} prefetched into a slot still in use"
         if copy.staging in pending_evict:
             assert pending_evict[copy.staging] in copy.after, "prefetch not ordered after the slot's write-back"
+        if layer - num_layers >= 0:
+            assert layer - num_layers in written, "prefetch issued before the write-back of the data it reads"
+            assert max((order[op] for op in copy.after if op in order), default=-1) >= written[layer - num_layers], \
+                "prefetch not ordered after the write-back of the data it reads"
         assert max(src for src, _ in copy.pairs) < swap.capacity
         holder[copy.staging] = layer
         most = max(most, len(holder))
@@ -114,7 +126,15 @@ def test_staging_never_exceeds_its_bound(num_layers, depth, iterations, cpu_bloc
             del holder[slots[layer]]
             for copy in step.evict:
                 pending_evict[copy.staging] = copy.op_id
+                order[copy.op_id] = written[base + layer] = len(order)
     assert most <= swap.depth + 1
+
+
+def test_a_prefetch_depth_of_the_layer_count_is_refused():
+    """At depth L the prefetch of the next iteration's layer l would be issued before this iteration's layer
+    l computes, so before the write-back of its new tokens: it would read stale KV."""
+    with pytest.raises(ConfigError, match="prefetch depth 4 must be less than the model's 4 layers"):
+        FifoLayerSwap(4, 4, 31, 64, 16, dirty_only=True, op_ids=count())
 
 
 def test_prefetches_span_small_gaps_write_backs_do_not():

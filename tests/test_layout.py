@@ -55,3 +55,14 @@ def test_the_policy_package_reads_and_writes_no_files():
                 assert node.module.split(".")[0] not in FILE_IO_MODULES, f"{path.name}:{node.lineno}"
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 assert node.func.id != "open", f"{path.name}:{node.lineno}"
+
+
+def test_the_python_required_has_every_standard_module_the_code_imports():
+    """tomllib (reading every catalog and grid) is new in Python 3.11: an install on 3.10 must be refused
+    by pip, not succeed and then fail at the first command."""
+    import tomllib
+
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">=3.11"
+    uses = [path for package in FORBIDDEN for path in (REPO / package).glob("*.py") if "tomllib" in path.read_text()]
+    assert uses, "no module reads TOML any more: requires-python may go back to >=3.10"

@@ -10,9 +10,8 @@ from contextlib import contextmanager
 import pytest
 
 from hwmodels import load_hardware
-from pie_policy.plan import D2H, DISK_READ, DISK_WRITE, H2D, LAYER_KV, Copy
-from pie_sim.links import (EPSILON, FixedRateLinks, FluidLinks, byte_rates, full_rates, links_for,
-                           setup_time, stream_of)
+from pie_policy.plan import D2H, H2D, LAYER_KV, Copy
+from pie_sim.links import EPSILON, FixedRateLinks, FluidLinks, byte_rates, full_rates, links_for, setup_time, stream_of
 
 from .conftest import DATA
 

@@ -22,7 +22,6 @@ from traces import load_workload
 from .conftest import DATA
 
 
-
 @pytest.mark.parametrize("layers, stages", [(10, 4), (64, 8), (80, 8), (6, 6), (7, 3)])
 def test_layers_split_in_contiguous_slices_as_vllm_does(layers, stages):
     split = split_layers(layers, stages)

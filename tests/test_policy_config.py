@@ -26,7 +26,7 @@ def test_bad_policy_settings_are_refused():
     config = EngineConfig(**BASE, num_cpu_blocks=4)
     with pytest.raises(ConfigError, match="cpu_share must be in \\[0, 1\\), got 1.5"):
         Policy("static", config, cpu_share=1.5)
-    with pytest.raises(ConfigError, match="unknown policy 'vllm2' \\(known: vllm, vllm-swap, static, pie, prompt-offload\\)"):
+    with pytest.raises(ConfigError, match="unknown policy 'vllm2' \\(known: vllm, vllm-swap, static, pie, pie-fixed, prompt-offload\\)"):
         Policy("vllm2", config)
     with pytest.raises(ConfigError, match="vllm-swap needs CPU swap space"):
         Policy("vllm-swap", EngineConfig(**BASE))
@@ -62,3 +62,22 @@ def test_every_policy_builds_from_the_catalog(name):
     cm = CostModel(load_hardware("gh200-96g"), load_model("opt-13b"))
     policy = build_policy(name, cm, cpu_mem_bytes=100 * 1024**3, mean_prompt=90, mean_output=306)
     assert policy.name == name and not policy.has_work
+
+
+@pytest.mark.parametrize("hw", ["gh200-96g", "h100-sxm-pcie5"])
+def test_the_executor_builds_the_engine_the_simulator_simulates(hw):
+    """`pie-exec run` and `pie-validate` build a policy with `engine_policy` on their KV pool and the
+    requests' mean context; `pie-sim` with `build_policy` on the memory budget's pool: the same engine (the
+    link's bound as pie's largest share, the gap a prefetch spans, the staging area) on the same figures."""
+    from pie_policy.sizing import coalesce_gap, engine_policy, link_bound_share
+
+    cm = CostModel(load_hardware(hw), load_model("opt-13b"))
+    pool = cm.memory_budget(0.5).kv_pool_bytes
+    for name in ("pie", "static", "pie-fixed", "vllm"):
+        simulated = build_policy(name, cm, gpu_mem_util=0.5, cpu_mem_bytes=100 * 1024**3, mean_prompt=161,
+                                 mean_output=338)
+        executed = engine_policy(name, cm, pool, context=499, cpu_mem_bytes=100 * 1024**3)
+        assert executed.config == simulated.config
+    pie = engine_policy("pie", cm, pool, context=499, cpu_mem_bytes=100 * 1024**3)
+    assert pie.controller.max_share == link_bound_share(cm, pool, 499) < 0.5
+    assert pie.config.coalesce_gap == coalesce_gap(cm, 16) > 0

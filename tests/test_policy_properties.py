@@ -5,13 +5,15 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pie_policy import EngineConfig, ExpansionController, Policy, State
+from hwmodels import CostModel, load_hardware, load_model
+from pie_policy import POLICIES, EngineConfig, ExpansionController, Policy, State
 from pie_policy.blocks import CPU
 from pie_policy.plan import IterationStats
 from pie_serving import Serving
 from pie_serving import drive as run_loop
 
 MAX_ITERATIONS = 20_000
+PRICES = CostModel(load_hardware("gh200-96g"), load_model("opt-13b"))  # what pie's controller prices batches on
 
 
 def check_accounting(policy: Policy, plan, copies: dict) -> None:
@@ -96,7 +98,7 @@ workloads = st.lists(st.tuples(st.floats(0, 10), st.integers(1, 120), st.integer
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workload=workloads, name=st.sampled_from(["vllm", "vllm-swap", "static", "pie"]),
+@given(workload=workloads, name=st.sampled_from(POLICIES),
        block_size=st.sampled_from([4, 8, 16]), gpu_blocks=st.integers(8, 60), cpu_blocks=st.integers(1, 80),
        chunked=st.booleans(), share=st.floats(0.0, 0.8), max_seqs=st.integers(1, 12))
 def test_every_admitted_request_finishes_with_exactly_its_tokens(workload, name, block_size, gpu_blocks,
@@ -105,8 +107,9 @@ def test_every_admitted_request_finishes_with_exactly_its_tokens(workload, name,
     config = EngineConfig(num_layers=3, block_bytes_layer=64, num_gpu_blocks=gpu_blocks, num_cpu_blocks=cpu_blocks,
                           block_size=block_size, max_num_seqs=max_seqs, max_model_len=256,
                           max_num_batched_tokens=64 if chunked else 256, chunked_prefill=chunked)
-    policy = Policy(name, config, cpu_share=share if name == "static" else 0.0,
-                    controller=ExpansionController(share=min(share, 0.5)) if name == "pie" else None)
+    policy = Policy(name, config, cpu_share=share if name in ("static", "pie-fixed") else 0.0,
+                    controller=ExpansionController(share=min(share, 0.5)) if name == "pie" else None,
+                    cost_model=PRICES)
     requests, cpu_used = drive(policy, workload)
     event(f"{name}: {'preempted' if any(r.preemptions for r in requests) else 'no preemption'}")
     event(f"{name}: CPU {'used' if cpu_used else 'unused'}")
@@ -120,7 +123,7 @@ def test_every_admitted_request_finishes_with_exactly_its_tokens(workload, name,
     assert all(pool.num_used == 0 for pool in policy.tables.pools.values())
 
 
-@pytest.mark.parametrize("name", ["vllm", "vllm-swap", "static", "pie"])
+@pytest.mark.parametrize("name", POLICIES)
 @pytest.mark.parametrize("chunked", [False, True])
 def test_under_memory_pressure_every_policy_preempts_and_still_finishes_everything(name, chunked):
     rng = random.Random(7)
@@ -128,7 +131,8 @@ def test_under_memory_pressure_every_policy_preempts_and_still_finishes_everythi
     config = EngineConfig(num_layers=3, block_bytes_layer=64, num_gpu_blocks=48, num_cpu_blocks=64,
                           max_num_seqs=16, max_model_len=512, chunked_prefill=chunked,
                           max_num_batched_tokens=128 if chunked else 512)
-    policy = Policy(name, config, cpu_share=0.3 if name == "static" else 0.0)
+    policy = Policy(name, config, cpu_share=0.3 if name in ("static", "pie-fixed") else 0.0, cost_model=PRICES,
+                    controller=ExpansionController(share=0.3) if name == "pie" else None)
     requests, cpu_used = drive(policy, workload)
     assert all(r.state is State.FINISHED and r.generated == r.output_tokens for r in requests)
     assert any(r.preemptions for r in requests)

@@ -14,8 +14,10 @@ from traces import load_workload
 class Tee:
     """Records every row into two recorders: one with a tiny chunk, one that never spills."""
 
-    def __init__(self):
+    def __init__(self, token_gaps: bool = False):
+        assert not token_gaps, "the runs recorded here fold no token gaps"
         self.small, self.whole = records.RunRecorder(chunk=7), records.RunRecorder(chunk=10**9)
+        self.gaps = None
 
     def iteration(self, *args):
         self.small.iteration(*args)
@@ -42,8 +44,10 @@ def test_rows_moved_to_a_file_in_chunks_read_and_write_as_rows_kept_whole(name, 
         recorder.write(folder, result.requests, {})
     assert (tmp_path / "small" / "iterations.csv").read_bytes() == (tmp_path / "whole" / "iterations.csv").read_bytes()
     names = ("gpu_kv_bytes", "cpu_kv_bytes", "cpu_share")
+    made = {"cpu_percent": records.cpu_percent}  # a column made row by row from others, then cut
     for points in (5, 97, 10**6):
-        cut = small.envelope(names, points)
-        for column in names:
-            times, values = envelope(whole.iterations["end_s"], whole.iterations[column], points)
+        cut = small.envelope(names, points, derived=made)
+        for column in (*names, "cpu_percent"):
+            rows = records.cpu_percent(whole.iterations) if column == "cpu_percent" else whole.iterations[column]
+            times, values = envelope(whole.iterations["end_s"], rows, points)
             assert np.array_equal(cut["end_s"], times) and np.array_equal(cut[column], values), (points, column)

@@ -10,7 +10,7 @@ from pie_sim.cli import main
 from pie_sim.reproduce import Grid, findings
 from pie_sim.scenario import summarize
 
-TOY = Grid(40, (0.1, 1.0), tolerance=0.3, slo_factors=(1.5, 5.0), static_shares=(0.3,))
+TOY = Grid(170, (0.1, 1.0), tolerance=0.3, slo_factors=(1.5, 5.0), static_shares=(0.3,))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_every_panel_policy_and_rate_is_run_and_re_runs_alone_to_the_same_figure
     curves = rows(toy / "curves.csv")
     assert len(curves) == len(reproduce.MODELS) * len(reproduce.TRACES) * len(TOY.policies) * len(TOY.rate_factors)
     static = next(r for r in curves if r["policy"] == "static-0.3" and r["model"] == "opt-30b")
-    again = summarize(reproduce.Scenario(hw="gh200-96g", model="opt-30b", trace=static["trace"], num_requests=40,
+    again = summarize(reproduce.Scenario(hw="gh200-96g", model="opt-30b", trace=static["trace"], num_requests=170,
                                          gpu_mem_util=0.9, policy="static", share=0.3, rate=float(static["rate"])))
     assert float(static["throughput_tok_s"]) == pytest.approx(again["throughput_tok_s"], rel=1e-12)
     assert float(static["normalized_latency_s"]) == pytest.approx(again["normalized_latency_s"], rel=1e-12)
@@ -65,7 +65,7 @@ def test_the_report_places_each_claim_beside_the_ratio_of_the_tables(toy):
 
 
 def test_findings_are_ratios_of_the_panel_runs():
-    answer = lambda value: Answer(value, "found", ())  # noqa: E731
+    answer = lambda value: Answer(value, "found", (), 10.0, "")  # noqa: E731
     summary = lambda tok, lat: dict(throughput_tok_s=tok, normalized_latency_s=lat)  # noqa: E731
     panel = reproduce.Panel("opt-13b", "sharegpt", reproduce.Scenario(), offline={
         "pie": summary(300.0, 1.0), "flexgen": summary(100.0, 5.0)},

@@ -78,7 +78,7 @@ def one_engine_link(hw):
     return dataclasses.replace(hw, link=dataclasses.replace(hw.link, copy_engines=1))
 
 
-@pytest.mark.parametrize("hw, links", [("gh200-96g", FixedRateLinks), ("h100-pcie5", FluidLinks),
+@pytest.mark.parametrize("hw, links", [("gh200-96g", FixedRateLinks), ("h100-sxm-pcie5", FluidLinks),
                                        ("one-engine", FixedRateLinks)])
 @pytest.mark.parametrize("name", ["pie", "static"])
 def test_a_record_is_priced_as_its_copies_are_bit_for_bit(hw, links, name):

@@ -59,6 +59,14 @@ def test_a_point_is_named_by_all_its_options_defaults_included():
     assert len({point_id(Scenario(rate=5.0, seed=seed)) for seed in range(50)}) == 50
 
 
+def test_an_option_added_later_keeps_the_saved_points_ids():
+    """trace_format came after sweeps were saved: at its default, a point keeps the id those sweeps gave it
+    (these ids are the ones the code before it computed), and set, it names another point."""
+    assert point_id(Scenario(rate=5.0)) == "3e05a34c80728256"
+    assert point_id(Scenario(model="opt-30b", seed=3)) == "16503655a186ed67"
+    assert point_id(Scenario(rate=5.0, trace_format="vidur")) != point_id(Scenario(rate=5.0))
+
+
 @pytest.mark.parametrize("grid, message", [
     ({"modle": "opt-125m"}, "unknown option modle (known: hw, model"),
     ({"rate": []}, "rate: empty axis"),
@@ -70,6 +78,7 @@ def test_a_point_is_named_by_all_its_options_defaults_included():
     ({"rate": [5, 5.0]}, "rate: the axis repeats 5.0"),
     ({"policy": ["pie", "vlm"]}, "unknown policy 'vlm'"),
     ({"hw": ["gh200-96g", "gh300"]}, "unknown hardware 'gh300'"),
+    ({"trace_format": "csv"}, "trace_format: unknown format 'csv' (known: auto, tidy, azure, vidur, sharegpt)"),
 ])
 def test_bad_grids_are_refused_naming_the_key(grid, message):
     with pytest.raises((ConfigError, CatalogError)) as refused:
@@ -193,3 +202,17 @@ def test_ray_backend_gives_the_local_table(write, tmp_path, capsys):
     assert "policy=vllm gpu_mem_util=0.001: CapacityError" in capsys.readouterr().out
     pd.testing.assert_frame_equal(simulated(pd.read_parquet(tmp_path / "ray" / "results.parquet")),
                                   simulated(pd.read_parquet(tmp_path / "local" / "results.parquet")))
+
+
+def test_each_point_says_whether_its_rate_is_sustainable(tmp_path):
+    """A light rate is, one far above what the engine serves is not, and every request at once cannot say;
+    the point files are strict JSON though a rate is infinite."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text('model = "opt-13b"\nnum_requests = 200\npolicy = "vllm"\ngpu_mem_util = 0.4\n'
+                    'rate = [2.0, 1000.0, inf]\n')
+    assert sweep(grid, tmp_path / "out", "--workers", "1") == 0
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert table.sustainable.tolist()[:2] == [True, False] and pd.isna(table.sustainable.iloc[2])
+    assert table.rate.tolist()[2] == math.inf
+    for path in (tmp_path / "out" / "points").glob("*.json"):
+        assert "Infinity" not in path.read_text() and "NaN" not in path.read_text()

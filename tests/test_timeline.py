@@ -88,7 +88,7 @@ def test_issuing_a_copy_takes_the_profiles_host_time_before_the_copy_starts(back
     assert stats.compute_s == pytest.approx(stats.end_s - 1.0 - stall, rel=1e-12)
 
 
-@pytest.mark.parametrize("hw, links", [("h100-pcie5", "FluidLinks"), ("gh200-96g", "FixedRateLinks")])
+@pytest.mark.parametrize("hw, links", [("h100-sxm-pcie5", "FluidLinks"), ("gh200-96g", "FixedRateLinks")])
 def test_recurrence_and_simpy_agree_on_real_plans(hw, links):
     """pie, static and vllm-swap under pressure, on a PCIe host (the bidirectional cap binds: fluid links)
     and on GH200 (it does not: closed-form links): every iteration's times, stalls and bytes agree with

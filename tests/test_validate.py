@@ -41,7 +41,7 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
     moved = rows["static", "total_bytes_h2d"]
     assert float(moved["measured"]) > 0 and float(moved["relative_error"]) == 0  # the very same copies
     # Bounds as factors (predicted / measured), against gross mispricing either way. Measured over 12
-    # runs on the shared 2-core VM (session 4): vllm's iteration and mean e2e within 0.46-1.55x, its
+    # runs on a shared 2-core VM: vllm's iteration and mean e2e within 0.46-1.55x, its
     # throughput 0.72-2.24x; static's 0.34-1.09x and 1.05-2.90x. Layers of ~0.1 ms here are mostly
     # Python, whose speed differs by up to 2x between the calibrating and the validating process; static
     # adds the per-layer Python of issuing and awaiting its copies, which the profile has no term for.
@@ -70,7 +70,7 @@ def test_validate_compares_the_executor_with_the_simulator_on_the_same_requests(
                      "--threads", "2", "--out", str(out)]) == 2
     assert "calibrated with 1 threads" in capsys.readouterr().out
     assert pie_validate(["--profile", str(profile), "--rounds", "0", "--out", str(out)]) == 2
-    assert "--rounds must be at least 1" in capsys.readouterr().out
+    assert "--rounds must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_validate_refuses_a_profile_of_another_model(tmp_path, capsys):

