@@ -36,6 +36,14 @@ class BatchShape:
         return self.prefill_tokens + self.decode_tokens
 
     @classmethod
+    def decoding(cls, sequences: int, cached: int, longest: int) -> "BatchShape":
+        """`of(decodes=...)` from its sums: `sequences` decodes with `cached` tokens cached in all, the
+        longest `longest` (an iteration of decodes alone, made without a list)."""
+        attended = cached + sequences
+        return cls(0, sequences, attended, attended, sequences, sequences * (longest + 1), sequences * (longest + 1),
+                   attended)
+
+    @classmethod
     def of(cls, prefills: Iterable[tuple[int, int]] = (), decodes: Iterable[int] = ()) -> "BatchShape":
         """From per-sequence lengths: `prefills` as (new tokens, tokens already cached), `decodes` as
         the number of tokens already cached for each decoding sequence."""

@@ -46,6 +46,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
+        self._in_order = True  # whether `running` is in FCFS order (it is after `_run`, until one joins out of it)
 
     def refusal(self, max_context: int) -> str:
         """Why a request holding up to `max_context` tokens of KV could never run ("" if it can)."""
@@ -86,12 +87,24 @@ class Scheduler:
         """Run a request computed elsewhere from this iteration on, its `computed + new_tokens` tokens of KV
         in blocks on the GPU (PipeMax hands a streamed request back to an engine with room)."""
         self.tables.append(request.request_id, GPU, self.config.blocks_for(request.computed + new_tokens))
-        self.running.append(request)
+        self._join(request)
         schedule.work.append((request, new_tokens))
 
     def ran(self, batch: list[Request]) -> None:
-        """The running batch after a decode run: those of `batch` still running, in its order."""
+        """The running batch after a decode run: those of `batch` (FCFS) still running, in its order."""
         self.running = [r for r in batch if r.state is State.RUNNING]
+        self._in_order = True
+
+    def _join(self, request: Request) -> None:
+        """Add a request to the running batch, noting whether the batch stays in FCFS order."""
+        running = self.running
+        if running and self._in_order and FCFS(request) < FCFS(running[-1]):
+            self._in_order = False
+        running.append(request)
+
+    def _fcfs(self) -> list[Request]:
+        """The running batch in FCFS order (sorted only when a request joined out of order)."""
+        return self.running if self._in_order else sorted(self.running, key=FCFS)
 
     @property
     def has_work(self) -> bool:
@@ -133,25 +146,45 @@ class Scheduler:
         return runs is not None
 
     def _run(self, out: Schedule, budget: int) -> int:
-        queue = deque(sorted(self.running, key=FCFS))
-        self.running = []
-        while queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = queue.popleft()
-            new = min(request.uncomputed, budget)
-            while not self._grow(request, new):
-                share_caused = self._place(request, new, False, unlimited=True) is not None
-                victim = queue.pop() if queue else request
-                if share_caused:
-                    out.limited = True
-                    out.refused.append(victim.computed)
-                self._preempt(victim, out)
-                if victim is request:
+        """Each running sequence in FCFS order gets its next step, preempting from the latest-arrived while
+        its blocks do not fit. Only the steps that need a block ask the placement: when every running
+        sequence decodes one token within the budget and the seats (most iterations), those are found in
+        one pass and the rest take their token without a look; the first refusal goes on one by one."""
+        order, c = self._fcfs(), self.config
+        size, tables, n = c.block_size, self.tables.tables, len(self.running)
+        done = 0  # the FCFS prefix already given its step
+        if n <= min(budget, c.max_num_seqs) and [r.prompt_tokens + r.generated - r.computed for r in order].count(1) == n:
+            done = n
+            for i in [i for i, r in enumerate(order) if -(-(r.computed + 1) // size) != len(tables.get(r.request_id, ()))]:
+                if not self._grow(order[i], 1):
+                    done = i  # a refusal: from this sequence on, one by one (a refused placement changed nothing)
                     break
-            else:
-                self.running.append(request)
-                out.work.append((request, new))
-                budget -= new
-        self.running.extend(queue)  # over the budget: they wait for the next iteration
+            out.work = [(r, 1) for r in order[:done]]
+            budget -= done
+        queue, running, work = deque(order[done:]), list(order[:done]), out.work
+        while queue and budget > 0 and len(running) < c.max_num_seqs:
+            request = queue.popleft()
+            new = min(request.prompt_tokens + request.generated - request.computed, budget)
+            if -(-(request.computed + new) // size) != len(tables.get(request.request_id, ())):
+                while not self._grow(request, new):
+                    share_caused = self._place(request, new, False, unlimited=True) is not None
+                    victim = queue.pop() if queue else request
+                    if share_caused:
+                        out.limited = True
+                        out.refused.append(victim.computed)
+                    self._preempt(victim, out)
+                    if victim is request:
+                        break
+                else:
+                    running.append(request)
+                    work.append((request, new))
+                    budget -= new
+                continue
+            running.append(request)
+            work.append((request, new))
+            budget -= new
+        running.extend(queue)  # over the budget: they wait for the next iteration
+        self.running, self._in_order = running, True
         return budget
 
     def _preempt(self, request: Request, out: Schedule) -> None:
@@ -179,7 +212,7 @@ class Scheduler:
             out.swap_in += self.tables.move(request.request_id, CPU, GPU)
             self._grow(request, 1)
             request.state = State.RUNNING
-            self.running.append(request)
+            self._join(request)
             out.work.append((request, 1))
             budget -= 1
         return budget
@@ -196,23 +229,38 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.state = State.RUNNING
-            self.running.append(request)
+            self._join(request)
             out.work.append((request, new))
             budget -= new
         return budget
 
     # ---- several plain decode iterations at once (the simulator's fast path, see decode_runs.py)
-    def plain_decodes(self) -> list[Request] | None:
+    def plain_decodes(self, copying: bool = False) -> list[Request] | None:
         """The running batch in FCFS order when the next iteration can only be every running sequence
         decoding one token (no queue it may admit from or be refused by the controller's share only, no
-        swapped or CPU-held block, no unfinished prefill, new blocks on the GPU); None otherwise."""
+        swapped sequence that may come back, no unfinished prefill, new blocks on the GPU, and no live
+        CPU block unless `copying`: the caller plans their copies); None otherwise."""
         c, running = self.config, self.running
-        if (not running or self.swapped or len(running) > c.max_num_batched_tokens or not self.placement.gpu_first
-                or self.tables.pools[CPU].num_used or (self.waiting and (c.chunked_prefill or self._may_admit()))):
+        if not running or len(running) > c.max_num_batched_tokens or not self.placement.gpu_first:
+            return None
+        if self.placement.live_cpu and self.tables.pools[CPU].num_used and not copying:
+            return None
+        if self.swapped and not self._swap_in_blocked():
+            return None
+        if self.waiting and not self.swapped and (c.chunked_prefill or self._may_admit()):
             return None
         if any(r.prompt_tokens + r.generated - r.computed != 1 for r in running):  # an unfinished prefill
             return None
-        return sorted(running, key=FCFS)
+        return list(self._fcfs())
+
+    def _swap_in_blocked(self) -> bool:
+        """Whether the oldest swapped-out sequence cannot come back now (`_swap_in`'s tests, before this
+        iteration's blocks are taken): then none can until a running sequence finishes and frees blocks."""
+        c, head = self.config, self.swapped[0]
+        if len(self.running) >= min(c.max_num_seqs, c.max_num_batched_tokens):
+            return True
+        blocks = self.tables.count(head.request_id, CPU) + self._blocks_needed(head, 1)
+        return self.tables.pools[GPU].num_free - blocks < c.watermark_blocks
 
     def _may_admit(self) -> bool:
         """Whether admission could take the head of the queue now, or be refused by the controller's share

@@ -13,7 +13,7 @@ virtual engine. Which backends run a policy is stated where it is registered (re
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from .plan import DecodeRun, IterationStats, Plan
 from .request import Request
@@ -62,9 +62,10 @@ class ServingPolicy(Protocol):
 class DecodeRunPolicy(ServingPolicy, Protocol):
     """A policy that can plan stretches of plain decode iterations at once (see decode_runs.py)."""
 
-    def next_run(self) -> DecodeRun | None:
-        """The next iterations as one run when they are plain decodes, else None; nothing changes until
-        `commit_run`."""
+    def next_run(self, accepts: Callable[[bool], bool] | None = None) -> DecodeRun | None:
+        """The next iterations as one run when they are plain decodes and `accepts(copying)` (the backend
+        can take a run that copies, or one that does not), else None; its steps are planned as the backend
+        draws them, the requests and blocks change at `commit_run`."""
         ...
 
     def commit_run(self, run: DecodeRun, ends: Sequence[float]) -> list[Request]:

@@ -8,32 +8,42 @@ changes in them. FlexGen (`flexgen.py`) and the pipeline policies (`pipeline.py`
 from __future__ import annotations
 
 from itertools import count
+from typing import Callable
 
 from hwmodels import BatchShape, CostModel
 
 from . import decode_runs
 from .batching import Schedule, Scheduler
-from .blocks import CPU, GPU, BlockTables
+from .blocks import CPU, GPU, BlockTables, SlotRuns
 from .config import ConfigError, EngineConfig
 from .expansion import ExpansionController
-from .layerswap import FifoLayerSwap
-from .plan import BLOCK_KV, D2H, H2D, Copy, DecodeRun, IterationStats, LayerStep, Plan, SeqWork
-from .registry import ENGINE, EXEC, REGISTRY, SWAP_SPACE, names
+from .layerswap import FifoLayerSwap, LayerSwap, SwapSteps
+from .plan import BLOCK_KV, D2H, H2D, Batch, Copy, DecodeRun, IterationStats, LayerStep, Plan, RunStep, SeqWork
+from .registry import ENGINE, EXEC, LIVE_KV, REGISTRY, SWAP_SPACE, names
 from .request import Request
 
 POLICIES = names(ENGINE, EXEC)  # the single-engine policies, which both backends run
 
 
-def work_of(work, tables: BlockTables) -> tuple[SeqWork, ...]:
-    """SeqWork for each (request, tokens to compute) with its block table after this step's allocation."""
-    return tuple(SeqWork(r.request_id, new, r.computed, r.computed + new == r.context, tuple(tables.table(r.request_id)))
-                 for r, new in work)
+def work_of(work, tables: BlockTables) -> Batch:
+    """The sequences of (request, tokens to compute) pairs, each with its block table after this step's
+    allocation (a `Batch`: made into SeqWork only when read)."""
+    requests = [r for r, _ in work]
+    held = [tables.tables.get(r.request_id, []) for r in requests]
+    return Batch([r.request_id for r in requests], [new for _, new in work], [r.computed for r in requests],
+                 [r.prompt_tokens + r.generated for r in requests], held, [len(table) for table in held])
 
 
 def shape_of(seqs) -> BatchShape:
     """The batch shape of `seqs`: a sequence with one new token and some cached is a decode."""
-    return BatchShape.of(prefills=[(s.new_tokens, s.cached_tokens) for s in seqs if s.new_tokens > 1 or s.cached_tokens == 0],
-                         decodes=[s.cached_tokens for s in seqs if s.new_tokens == 1 and s.cached_tokens > 0])
+    if isinstance(seqs, Batch):
+        new, cached = seqs.new, seqs.cached
+    else:
+        new, cached = [s.new_tokens for s in seqs], [s.cached_tokens for s in seqs]
+    if cached and sum(new) == len(new) and min(cached) > 0:  # decodes alone (most iterations): from sums
+        return BatchShape.decoding(len(cached), sum(cached), max(cached))
+    return BatchShape.of(prefills=[(n, c) for n, c in zip(new, cached) if n > 1 or c == 0],
+                         decodes=[c for n, c in zip(new, cached) if n == 1 and c > 0])
 
 
 class Policy:
@@ -48,7 +58,8 @@ class Policy:
             raise ConfigError(f"unknown policy '{name}' (known: {', '.join(POLICIES)})")
         policy = REGISTRY[name]
         self.name, self.config = name, config
-        self.tables = BlockTables(config.num_gpu_blocks, config.num_cpu_blocks)
+        self.tables = BlockTables(config.num_gpu_blocks, config.num_cpu_blocks, config.coalesce_gap,
+                                  journal=policy.cpu_blocks == LIVE_KV)
         self._ids = count()
         placement = policy.placement(self.tables, config, cpu_share, controller)
         self.controller = placement.controller if policy.adaptive else None
@@ -66,6 +77,7 @@ class Policy:
         self._iteration = 0  # the next plan's number
         self._open_run: tuple | None = None
         self._pending: dict[int, Schedule] = {}
+        self._staging: dict[int, tuple[int, ...]] = {}  # layer 0's staging slot → every layer's
 
     # ---- requests
     def add_request(self, request_id: int, arrival_s: float, prompt_tokens: int, output_tokens: int) -> Request:
@@ -85,7 +97,9 @@ class Policy:
     @property
     def cpu_share(self) -> float:
         """Share of the live KV blocks currently in CPU memory."""
-        gpu, cpu = self.tables.pools[GPU].num_used, self.tables.pools[CPU].num_used
+        return self._share(self.tables.pools[GPU].num_used, self.tables.pools[CPU].num_used)
+
+    def _share(self, gpu: int, cpu: int) -> float:
         return cpu / (gpu + cpu) if self.swapper and gpu + cpu else 0.0
 
     @property
@@ -107,9 +121,13 @@ class Policy:
         seqs = work_of(schedule.work, self.tables)
         shape = shape_of(seqs)
         swaps = self._block_swaps(schedule)
-        prologue, layers, staging = self.swapper.plan(seqs, self.tables.cpu_holders) if self.swapper else ((), (), ())
+        prologue, layers, staging = (), (), ()
+        swap = self._layer_swap(schedule, seqs, shape) if self.swapper else None
+        if swap is not None:
+            prologue, layers = swap.prologue_copies(), SwapSteps(swap)
+            staging = self._staging.get(swap.first_slot) or self._staging.setdefault(swap.first_slot, swap.staging_slots())
         if swaps:  # vLLM swaps before the model runs: layer 0 waits for them
-            layers = layers or tuple(LayerStep() for _ in range(self.config.num_layers))
+            layers = tuple(layers) or tuple(LayerStep() for _ in range(self.config.num_layers))
             first = layers[0]
             layers = (LayerStep(first.issue, first.wait + tuple(c.op_id for c in swaps), first.evict),) + layers[1:]
         plan = Plan(self._iteration, seqs, shape, swaps + prologue, layers, staging)
@@ -117,25 +135,61 @@ class Policy:
         self._iteration += 1
         return plan
 
-    def next_run(self) -> DecodeRun | None:
+    def _layer_swap(self, schedule: Schedule, seqs: tuple[SeqWork, ...], shape) -> LayerSwap | None:
+        """The batch's layer-swap record. A batch of every running sequence reads every CPU block in use
+        and, when each computes one token, writes the CPU blocks among the tables' last: both are the
+        tables' runs, kept as blocks come and go. Any other batch's are gathered from its blocks."""
+        if len(schedule.work) != len(self.scheduler.running):
+            return self.swapper.plan_seqs(seqs)
+        written = self.tables.cpu_tails if shape.tokens == len(seqs) else SlotRuns.of(self.swapper.written(seqs))
+        return self.swapper.plan(self.tables.pools[CPU].in_use, written)
+
+    def next_run(self, accepts: Callable[[bool], bool] | None = None) -> DecodeRun | None:
         """The next iterations as one `DecodeRun` when they are plain decodes (see decode_runs.py), else
-        None. Nothing changes until `commit_run`."""
-        planned = decode_runs.plan(self.scheduler, self._iteration)
+        None; `accepts(copying)` says whether the backend can take a run that copies, or one that does not
+        (default: either). A copying run's iterations prefetch and write back the same CPU blocks as the
+        plan before, which must have been a steady one (no prologue: every CPU block already staged). Its
+        steps are planned as they are drawn; the requests and blocks change at `commit_run`."""
+        copying = self.swapper is not None and self.tables.pools[CPU].num_used > 0
+        if accepts is not None and not accepts(copying):
+            return None
+        if copying and not self.swapper.steady(self.tables.pools[CPU].in_use):
+            return None
+        planned = decode_runs.plan(self.scheduler, copying)
         if planned is None:
             return None
-        run, self._open_run = planned
-        return run
+        steps, self._open_run = planned
+        if copying:
+            steps = self._copying(steps)
+        return DecodeRun(self._iteration, steps, self.config.block_bytes, self.tables.pools[CPU].num_used, copying,
+                         self._observe_run if self.controller is not None and copying else None)
+
+    def _copying(self, steps):
+        """A copying run's steps with each iteration's layer-swap record, planned as the step is drawn."""
+        wanted, written = self.tables.pools[CPU].in_use, self.tables.cpu_tails
+        for step in steps:
+            yield step._replace(swap=self.swapper.plan(wanted, written),
+                                cpu_share=self._share(step.gpu_blocks, wanted.count - step.cpu_freed))
+
+    def _observe_run(self, stats: IterationStats, step: RunStep) -> bool:
+        """A copying run's iteration to the controller, as `observe` gives it a plan of every running
+        sequence (its CPU share while it runs; nothing refused); whether the share held (else the run ends
+        after it)."""
+        share = self.controller.share
+        self._tell(stats, False, self._share(step.gpu_blocks_during, self.tables.pools[CPU].num_used), step.shape)
+        return self.controller.share == share
 
     def commit_run(self, run: DecodeRun, ends) -> list[Request]:
         """Account for the first len(ends) iterations of `run`, iteration j ending at ends[j]; returns the
-        requests that finished. Its iterations hold no CPU KV and the share refuses nothing in them, so the
-        controller, which such iterations leave unchanged, is not told about them."""
+        requests that finished. A copying run's iterations were told to the controller as they ran; a plain
+        run's hold no CPU KV and the share refuses nothing in them, so the controller, which such
+        iterations leave unchanged, is not told about them."""
         iterations = len(ends)
         if self._open_run is None or run.first_iteration != self._iteration or iterations < 1:
             raise ValueError(f"cannot commit {iterations} iterations of a run that is not the one open")
         opened, self._open_run = self._open_run, None
         self._iteration += iterations
-        if self.swapper:
+        if self.swapper and not run.copies:
             self.swapper.skip(iterations)
         return decode_runs.commit(self.scheduler, opened, iterations, ends)
 
@@ -163,6 +217,11 @@ class Policy:
         self._refused_s += sum(price(BatchShape.of(prefills=[(tokens, 0)])) - self._fixed_s
                                for tokens in schedule.refused if tokens)
         if len(schedule.work) == len(self.scheduler.running):
-            self.controller.observe(stats, limited=schedule.limited, in_use=self.cpu_share,
-                                    copy_free_s=price(plan.shape), fixed_s=self._fixed_s, refused_s=self._refused_s)
-            self._refused_s = 0.0
+            self._tell(stats, schedule.limited, self.cpu_share, plan.shape)
+
+    def _tell(self, stats: IterationStats, limited: bool, in_use: float, shape: BatchShape) -> None:
+        """One iteration of every running sequence to the controller: its stats, whether the share refused
+        a block, the CPU share of the live KV, the batch's copy-free price and the recomputation refused."""
+        self.controller.observe(stats, limited=limited, in_use=in_use, copy_free_s=self.cost_model.iteration_time(shape),
+                                fixed_s=self._fixed_s, refused_s=self._refused_s)
+        self._refused_s = 0.0

@@ -20,7 +20,7 @@ class State(Enum):
     REJECTED = "rejected"    # can never run; `reason` says why
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """One request's life: its lengths, state, tokens generated and computed, and the times the policy was
     told (first token, finish). The policy owns it; backends read it."""
@@ -68,7 +68,7 @@ class Request:
     def advance(self, new_tokens: int, now: float) -> bool:
         """Record a step that computed `new_tokens`; returns True when the request just finished."""
         self.computed += new_tokens
-        if self.computed < self.context:
+        if self.computed < self.prompt_tokens + self.generated:
             return False  # a prefill chunk: nothing sampled yet
         self.generated += 1
         if self.first_token_s is None:

@@ -35,13 +35,18 @@ class ServingError(RuntimeError):
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a backend executed of a decode run: its start and, per iteration, its seconds, end, sequences
-    and the GPU blocks held after it."""
+    """What a backend executed of a decode run: its start and, per iteration, its compute seconds, end,
+    sequences and the GPU blocks held after it. A run that copies also has, per iteration, the record's
+    other columns (`columns`: start_s, stall_s, bytes_h2d, bytes_d2h, cpu_kv_bytes, cpu_share, as
+    records.ITERATION_COLUMNS names them), and `clock`, the backend's clock after it: each iteration
+    started where the clock had reached, as one-by-one plans do."""
     start: float
     seconds: list[float]
     ends: list[float]
     sequences: list[int]
     blocks: list[int]
+    columns: dict[str, list] | None = None
+    clock: float | None = None
 
 
 class Serving:
@@ -81,12 +86,12 @@ class Serving:
         return finished
 
     def commit_run(self, run: DecodeRun, result: RunResult) -> list[Request]:
-        """What the backend executed of a decode run, to the policy and the records."""
-        assert isinstance(self.policy, DecodeRunPolicy)
+        """What the backend executed of a decode run, to the policy and the records (a `DecodeRunPolicy`:
+        only one hands out runs)."""
         gaps = self.recorder.gaps
         generated = gaps.generated() if gaps is not None else None
         finished = self.policy.commit_run(run, result.ends)
-        self.recorder.decode_run(run, result.start, result.seconds, result.ends, result.sequences, result.blocks)
+        self.recorder.decode_run(run, result)
         if gaps is not None:
             gaps.decoded(generated, result.ends, result.sequences)
             gaps.finished(finished)
@@ -115,15 +120,16 @@ class Serving:
         return self.requests
 
 
-def serve(serving: Serving, now: Callable[[], float], accepts_runs: Callable[[], bool] | None = None,
+def serve(serving: Serving, now: Callable[[], float], accepts_runs: Callable[[bool], bool] | None = None,
           ) -> Generator[Plan | DecodeRun | float, IterationStats | RunResult | None, list[Request]]:
-    """The loop (see the module docstring). `now` reads the backend's clock; `accepts_runs`, when given,
-    says whether the backend can take a decode run now (and the policy is asked for one)."""
+    """The loop (see the module docstring). `now` reads the backend's clock; `accepts_runs(copying)`, when
+    given, says whether the backend can take a decode run that copies (or one that does not) now, and the
+    policy is asked for one."""
     policy = serving.policy
     runs = policy if isinstance(policy, DecodeRunPolicy) else None  # else it plans one iteration at a time
     while True:
         serving.admit(now())
-        run = runs.next_run() if runs is not None and accepts_runs is not None and accepts_runs() else None
+        run = runs.next_run(accepts_runs) if runs is not None and accepts_runs is not None else None
         if run is not None:
             result = yield run
             assert isinstance(result, RunResult)

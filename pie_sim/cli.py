@@ -35,7 +35,7 @@ from pie_serving.options import (
 )
 from pie_serving.outputs import OutputError, check_folder, output_folder
 from pie_serving.processes import worker_pool
-from pie_serving.records import request_table
+from pie_serving.records import cpu_percent, request_table
 from pie_serving.slo import parse_slos
 from traces import FORMATS, TraceError, load_trace
 
@@ -121,9 +121,10 @@ def _load(rate: float | None) -> str:
     return " all at once" if rate == float("inf") else f" at {rate:g}/s"
 
 
-# What `plot_runs` draws: only these go to the painter process.
+# What `plot_runs` draws: only these go to the painter process (the iterations' already cut to the plot's
+# envelope, as plot_runs would cut them, with the CPU share of the KV held made row by row before the cut).
 PLOTTED_REQUESTS = ("finish_s", "e2e_s", "output_tokens")
-PLOTTED_ITERATIONS = ("end_s", "gpu_kv_bytes", "cpu_kv_bytes", "cpu_share")
+PLOTTED_ITERATIONS = ("gpu_kv_bytes", "cpu_kv_bytes")
 
 
 def _import_plots() -> None:
@@ -183,8 +184,9 @@ def _simulate(args: argparse.Namespace, policies: list[str], console: Console):
                                                 on_finish=lambda n, task=task: bar.advance(task, n))
             bar.update(task, visible=False)
             summaries[name] = (summary, result)
-            requests, its = request_table(result.requests), result.recorder.iterations
-            runs[name] = ({k: requests[k] for k in PLOTTED_REQUESTS}, {k: its[k] for k in PLOTTED_ITERATIONS})
+            requests = request_table(result.requests)
+            runs[name] = ({k: requests[k] for k in PLOTTED_REQUESTS},
+                          result.recorder.envelope(PLOTTED_ITERATIONS, derived={"cpu_percent": cpu_percent}))
     return summaries, runs, (f"{summary['model']} on {summary['hw']} (gpu_mem_util {args.gpu_mem_util:g}), "
                              f"{args.trace}, {len(result.requests)} requests{_load(args.rate)}")
 

@@ -36,35 +36,79 @@ EPSILON = 1e-12
 HOST = ("host",)
 
 
+@dataclass(frozen=True)
+class Route:
+    """What a flow crosses, worked out once per path: (resource, bytes it carries per byte of the flow), in
+    the order given, with and without host memory (which counts only while it can bind), the rate the
+    flow would get alone and the host bytes it moves per byte."""
+    route: tuple[tuple[tuple, float], ...]
+    without_host: tuple[tuple[tuple, float], ...]
+    weight: float
+    alone: float
+    host: float
+
+    @classmethod
+    def of(cls, capacity: dict, route: list[tuple[tuple, float]], weight: float) -> "Route":
+        merged = defaultdict(float)
+        for resource, load in route:
+            merged[resource] += load
+        items = tuple(merged.items())
+        return cls(items, tuple((r, load) for r, load in items if r != HOST), weight,
+                   min(capacity[r] / load for r, load in items), merged[HOST])
+
+    def resources(self, host: bool) -> tuple[tuple, ...]:
+        """The resources it crosses that count: host memory among them or not."""
+        return self._resources[host]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_resources", {True: tuple(r for r, _ in self.route),
+                                                False: tuple(r for r, _ in self.without_host)})
+
+
 @dataclass(eq=False)
 class _Flow:
     remaining: float
-    route: tuple[tuple[tuple, float], ...]   # (resource, bytes it carries per byte of the flow)
-    weight: float
+    path: Route
     then: Callable[[], None]                 # called when the last byte has crossed
-    alone: float = 0.0                       # its rate with nothing else running
     rate: float = 0.0
+
+    @property
+    def route(self) -> tuple[tuple[tuple, float], ...]:
+        return self.path.route
+
+    @property
+    def weight(self) -> float:
+        return self.path.weight
+
+    @property
+    def alone(self) -> float:
+        return self.path.alone
 
 
 def fair_rates(capacity: dict, flows: list, ignore: tuple = ()) -> list[float]:
     """Weighted max-min fair rates of `flows` (each with `route` and `weight`) over `capacity`, leaving
     out the resources in `ignore`: every unfrozen flow runs at weight x level; the level rises until a
     resource fills, whose flows freeze."""
-    routes = [[(r, load) for r, load in f.route if r not in ignore] for f in flows]
-    rates, used, level = [0.0] * len(flows), defaultdict(float), 0.0
-    open_flows = set(range(len(flows)))
+    return _fair_rates(capacity, [[(r, load) for r, load in f.route if r not in ignore] for f in flows],
+                       [f.weight for f in flows])
+
+
+def _fair_rates(capacity: dict, routes: list, weights: list[float]) -> list[float]:
+    """`fair_rates` of flows given as their routes (what counts of them) and weights."""
+    rates, used, level = [0.0] * len(routes), defaultdict(float), 0.0
+    open_flows = set(range(len(routes)))
     while open_flows:
         growth = defaultdict(float)
         for i in open_flows:
             for resource, load in routes[i]:
-                growth[resource] += load * flows[i].weight
+                growth[resource] += load * weights[i]
         steps = {r: (capacity[r] - used[r] - g * level) / g for r, g in growth.items()}
         step = min(steps.values())
         level += max(step, 0.0)
         full = {r for r, s in steps.items() if s <= step + 1e-9 * abs(step)}
         for i in [i for i in open_flows if any(r in full for r, _ in routes[i])]:
             open_flows.remove(i)
-            rates[i] = flows[i].weight * level
+            rates[i] = weights[i] * level
             for resource, load in routes[i]:
                 used[resource] += load * rates[i]
     return rates
@@ -93,6 +137,7 @@ class Fabric:
         self._host_binds = False         # whether host memory was in the last re-share
         self._updated = 0.0
         self._alarms: list[float] = []   # times of the wake-ups set and not yet rung (a heap)
+        self._routes: dict[tuple, Route] = {}
 
     def path(self, gpu: int, direction: str) -> list[tuple[tuple, float]]:
         """The resources a copy between `gpu` and host memory crosses."""
@@ -101,22 +146,35 @@ class Fabric:
             path.append((("uplink", gpu // self.per_switch, direction), 1.0))
         return path
 
-    def move(self, nbytes: int, route: list[tuple[tuple, float]], weight: float, then: Callable[[], None]) -> None:
-        """Call `then()` once `nbytes` have crossed `route`."""
+    def move(self, nbytes: int, route: list[tuple[tuple, float]] | Route, weight: float | None,
+             then: Callable[[], None]) -> None:
+        """Call `then()` once `nbytes` have crossed `route` (a `Route`, or resources and loads with `weight`)."""
         if nbytes <= 0:
             then()
             return
         self._progress()
-        merged = defaultdict(float)
-        for resource, load in route:
-            merged[resource] += load
-        flow = _Flow(float(nbytes), tuple(merged.items()), weight, then)
-        flow.alone = min(self.capacity[r] / load for r, load in flow.route)
+        path = route if isinstance(route, Route) else Route.of(self.capacity, route, weight)
+        flow = _Flow(float(nbytes), path, then)
         self.flows.append(flow)
-        for resource, _ in flow.route:
-            self.users[resource][flow] = None
-        self.host_demand += flow.alone * merged[HOST]
+        users = self.users
+        for resource, _ in path.route:
+            users[resource][flow] = None
+        self.host_demand += path.alone * path.host
         self._reshare([flow])
+
+    def route(self, source: int, destination: int | None, direction: str = D2H) -> Route:
+        """The `Route` (made once) of a copy from GPU `source` to GPU `destination` through host memory, or
+        of a copy between `source` and host memory in `direction` (destination None)."""
+        key = (source, destination, direction)
+        made = self._routes.get(key)
+        if made is None:
+            if destination is None:
+                made = Route.of(self.capacity, self.path(source, direction), self.bandwidth[direction])
+            else:
+                made = Route.of(self.capacity, self.path(source, D2H) + self.path(destination, H2D),
+                                min(self.bandwidth[D2H], self.bandwidth[H2D]))
+            self._routes[key] = made
+        return made
 
     def gpu_rate(self, gpu: int) -> float:
         """Bytes/s crossing `gpu`'s link now, both directions."""
@@ -134,22 +192,25 @@ class Fabric:
         binds = self.host_demand > self.capacity[HOST]
         if binds != self._host_binds:  # host memory starts or stops counting: every rate may change
             changed, self._host_binds = self.flows, binds
-        ignore = () if binds else (HOST,)
-        linked, seen, frontier = {}, set(), [r for f in changed for r, _ in f.route if r not in ignore]
-        while frontier:
+        linked, seen, frontier, users = {}, set(), [], self.users
+        for flow in changed:
+            frontier.extend(flow.path.resources(binds))
+        while frontier:  # a stack: a resource already seen is skipped as it comes off
             resource = frontier.pop()
             if resource in seen:
                 continue
             seen.add(resource)
-            for flow in self.users[resource]:
+            for flow in users[resource]:
                 if flow not in linked:
                     linked[flow] = None
-                    frontier.extend(r for r, _ in flow.route if r not in ignore and r not in seen)
+                    frontier.extend(flow.path.resources(binds))
         linked = list(linked)
         if len(linked) == 1:
-            linked[0].rate = linked[0].alone
+            linked[0].rate = linked[0].path.alone
         elif linked:
-            for flow, rate in zip(linked, fair_rates(self.capacity, linked, ignore)):
+            rates = _fair_rates(self.capacity, [f.path.route if binds else f.path.without_host for f in linked],
+                                [f.path.weight for f in linked])
+            for flow, rate in zip(linked, rates):
                 flow.rate = rate
         self._arm()
 
@@ -171,9 +232,9 @@ class Fabric:
             return
         self.flows = [f for f in self.flows if f.remaining > EPSILON * f.rate]
         for flow in ended:
-            for resource, _ in flow.route:
+            for resource, _ in flow.path.route:
                 del self.users[resource][flow]
-            self.host_demand -= flow.alone * dict(flow.route).get(HOST, 0.0)
+            self.host_demand -= flow.path.alone * flow.path.host
         self._reshare(ended)
         for flow in ended:
             flow.then()
@@ -193,21 +254,16 @@ class Copier:
         stream = (gpu, copy.direction if self.hw.link.copy_engines >= 2 else "both")
         done = self.done[copy.op_id] = self.env.event()
         self._start(stream, [self.done[op] for op in copy.after], copy.calls, copy.nbytes,
-                    self.fabric.path(gpu, copy.direction), self.fabric.bandwidth[copy.direction], done, copy.op_id)
+                    self.fabric.route(gpu, None, copy.direction), done, copy.op_id)
 
     def send(self, nbytes: int, source: int, destination: int | None) -> simpy.Event:
         """Activations from GPU `source` to GPU `destination` through host memory (None: to the host only),
         in one call on the source's own stream; the event succeeds once they have arrived."""
-        route = self.fabric.path(source, D2H)
-        weight = self.fabric.bandwidth[D2H]
-        if destination is not None:
-            route += self.fabric.path(destination, H2D)
-            weight = min(weight, self.fabric.bandwidth[H2D])
         done = self.env.event()
-        self._start((source, "activations"), [], 1, nbytes, route, weight, done)
+        self._start((source, "activations"), [], 1, nbytes, self.fabric.route(source, destination), done)
         return done
 
-    def _start(self, stream, after: list, calls: int, nbytes: int, route, weight: float, done: simpy.Event,
+    def _start(self, stream, after: list, calls: int, nbytes: int, route: Route, done: simpy.Event,
                op_id: int | None = None) -> None:
         """Start the copy once its stream's previous copy and `after` are done; `done` succeeds at its end.
         A stream's copies end in issue order, so its previous copy's end is all the stream waits for."""
@@ -224,7 +280,7 @@ class Copier:
                 done.succeed()
 
             def transfer(_=None) -> None:
-                self.fabric.move(nbytes, route, weight, finish)
+                self.fabric.move(nbytes, route, None, finish)
 
             if calls:
                 self.env.timeout(calls * self.hw.link.transfer_latency).callbacks.append(transfer)

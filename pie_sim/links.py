@@ -128,7 +128,10 @@ class FluidLinks:
     the link's two first, then the disk's read and write where there is a disk. The link's rates in its
     three moving states are worked out once (a disk stream's never changes), because the step loop runs a
     few times per layer of every iteration that copies. A step is the rules' arithmetic, in the same order
-    as the plain model in tests/test_links.py, so that both give the same times bit for bit."""
+    as the plain model in tests/test_links.py, so that both give the same times bit for bit. The step loop
+    is written out in plain loops over the slots that have anything to do (a stream with no copy and an
+    empty queue takes no part in a step); a queued copy is (issue time, op id, the ops it is after,
+    bytes, per-call latencies), as `enqueue` takes it."""
 
     def __init__(self, hw: HardwareSpec):
         if hw.link.copy_engines < 2:
@@ -136,9 +139,11 @@ class FluidLinks:
         self.hw, self.now = hw, 0.0
         self.directions = tuple(full_rates(hw))   # slot order: H2D, D2H, then the disk's read and write
         self.slots = range(len(self.directions))
+        self.link_slots = range(len(LINK))
+        self.disk_slots = self.slots[len(LINK):]
         self.slot_of = dict(zip(self.directions, self.slots))
-        self.queues = tuple(deque() for _ in self.slots)  # per slot: (issue time, copy) not started, in order
-        self.copy: list[Copy | None] = [None] * len(self.slots)  # per slot: the copy running, or None
+        self.queues = tuple(deque() for _ in self.slots)  # per slot: queued copies not started, in order
+        self.copy: list[int | None] = [None] * len(self.slots)  # per slot: the id of the copy running, or None
         self.setup_until = [0.0] * len(self.slots)   # per slot: when the running copy's per-call latency ends
         self.remaining = [0.0] * len(self.slots)     # per slot: bytes it still has to move
         self.negligible = [0.0] * len(self.slots)    # per slot: remaining bytes that count as none (rounding)
@@ -158,9 +163,14 @@ class FluidLinks:
         return dict(zip(self.directions, self.seconds))
 
     def issue(self, copy: Copy, at: float) -> None:
+        self.enqueue(self.slot_of[stream_of(self.hw, copy)], at, copy.op_id, copy.after, copy.nbytes,
+                     setup_time(self.hw, copy))
+
+    def enqueue(self, slot: int, at: float, op_id: int, after: tuple[int, ...], nbytes: int, setup: float) -> None:
+        """Queue a copy on `slot` (`issue` without a `Copy`): `setup` is its per-call latencies."""
         if at < self.now - EPSILON:
-            raise ValueError(f"copy {copy.op_id} issued at {at} before the links' clock {self.now}")
-        self.queues[self.slot_of[stream_of(self.hw, copy)]].append((at, copy))
+            raise ValueError(f"copy {op_id} issued at {at} before the links' clock {self.now}")
+        self.queues[slot].append((at, op_id, after, nbytes, setup))
 
     def moved_until(self, until: float) -> float:
         """Bytes the link moves from the clock (the last `advance`) to `until`, both directions together;
@@ -176,16 +186,33 @@ class FluidLinks:
 
     def completion(self, op_id: int) -> float:
         """When copy `op_id` completes, advancing the model as far as that."""
+        done = self.done.get(op_id)
+        if done is not None:
+            return done
         if not self._steps(INF, op_id):
             raise RuntimeError(f"copy {op_id} can never complete (not issued, or waits on one that is not)")
         return self.done[op_id]
 
     def advance(self, until: float) -> None:
-        """Run the model to time `until` (copies issued later start no earlier than that)."""
-        self._steps(until)
+        """Run the model to time `until` (copies issued later start no earlier than that). With no copy
+        queued, nothing can start at `until` (and what `_move_to` leaves has something left to move)."""
+        slots = self._active()
+        self._steps(until, None, slots)
         if until > self.now:
-            self._move_to(until)
-            self._start_ready()
+            self._move_to(until, slots)
+            queues = self.queues
+            for s in slots:
+                if queues[s]:
+                    self._start_ready(slots)
+                    break
+
+    def _active(self) -> range:
+        """The slots that may take part in a step: the link's, and the disk's when they have work."""
+        copy, queues = self.copy, self.queues
+        for s in self.disk_slots:
+            if copy[s] is not None or queues[s]:
+                return self.slots
+        return self.link_slots
 
     def _moving(self) -> int:
         """Which link slots move bytes now: bit 0 H2D, bit 1 D2H."""
@@ -193,100 +220,103 @@ class FluidLinks:
         return ((copy[0] is not None and setup_until[0] <= soon)
                 | (copy[1] is not None and setup_until[1] <= soon) << 1)
 
-    def _steps(self, until: float, op_id: int | None = None) -> bool:
+    def _steps(self, until: float, op_id: int | None = None, slots: range | None = None) -> bool:
         """Step from event to event up to `until` (or until copy `op_id` completes); returns whether `op_id`
-        has completed. The hot loop (a few steps per layer of every iteration that copies): plain loops."""
-        done, copy, queues, slots, setup_until = self.done, self.copy, self.queues, self.slots, self.setup_until
+        has completed. The hot loop (a few steps per layer of every iteration that copies): plain loops,
+        each step's events, moves and finishes written out. `slots`: the active ones (`_active`)."""
+        done, copy, queues, setup_until, remaining = self.done, self.copy, self.queues, self.setup_until, self.remaining
+        negligible, seconds, all_rates = self.negligible, self.seconds, self.rates
+        slots = self._active() if slots is None else slots
         while op_id not in done:
-            soon = self.now + EPSILON
+            now = self.now
+            soon = now + EPSILON
             for s in slots:
-                if copy[s] is None and queues[s] and queues[s][0][0] <= soon and self._ready(queues[s][0][1]):
-                    self._start_ready()
+                queue = queues[s]
+                if copy[s] is None and queue and queue[0][0] <= soon and all(op in done for op in queue[0][2]):
+                    self._start_ready(slots)
                     break
-            rates = self.rates[self._moving()]
+            rates = all_rates[(copy[0] is not None and setup_until[0] <= soon)
+                              | (copy[1] is not None and setup_until[1] <= soon) << 1]
             t = INF
             for s in slots:
-                if copy[s] is not None or queues[s]:
-                    event = self._next_event(s, rates[s])
-                    if event < t:
-                        t = event
+                queue = queues[s]
+                if copy[s] is not None:
+                    if setup_until[s] > soon:
+                        event = setup_until[s]
+                    else:
+                        event = now + remaining[s] / rates[s]
+                        if event == now:   # what is left takes less than the clock resolves: nothing
+                            remaining[s] = 0.0
+                elif queue:
+                    event = INF
+                else:
+                    continue
+                if queue and soon < queue[0][0] < event:
+                    event = queue[0][0]
+                if event < t:
+                    t = event
             if t > until or t == INF:
                 return op_id in done
+            elapsed = t - now
             for s in slots:
-                if copy[s] is not None:
-                    self._move_slot(s, t, setup_until[s] <= soon, rates[s])
+                running = copy[s]
+                if running is None:
+                    continue
+                seconds[s] += elapsed
+                if setup_until[s] <= soon:
+                    remaining[s] -= rates[s] * elapsed
+                    if s < 2:
+                        self.link_bytes += rates[s] * elapsed
+                if setup_until[s] <= t + EPSILON and remaining[s] <= negligible[s]:
+                    done[running] = t
+                    copy[s] = None
             self.now = t
         return True
 
-    def _ready(self, copy: Copy) -> bool:
-        """Whether every copy `copy` is ordered after has completed."""
-        for op in copy.after:
-            if op not in self.done:
-                return False
-        return True
-
-    def _next_event(self, slot: int, rate: float) -> float:
-        """The slot's next event: its copy's latency ending or its bytes all moved (at `rate`), or else
-        the issue of the copy at the head of its queue, if that is still to come and sooner."""
-        now, queue, event = self.now, self.queues[slot], INF
-        if self.copy[slot] is not None:
-            if self.setup_until[slot] > now + EPSILON:
-                event = self.setup_until[slot]
-            else:
-                event = now + self.remaining[slot] / rate
-                if event == now:   # what is left takes less than the clock resolves: nothing
-                    self.remaining[slot] = 0.0
-        if queue and now + EPSILON < queue[0][0] < event:
-            event = queue[0][0]
-        return event
-
-    def _move_slot(self, slot: int, t: float, moving: bool, rate: float) -> None:
-        """Move the slot's copy on from `self.now` to t (no event in between) at `rate` if it is `moving`,
-        and finish it if it has nothing left to move."""
-        copy = self.copy[slot]
-        if copy is None:
-            return
-        self.seconds[slot] += t - self.now
-        if moving:
-            self.remaining[slot] -= rate * (t - self.now)
-            if slot < len(LINK):
-                self.link_bytes += rate * (t - self.now)
-        if self.setup_until[slot] <= t + EPSILON and self.remaining[slot] <= self.negligible[slot]:
-            self.done[copy.op_id] = t
-            self.copy[slot] = None
-
-    def _move_to(self, t: float) -> None:
-        """Move every running copy on to time t (no event in between), finishing those with nothing left."""
-        soon, rates = self.now + EPSILON, self.rates[self._moving()]
-        moving = [self.setup_until[slot] <= soon for slot in self.slots]
-        for slot in self.slots:
-            self._move_slot(slot, t, moving[slot], rates[slot])
+    def _move_to(self, t: float, slots: range) -> None:
+        """Move every running copy of `slots` (the active ones) on to time t (no event in between), finishing
+        those with nothing left."""
+        now = self.now
+        soon, rates = now + EPSILON, self.rates[self._moving()]
+        copy, setup_until, remaining, elapsed = self.copy, self.setup_until, self.remaining, t - now
+        for s in slots:
+            running = copy[s]
+            if running is None:
+                continue
+            self.seconds[s] += elapsed
+            if setup_until[s] <= soon:
+                remaining[s] -= rates[s] * elapsed
+                if s < 2:
+                    self.link_bytes += rates[s] * elapsed
+            if setup_until[s] <= t + EPSILON and remaining[s] <= self.negligible[s]:
+                self.done[running] = t
+                copy[s] = None
         self.now = t
 
-    def _finish(self) -> bool:
-        """Finish every copy with nothing left to move; whether there was one."""
+    def _finish(self, slots: range) -> bool:
+        """Finish every copy of `slots` with nothing left to move; whether there was one."""
         soon, copy, finished = self.now + EPSILON, self.copy, False
-        for slot in self.slots:
+        for slot in slots:
             if copy[slot] is not None and self.setup_until[slot] <= soon and self.remaining[slot] <= self.negligible[slot]:
-                self.done[copy[slot].op_id] = self.now
+                self.done[copy[slot]] = self.now
                 copy[slot] = None
                 finished = True
         return finished
 
-    def _start_ready(self) -> None:
-        """Start every copy that can start now. Only a copy finishing can let another start (it frees its
-        stream, or completes what that one is `after`), and an empty one finishes at once: so go round
-        again while copies finish."""
-        now, soon, copy, queues = self.now, self.now + EPSILON, self.copy, self.queues
+    def _start_ready(self, slots: range) -> None:
+        """Start every copy of `slots` (the active ones) that can start now. Only a copy finishing can let
+        another start (it frees its stream, or completes what that one is `after`), and an empty one
+        finishes at once: so go round again while copies finish."""
+        now, soon, copy, queues, done = self.now, self.now + EPSILON, self.copy, self.queues, self.done
         while True:
-            for slot in self.slots:
+            for slot in slots:
                 queue = queues[slot]
-                if queue and copy[slot] is None and queue[0][0] <= soon and self._ready(queue[0][1]):
-                    _, started = queue.popleft()
-                    self.started[started.op_id] = now
-                    copy[slot] = started
-                    self.setup_until[slot] = now + setup_time(self.hw, started)
-                    self.remaining[slot] = float(started.nbytes)
-                    self.negligible[slot] = 1e-9 * max(1.0, started.nbytes)
-            if not self._finish():
+                if queue and copy[slot] is None and queue[0][0] <= soon and all(op in done for op in queue[0][2]):
+                    _, op_id, _, nbytes, setup = queue.popleft()
+                    self.started[op_id] = now
+                    copy[slot] = op_id
+                    self.setup_until[slot] = now + setup
+                    self.remaining[slot] = float(nbytes)
+                    self.negligible[slot] = 1e-9 * max(1.0, nbytes)
+            if not self._finish(slots):
                 return

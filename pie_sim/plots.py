@@ -8,6 +8,7 @@ import matplotlib
 import numpy as np
 
 from hwmodels import GiB
+from pie_serving.records import POINTS, cpu_percent, envelope_slices
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -25,15 +26,13 @@ def log_seconds(axis) -> None:
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(FuncFormatter(_minor_label))
 
-POINTS = 2000  # per line: a long run has 10^5+ iterations, which Agg would take seconds to draw
-
 
 def envelope(times: np.ndarray, values: np.ndarray, points: int = POINTS) -> tuple[np.ndarray, np.ndarray]:
     """At most `points` points of a long series: its maximum over consecutive equal slices (peaks show)."""
     if len(times) <= points:
         return times, values
-    edges = np.linspace(0, len(times), points + 1).astype(int)[:-1]
-    return times[np.r_[edges[1:] - 1, len(times) - 1]], np.maximum.reduceat(values, edges)
+    edges, picks = envelope_slices(len(times), points)
+    return times[picks], np.maximum.reduceat(values, edges)
 
 
 def plot_preview(shares, rows, curves, path: Path) -> None:
@@ -79,17 +78,10 @@ def style(index: int, count: int) -> dict:
                 linewidth=1.0 + 1.5 * (count - 1 - index) / max(count - 1, 1))
 
 
-def cpu_percent(iterations: dict) -> np.ndarray:
-    """Per iteration, the share of the KV held that sits in CPU memory (%): live KV streamed in, or the
-    blocks of preempted sequences swapped out (vllm-swap), alike."""
-    gpu, cpu = iterations["gpu_kv_bytes"].astype(float), iterations["cpu_kv_bytes"].astype(float)
-    held = gpu + cpu
-    return np.divide(100 * cpu, held, out=np.zeros_like(held), where=held > 0)
-
-
 def plot_runs(runs: dict, path: Path, title: str) -> None:
-    """Per policy (name → its `request_table` and iteration columns): each request's normalized latency
-    when it finished, KV held per tier, and the share of it in CPU memory."""
+    """Per policy (name → its `request_table` and iteration columns, with `cpu_percent` among them or
+    made here): each request's normalized latency when it finished, KV held per tier, and the share of it
+    in CPU memory."""
     fig, axes = plt.subplots(3, 1, figsize=(8, 8.5), sharex=True)
     top = {"kv": 0.0, "cpu": 0.0}
     for i, (name, (requests, iterations)) in enumerate(runs.items()):
@@ -104,7 +96,7 @@ def plot_runs(runs: dict, path: Path, title: str) -> None:
         gpu, cpu = iterations["gpu_kv_bytes"] / GiB, iterations["cpu_kv_bytes"] / GiB
         axes[1].plot(*envelope(times, gpu), linestyle="-", label=f"{name} GPU", **line)
         axes[1].plot(*envelope(times, cpu), linestyle=":", label=f"{name} CPU", **line)
-        share = cpu_percent(iterations)
+        share = iterations["cpu_percent"] if "cpu_percent" in iterations else cpu_percent(iterations)
         axes[2].plot(*envelope(times, share), linestyle=look["linestyle"], label=name, **line)
         top["kv"] = max(top["kv"], gpu.max(initial=0), cpu.max(initial=0))
         top["cpu"] = max(top["cpu"], share.max(initial=0))

@@ -4,6 +4,7 @@ backend that prices each plan by exact recurrence (`Timeline`) or by one SimPy e
 from __future__ import annotations
 
 import time
+from copy import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,12 +22,13 @@ from .timeline import Timeline
 
 
 class CountingEnvironment(simpy.Environment):
-    """Counts the events it schedules (for the events/s figure)."""
-    scheduled = 0
+    """Tells how many events it has scheduled (for the events/s figure): SimPy numbers every event it
+    schedules from a counter, read here without drawing from it (an override of `schedule` would add a
+    call to every event)."""
 
-    def schedule(self, event, priority=simpy.core.NORMAL, delay=0):
-        self.scheduled += 1
-        super().schedule(event, priority, delay)
+    @property
+    def scheduled(self) -> int:
+        return next(copy(self._eid))
 
 
 @dataclass
@@ -45,9 +47,11 @@ def workload_rows(workload: pd.DataFrame) -> list[Arrival]:
 
 
 def engine(env: simpy.Environment, serving: Serving, backend: Timeline | LayerEvents,
-           accepts_runs: Callable[[], bool] | None):
+           accepts_runs: Callable[[bool], bool] | None):
     """SimPy process body: the serving loop's steps done in simulated time. A plan is priced from now and
-    the clock moves to its end; a decode run likewise, up to the next arrival; an idle loop waits for it."""
+    the clock moves to its end; a decode run likewise, up to the next arrival (a copying one to the clock
+    its iterations reached, as one timeout when that lands on it exactly, else one per iteration, as its
+    plans would have); an idle loop waits for the arrival."""
     loop = serve(serving, lambda: env.now, accepts_runs)
     reply = None
     while True:
@@ -61,7 +65,13 @@ def engine(env: simpy.Environment, serving: Serving, backend: Timeline | LayerEv
         elif isinstance(step, DecodeRun):
             assert isinstance(backend, Timeline)
             reply = backend.decode_run(step, env.now, serving.next_arrival)
-            yield env.timeout(reply.ends[-1] - reply.start)
+            if reply.clock is None:
+                yield env.timeout(reply.ends[-1] - reply.start)
+            elif env.now + (reply.clock - env.now) == reply.clock:
+                yield env.timeout(reply.clock - env.now)
+            else:
+                for end in reply.ends:
+                    yield env.timeout(end - env.now)
         else:
             reply = None
             yield env.timeout(step - env.now)
@@ -82,7 +92,7 @@ def simulate(policy: ServingPolicy, cost_model: CostModel, workload: pd.DataFram
         accepts_runs = None
     else:
         timeline = backend = Timeline(cost_model, traced_iterations)
-        accepts_runs = (lambda: timeline.accepts_runs(env.now)) if decode_runs else None
+        accepts_runs = (lambda copying: timeline.accepts_runs(env.now, copying)) if decode_runs else None
     env.run(until=env.process(engine(env, serving, backend, accepts_runs)))
     return SimResult(serving.close(), serving.recorder, backend if isinstance(backend, Timeline) else None,
                      env.scheduled, time.perf_counter() - started)

@@ -12,16 +12,21 @@ the compute clock (a calibrated host cost; zero on the roofline): the copy start
 issued, and the layers after it start that much later.
 
 In a run this is one SimPy event per iteration (simulate.py), however many layers and copies it has,
-and one per decode run (`decode_run`: plain decode iterations, priced in one pass).
+and one per decode run (`decode_run`: plain decode iterations, priced in one pass). A plan whose copies
+are a layer-swap record is priced from the record (swap_recurrence.py): the same arithmetic without a
+`Copy` per layer.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 from hwmodels import CostModel
 from pie_policy import IterationStats, Plan
 from pie_policy.plan import D2H, H2D, DecodeRun
 from pie_serving import RunResult
 
-from .links import links_for
+from .links import FixedRateLinks, links_for
+from .swap_recurrence import SwapMemory, price_fixed, price_fluid
 
 
 def layer_seconds(cm: CostModel, plan: Plan, copy_bandwidth: float = 0.0) -> float:
@@ -29,6 +34,20 @@ def layer_seconds(cm: CostModel, plan: Plan, copy_bandwidth: float = 0.0) -> flo
     if not plan.gpu_batches:  # the common case, kept to one call: this runs for every layer simulated
         return cm.layer_time(plan.shape, copy_bandwidth=copy_bandwidth)
     return sum(cm.layer_time(batch, copy_bandwidth=copy_bandwidth) for batch in plan.batches())
+
+
+def layer_prices(cm: CostModel, plan: Plan) -> tuple[float, Callable[[float], float]]:
+    """(a layer's seconds with no copy in flight, its seconds as a function of the bytes/s the link moves
+    meanwhile): each price worked out once per value (the layers of a plan see a few)."""
+    alone = layer_seconds(cm, plan)
+    prices = {0.0: alone}
+
+    def price(bandwidth: float) -> float:
+        took = prices.get(bandwidth)
+        if took is None:
+            took = prices[bandwidth] = layer_seconds(cm, plan, bandwidth)
+        return took
+    return alone, price
 
 
 def head_seconds(cm: CostModel, plan: Plan) -> float:
@@ -46,27 +65,68 @@ class Timeline:
         # latter when there are any. computes: (iteration, layer, start, seconds); copies: (iteration, Copy).
         self.trace = {"any": ([], []), "copying": ([], [])}
         self._counted = {"any": 0, "copying": 0}
+        self._swap_memory = SwapMemory()
 
-    def accepts_runs(self, at: float) -> bool:
-        """Decode runs need the links idle (no copy in flight to slow compute) and the trace filled."""
-        return self._counted["any"] >= self.traced_iterations and self.links.idle(at)
+    def accepts_runs(self, at: float, copying: bool = False) -> bool:
+        """Decode runs need the trace filled and, unless they copy (and are priced from their records), the
+        links idle: no copy in flight to slow their compute. Asking moves stepped links on to `at`, as it
+        does before every plan."""
+        if self._counted["any"] < self.traced_iterations:
+            return False
+        idle = self.links.idle(at)
+        return self._counted["copying"] >= self.traced_iterations if copying else idle
 
     def decode_run(self, run: DecodeRun, start: float, before: float) -> RunResult:
         """The iterations of `run` that start before `before` (the next arrival; at least the first), from
-        `start`. Without copies each takes `CostModel.iteration_time` of its batch, stall-free."""
+        `start`. Without copies each takes `CostModel.iteration_time` of its batch, stall-free (with CPU
+        blocks held throughout, swapped-out sequences'); with copies,
+        each is priced from its layer-swap record as its plan would be. The policy's controller, if any, is
+        told each iteration's stats as it is priced, and may end the run."""
+        if run.copies:
+            return self._copying_run(run, start, before)
         seconds, ends, sequences, blocks = [], [], [], []
         end, price = start, self.cost_model.decode_time
-        for n, attended, padded, held in run.steps:
+        for step in run.steps:
             if ends and end >= before:
                 break
-            took = price(n, attended, padded)
-            end += took
+            took = price(step.sequences, step.attended, step.padded)
+            began, end = end, end + took
             seconds.append(took)
             ends.append(end)
-            sequences.append(n)
-            blocks.append(held)
+            sequences.append(step.sequences)
+            blocks.append(step.gpu_blocks)
+            if run.observe is not None and not run.observe(
+                    IterationStats(run.first_iteration + len(ends) - 1, began, end, took, 0.0, 0, 0, 0.0, 0.0), step):
+                break
         self.links.advance(end)
-        return RunResult(start, seconds, ends, sequences, blocks)
+        swapped = {"cpu_kv_bytes": [run.cpu_blocks * run.block_bytes] * len(ends)} if run.cpu_blocks else None
+        return RunResult(start, seconds, ends, sequences, blocks, swapped)
+
+    def _copying_run(self, run: DecodeRun, start: float, before: float) -> RunResult:
+        """A run whose iterations copy: each priced from its record as `run` prices its plan (the clock
+        moving from one iteration's start to its end as SimPy moves it between plans), drawn only once
+        the one before has ended before `before`."""
+        cm, links = self.cost_model, self.links
+        recurrence = price_fixed if isinstance(links, FixedRateLinks) else price_fluid
+        seconds, ends, sequences, blocks = [], [], [], []
+        columns = {name: [] for name in ("start_s", "stall_s", "bytes_h2d", "bytes_d2h", "cpu_kv_bytes", "cpu_share")}
+        now = start
+        for step in run.steps:
+            n = step.sequences
+            plan = Plan(run.first_iteration + len(ends), (), step.shape)
+            stats = recurrence(links, cm, plan, step.swap, now, *layer_prices(cm, plan), head_seconds(cm, plan),
+                               self._swap_memory)
+            for name, value in zip(columns, (now, stats.stall_s, stats.bytes_h2d, stats.bytes_d2h,
+                                             (run.cpu_blocks - step.cpu_freed) * run.block_bytes, step.cpu_share)):
+                columns[name].append(value)
+            seconds.append(stats.compute_s)
+            ends.append(stats.end_s)
+            sequences.append(n)
+            blocks.append(step.gpu_blocks)
+            now += stats.end_s - now
+            if (run.observe is not None and not run.observe(stats, step)) or now >= before:
+                break
+        return RunResult(start, seconds, ends, sequences, blocks, columns, now)
 
     def _issue(self, copies, t: float) -> float:
         """Issue `copies` one after another from `t`, each when the host has issued it; returns when it is done."""
@@ -83,6 +143,12 @@ class Timeline:
             seconds, layers = cm.model.num_layers * took + head, cm.model.num_layers
             return IterationStats.of(plan, start, start + seconds, seconds, 0.0,
                                      layer_compute_s=(took,) * layers, layer_stall_s=(0.0,) * layers)
+        swap = plan.swap
+        if (swap is not None and len(plan.prologue) == len(swap.prologue)
+                and min(self._counted.values()) >= self.traced_iterations):  # past the traced iterations
+            recurrence = price_fixed if isinstance(links, FixedRateLinks) else price_fluid
+            return recurrence(links, cm, plan, swap, start, *layer_prices(cm, plan), head_seconds(cm, plan),
+                              self._swap_memory)
         copies = list(plan.copies())
         traced = [kind for kind in (("any", "copying") if copies else ("any",))
                   if self._counted[kind] < self.traced_iterations]
@@ -90,8 +156,7 @@ class Timeline:
             self._counted[kind] += 1
         busy_before = dict(links.busy)
         t, computes, stalls = self._issue(plan.prologue, start), [], []
-        alone = layer_seconds(cm, plan)  # the batches are the same in every layer
-        prices = {0.0: alone}            # link bytes/s → layer time
+        alone, price = layer_prices(cm, plan)  # the batches are the same in every layer
         for layer in range(cm.model.num_layers):
             step = plan.step(layer)
             t = self._issue(step.issue, t)
@@ -100,9 +165,7 @@ class Timeline:
                 begin = max(begin, links.completion(op))
             links.advance(begin)
             bandwidth = links.moved_until(begin + alone) / alone if alone > 0 else 0.0
-            took = prices.get(bandwidth)
-            if took is None:
-                took = prices[bandwidth] = layer_seconds(cm, plan, bandwidth)
+            took = price(bandwidth)
             stalls.append(begin - t)
             computes.append(took)
             for kind in traced:

@@ -82,3 +82,9 @@ def test_opt13b_decode_on_gh200_is_memory_bound_at_hbm_speed():
     weights_time = cm.model.weight_bytes / (gpu.hbm_bandwidth * gpu.hbm_efficiency)
     overheads = cm.model.num_layers * gpu.layer_overhead + gpu.iteration_overhead + gpu.iteration_overhead_per_sequence
     assert weights_time < cm.iteration_time(BatchShape.of(decodes=[100])) - overheads < 1.1 * weights_time
+
+
+def test_a_decode_batch_from_its_sums_is_the_batch_from_its_lengths():
+    """BatchShape.decoding (what the simulator builds for every decode iteration) against BatchShape.of."""
+    for cached in ([10], [10, 20], [1, 1, 1], list(range(1, 300, 7))):
+        assert BatchShape.decoding(len(cached), sum(cached), max(cached)) == BatchShape.of(decodes=cached)

@@ -10,11 +10,15 @@ from pie_policy.config import ConfigError
 from pie_policy.layerswap import FifoLayerSwap, runs, span_gaps
 from pie_policy.plan import D2H, H2D, LAYER_KV, Copy, SeqWork
 
-ALL = range(100)  # every sequence of these tests may hold CPU blocks
-
 
 def seq(request_id, new, cached, blocks):
     return SeqWork(request_id, new, cached, True, tuple(BlockRef(tier, slot) for tier, slot in blocks))
+
+
+def planned(swap, batch):
+    """(prologue, per-layer steps, staging slot per layer) of the batch's plan, expanded into copies."""
+    record = swap.plan_seqs(batch)
+    return ((), (), ()) if record is None else (record.prologue_copies(), record.steps(), record.staging_slots())
 
 
 def test_hand_worked_plan_depth_1_dirty_only():
@@ -25,7 +29,7 @@ def test_hand_worked_plan_depth_1_dirty_only():
     swap = FifoLayerSwap(num_layers=4, depth=1, capacity=8, block_bytes_layer=100, block_size=16,
                          dirty_only=True, op_ids=count())
     batch = (seq(0, 1, 40, [(GPU, 0), (CPU, 7), (CPU, 8)]), seq(1, 1, 10, [(CPU, 3)]))
-    prologue, steps, slots = swap.plan(batch, ALL)
+    prologue, steps, slots = planned(swap, batch)
     fetch = ((3, 3), (7, 7), (8, 8))
     back = ((3, 3), (8, 8))
     # Ids in issue order: prologue L0 = 0; at L0 prefetch L1 = 1 (slot 1), evict L0 = 2 (slot 0); at L1
@@ -45,30 +49,30 @@ def test_hand_worked_plan_depth_1_dirty_only():
     assert swap.staging_bytes == 2 * 8 * 100
 
     # The same batch again: layer 0 waits on the prefetch the first plan issued for it; no prologue.
-    prologue, steps, slots = swap.plan(batch, ALL)
+    prologue, steps, slots = planned(swap, batch)
     assert prologue == () and steps[0].wait == (7,) and slots == (0, 1, 0, 1)
     carried = steps[3].issue[0]
     # A new CPU block (slot 9): only it is fetched before layer 0, which waits on both prefetches.
     grown = (seq(0, 1, 40, [(GPU, 0), (CPU, 7), (CPU, 8)]), seq(1, 1, 16, [(CPU, 3), (CPU, 9)]))
-    prologue, steps, _ = swap.plan(grown, ALL)
+    prologue, steps, _ = planned(swap, grown)
     assert [(c.pairs, c.layer, c.staging) for c in prologue] == [(((9, 9),), 0, 0)]
     assert steps[0].wait == (carried.op_id, prologue[0].op_id)
 
 
 def test_whole_blocks_are_written_back_without_dirty_only():
     swap = FifoLayerSwap(2, 1, 8, 100, 16, dirty_only=False, op_ids=count())
-    _, steps, _ = swap.plan((seq(0, 1, 40, [(CPU, 4), (CPU, 5), (GPU, 0)]),), ALL)  # token 40 is in block 2, on GPU
+    _, steps, _ = planned(swap, (seq(0, 1, 40, [(CPU, 4), (CPU, 5), (GPU, 0)]),))  # token 40 is in block 2, on GPU
     assert steps[0].evict[0].pairs == ((4, 4), (5, 5)) and steps[0].evict[0].calls == 1
     swap = FifoLayerSwap(2, 1, 8, 100, 16, dirty_only=True, op_ids=count())
-    _, steps, _ = swap.plan((seq(0, 1, 40, [(CPU, 4), (CPU, 5), (GPU, 0)]),), ALL)
+    _, steps, _ = planned(swap, (seq(0, 1, 40, [(CPU, 4), (CPU, 5), (GPU, 0)]),))
     assert steps[0].evict == ()  # nothing on the CPU was written
 
 
 def test_no_cpu_blocks_no_ops_and_nothing_carried_over():
     swap = FifoLayerSwap(2, 1, 4, 100, 16, True, count())
-    swap.plan((seq(0, 1, 20, [(CPU, 0), (CPU, 1)]),), ALL)
-    assert swap.plan((seq(0, 5, 0, [(GPU, 0)]),), ALL) == ((), (), ())
-    prologue, steps, _ = swap.plan((seq(0, 1, 20, [(CPU, 0), (CPU, 1)]),), ALL)
+    planned(swap, (seq(0, 1, 20, [(CPU, 0), (CPU, 1)]),))
+    assert planned(swap, (seq(0, 5, 0, [(GPU, 0)]),)) == ((), (), ())
+    prologue, steps, _ = planned(swap, (seq(0, 1, 20, [(CPU, 0), (CPU, 1)]),))
     assert len(prologue) == 1 and steps[0].wait == (prologue[0].op_id,)  # the old carry is stale
 
 
@@ -112,7 +116,7 @@ def test_staging_never_exceeds_its_bound(num_layers, depth, iterations, cpu_bloc
 
     for k in range(iterations):
         base = k * num_layers
-        prologue, steps, slots = swap.plan(batch, ALL)
+        prologue, steps, slots = planned(swap, batch)
         for copy in prologue:
             take(copy, base + copy.layer)
         for layer, step in enumerate(steps):
@@ -139,13 +143,13 @@ def test_prefetches_span_small_gaps_write_backs_do_not():
     With a gap of 2 nothing is spanned."""
     batch = (seq(0, 1, 40, [(GPU, 0), (CPU, 7), (CPU, 8)]), seq(1, 1, 10, [(CPU, 3)]))
     swap = FifoLayerSwap(4, 1, 9, 100, 16, dirty_only=True, op_ids=count(), coalesce_gap=3)
-    prologue, steps, _ = swap.plan(batch, ALL)
+    prologue, steps, _ = planned(swap, batch)
     fetch = tuple((s, s) for s in range(3, 9))
     assert (prologue[0].pairs, prologue[0].nbytes, prologue[0].calls) == (fetch, 600, 1)
     assert all((s.issue[0].pairs, s.issue[0].nbytes, s.issue[0].calls) == (fetch, 600, 1) for s in steps)
     assert all((s.evict[0].pairs, s.evict[0].nbytes, s.evict[0].calls) == (((3, 3), (8, 8)), 200, 2) for s in steps)
     swap = FifoLayerSwap(4, 1, 9, 100, 16, dirty_only=True, op_ids=count(), coalesce_gap=2)
-    assert swap.plan(batch, ALL)[0][0].calls == 2
+    assert planned(swap, batch)[0][0].calls == 2
 
 
 def test_span_gaps():

@@ -26,8 +26,6 @@ def _retained(num_requests: int) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the simulator keeps every finished copy's start and end (pie_sim/links.py: "
-                                       "about 14 KB an iteration); pruning them is the simulator-speed work's")
 def test_a_kv_limited_runs_memory_grows_only_with_its_rows():
     small, large = _retained(200), _retained(600)
     per_iteration = (large[0] - small[0]) / (large[1] - small[1])
