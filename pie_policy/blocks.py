@@ -57,6 +57,7 @@ class SlotRuns:
         changes, self._changes, lost, self._lost = self._changes, [], self._lost, False
         if lost:
             return None
+        assert changes is not None  # only a journal's reader takes its changes
         toggled: set[int] = set()
         for slot in changes:
             if slot in toggled:
@@ -187,6 +188,7 @@ class SlotRuns:
 
     def _note(self, slot: int) -> None:
         """Journal a change; past a bound of a few times the set's size, forget them all (`_lost`)."""
+        assert self._changes is not None  # called only with a journal
         if not self._lost:
             self._changes.append(slot)
             if len(self._changes) > 64 + 4 * self.count:
@@ -218,6 +220,7 @@ class BlockAllocator:
         if count > len(self._free):
             raise RuntimeError(f"{count} {self.tier} blocks wanted, {len(self._free)} free (capacity {self.capacity})")
         if self.lowest_first:
+            assert self.in_use is not None  # a lowest-first pool keeps its slots in use as runs
             slots = [heapq.heappop(self._free) for _ in range(count)]
             for slot in slots:
                 self.in_use.add(slot)
@@ -233,6 +236,7 @@ class BlockAllocator:
             raise RuntimeError(f"{self.tier} blocks {sorted(set(slots) - self._used)} freed but not in use")
         self._used.difference_update(slots)
         if self.lowest_first:
+            assert self.in_use is not None  # a lowest-first pool keeps its slots in use as runs
             for slot in slots:
                 heapq.heappush(self._free, slot)
                 self.in_use.remove(slot)

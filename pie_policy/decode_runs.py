@@ -101,7 +101,7 @@ def commit(scheduler: Scheduler, run: OpenRun, iterations: int, ends: list[float
     that finished. Blocks go out as `_run` hands them (iteration by iteration, FCFS within one) and come
     back as `complete` frees them (after the iteration a request finishes in)."""
     size, tables, pool = scheduler.config.block_size, scheduler.tables, scheduler.tables.pools[GPU]
-    by_phase = [[] for _ in range(size)]
+    by_phase: list[list[int]] = [[] for _ in range(size)]
     for rank, phase in enumerate(run.phases):
         by_phase[phase].append(rank)
     leaving = defaultdict(list)

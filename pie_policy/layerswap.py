@@ -56,7 +56,7 @@ def runs(pairs) -> list[tuple[int, int, int]]:
             out[-1][2] += 1
         else:
             out.append([src, dst, 1])
-    return [tuple(run) for run in out]
+    return [(src, dst, length) for src, dst, length in out]
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class LayerSwap:
         if layer >= self.depth:
             return (self.fetch_op(layer - self.depth),)
         carried = self.carried[layer]
-        out = () if carried is None else (carried,)
+        out: tuple[int, ...] = () if carried is None else (carried,)
         for i, (fetched, _) in enumerate(self.prologue):
             if fetched == layer:
                 out += (self.first_op + i,)
@@ -186,7 +186,7 @@ class SwapSteps(Sequence):
     def __eq__(self, other) -> bool:
         return tuple(self) == tuple(other) if isinstance(other, (tuple, SwapSteps)) else NotImplemented
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # unhashable, Python's way; typeshed has only a method
 
     def __repr__(self) -> str:
         return f"SwapSteps({self.record!r})"
@@ -233,15 +233,15 @@ class FifoLayerSwap:
         self._first_layer += iterations * self.num_layers
         self._carried = self._staged = None
 
-    def written(self, seqs: tuple[SeqWork, ...]) -> list[int]:
+    def written(self, seqs: Sequence[SeqWork]) -> list[int]:
         """The CPU slots `seqs` write into this iteration (their new tokens' blocks)."""
-        out = []
+        out: list[int] = []
         for seq in seqs:
             first, last = seq.cached_tokens // self.block_size, (seq.cached_tokens + seq.new_tokens - 1) // self.block_size
             out.extend(block.slot for block in seq.blocks[first:last + 1] if block.tier == CPU)
         return out
 
-    def plan_seqs(self, seqs: tuple[SeqWork, ...]) -> LayerSwap | None:
+    def plan_seqs(self, seqs: Sequence[SeqWork]) -> LayerSwap | None:
         """The record of any batch, its CPU blocks and the ones it writes gathered from its block tables."""
         wanted = SlotRuns.of({b.slot for s in seqs for b in s.blocks if b.tier == CPU}, self.coalesce_gap)
         return self.plan(wanted, SlotRuns.of(self.written(seqs)))
@@ -294,6 +294,7 @@ class FifoLayerSwap:
             self._staged = None
             return None
         fetch = self._swap_copies(wanted, True)
+        write: SwapCopies | None
         if written is None or not self.dirty_only:
             write = self._swap_copies(wanted, False)
         else:

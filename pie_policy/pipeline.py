@@ -18,6 +18,7 @@ single-GPU plan carries one per layer: `issue` when the stage takes the plan (Pi
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import count
 from typing import Callable
 
@@ -29,7 +30,7 @@ from .config import ConfigError, EngineConfig
 from .pipeline_layout import StageLayout
 from .pipemax import Group, Streamer
 from .placement import GpuOnly
-from .plan import Copy, IterationStats, LayerStep, Plan
+from .plan import Copy, IterationStats, LayerStep, Plan, SeqWork
 from .policies import shape_of, work_of
 from .registry import PIPELINE, names
 from .request import Request
@@ -111,6 +112,7 @@ class PipelinePolicy:
         stage (else the group waits for the next engine with work, rather than delaying it)."""
         engine = self.schedulers[micro_batch]
         schedule = engine.schedule()
+        seqs: Sequence[SeqWork]  # a Batch, or a tuple when a streamed group joins
         seqs, group = work_of(schedule.work, engine.tables), self._next_group
         now: tuple[Copy, ...] = ()
         if self.streamer and not seqs:

@@ -92,7 +92,7 @@ class Batch(Sequence):
     def __eq__(self, other) -> bool:
         return self.made() == tuple(other) if isinstance(other, (tuple, Batch)) else NotImplemented
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # unhashable, Python's way; typeshed has only a method
 
     def __repr__(self) -> str:
         return f"Batch({self.made()!r})"

@@ -7,6 +7,7 @@ changes in them. FlexGen (`flexgen.py`) and the pipeline policies (`pipeline.py`
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import count
 from typing import Callable
 
@@ -57,12 +58,16 @@ class Policy:
         if name not in POLICIES:
             raise ConfigError(f"unknown policy '{name}' (known: {', '.join(POLICIES)})")
         policy = REGISTRY[name]
+        assert policy.placement is not None  # every engine policy has one (registry.py)
         self.name, self.config = name, config
         self.tables = BlockTables(config.num_gpu_blocks, config.num_cpu_blocks, config.coalesce_gap,
                                   journal=policy.cpu_blocks == LIVE_KV)
         self._ids = count()
         placement = policy.placement(self.tables, config, cpu_share, controller)
-        self.controller = placement.controller if policy.adaptive else None
+        adapting = placement.controller if policy.adaptive else None
+        # only pie adapts, and its placement (registry._expanding) is moved by an ExpansionController
+        assert adapting is None or isinstance(adapting, ExpansionController)
+        self.controller = adapting
         if self.controller is not None and cost_model is None:
             raise ConfigError(f"{name}'s controller prices each batch without copies: it needs the cost model")
         self.cost_model = cost_model
@@ -75,7 +80,7 @@ class Policy:
                                      self._ids, config.coalesce_gap) if placement.live_cpu else None
         self.scheduler = Scheduler(config, self.tables, placement, swap_preemption=policy.swap_preemption)
         self._iteration = 0  # the next plan's number
-        self._open_run: tuple | None = None
+        self._open_run: decode_runs.OpenRun | None = None
         self._pending: dict[int, Schedule] = {}
         self._staging: dict[int, tuple[int, ...]] = {}  # layer 0's staging slot → every layer's
 
@@ -121,7 +126,9 @@ class Policy:
         seqs = work_of(schedule.work, self.tables)
         shape = shape_of(seqs)
         swaps = self._block_swaps(schedule)
-        prologue, layers, staging = (), (), ()
+        prologue: tuple[Copy, ...] = ()
+        layers: Sequence[LayerStep] = ()
+        staging: tuple[int, ...] = ()
         swap = self._layer_swap(schedule, seqs, shape) if self.swapper else None
         if swap is not None:
             prologue, layers = swap.prologue_copies(), SwapSteps(swap)
@@ -135,14 +142,17 @@ class Policy:
         self._iteration += 1
         return plan
 
-    def _layer_swap(self, schedule: Schedule, seqs: tuple[SeqWork, ...], shape) -> LayerSwap | None:
+    def _layer_swap(self, schedule: Schedule, seqs: Sequence[SeqWork], shape) -> LayerSwap | None:
         """The batch's layer-swap record. A batch of every running sequence reads every CPU block in use
         and, when each computes one token, writes the CPU blocks among the tables' last: both are the
         tables' runs, kept as blocks come and go. Any other batch's are gathered from its blocks."""
+        assert self.swapper is not None  # asked only of a policy that swaps layers
         if len(schedule.work) != len(self.scheduler.running):
             return self.swapper.plan_seqs(seqs)
         written = self.tables.cpu_tails if shape.tokens == len(seqs) else SlotRuns.of(self.swapper.written(seqs))
-        return self.swapper.plan(self.tables.pools[CPU].in_use, written)
+        in_use = self.tables.pools[CPU].in_use
+        assert in_use is not None  # the CPU pool hands out its lowest slots first, keeping them as runs
+        return self.swapper.plan(in_use, written)
 
     def next_run(self, accepts: Callable[[bool], bool] | None = None) -> DecodeRun | None:
         """The next iterations as one `DecodeRun` when they are plain decodes (see decode_runs.py), else
@@ -153,8 +163,11 @@ class Policy:
         copying = self.swapper is not None and self.tables.pools[CPU].num_used > 0
         if accepts is not None and not accepts(copying):
             return None
-        if copying and not self.swapper.steady(self.tables.pools[CPU].in_use):
-            return None
+        if copying:
+            in_use = self.tables.pools[CPU].in_use
+            assert self.swapper is not None and in_use is not None  # copying: a swapper, and the CPU pool's runs
+            if not self.swapper.steady(in_use):
+                return None
         planned = decode_runs.plan(self.scheduler, copying)
         if planned is None:
             return None
@@ -175,6 +188,7 @@ class Policy:
         """A copying run's iteration to the controller, as `observe` gives it a plan of every running
         sequence (its CPU share while it runs; nothing refused); whether the share held (else the run ends
         after it)."""
+        assert self.controller is not None  # a run observes only with a controller (`next_run`)
         share = self.controller.share
         self._tell(stats, False, self._share(step.gpu_blocks_during, self.tables.pools[CPU].num_used), step.shape)
         return self.controller.share == share
@@ -213,6 +227,7 @@ class Policy:
         """Tell the controller about an iteration of every running sequence (only such a batch streams all
         the CPU-resident KV it measures), with the cost model's prices of the batch without copies and of
         recomputing what the preemptions its share caused since the last one threw away."""
+        assert self.cost_model is not None  # a controller comes with a cost model (`__init__`)
         price = self.cost_model.iteration_time
         self._refused_s += sum(price(BatchShape.of(prefills=[(tokens, 0)])) - self._fixed_s
                                for tokens in schedule.refused if tokens)
@@ -222,6 +237,7 @@ class Policy:
     def _tell(self, stats: IterationStats, limited: bool, in_use: float, shape: BatchShape) -> None:
         """One iteration of every running sequence to the controller: its stats, whether the share refused
         a block, the CPU share of the live KV, the batch's copy-free price and the recomputation refused."""
+        assert self.controller is not None and self.cost_model is not None  # told only with both (`__init__`)
         self.controller.observe(stats, limited=limited, in_use=in_use, copy_free_s=self.cost_model.iteration_time(shape),
                                 fixed_s=self._fixed_s, refused_s=self._refused_s)
         self._refused_s = 0.0

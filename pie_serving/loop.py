@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Generator, Sequence
+from typing import Callable, Generator, Sequence, cast
 
 from pie_policy.interfaces import DecodeRunPolicy, ServingPolicy
 from pie_policy.plan import DecodeRun, IterationStats, Plan
@@ -90,9 +90,10 @@ class Serving:
         only one hands out runs)."""
         gaps = self.recorder.gaps
         generated = gaps.generated() if gaps is not None else None
-        finished = self.policy.commit_run(run, result.ends)
+        finished = cast(DecodeRunPolicy, self.policy).commit_run(run, result.ends)
         self.recorder.decode_run(run, result)
         if gaps is not None:
+            assert generated is not None  # taken above whenever there are gaps
             gaps.decoded(generated, result.ends, result.sequences)
             gaps.finished(finished)
         self._finished(finished)
@@ -159,5 +160,6 @@ def drive(serving: Serving, backend, now: Callable[[], float], wait_until: Calla
         if isinstance(step, Plan):
             reply = backend.run(step, now())
         else:
+            assert not isinstance(step, DecodeRun)  # runs go only to a driver that accepts them (`accepts_runs`)
             wait_until(step)
             reply = None

@@ -123,6 +123,7 @@ class RunRecorder:
         """The rows of `names`, a chunk at a time, in order."""
         dtype = {name: np.float64 if name in FLOATS else np.int64 for name in names}
         for first in range(0, self._spilled, self._chunk):
+            assert self._spill is not None  # rows were spilled, into it
             yield {name: np.fromfile(Path(self._spill.name) / name, dtype[name], min(self._chunk, self._spilled - first),
                                      offset=8 * first) for name in names}
         if len(self._open["end_s"]) or not self._spilled:
@@ -227,4 +228,5 @@ def write_csv(path: Path, columns: dict[str, np.ndarray] | Iterator[dict[str, np
         if writer is None:
             writer = arrow_csv.CSVWriter(path, table.schema, write_options=arrow_csv.WriteOptions(quoting_style="needed"))
         writer.write_table(table)
+    assert writer is not None  # every table comes as one chunk at least
     writer.close()
