@@ -8,7 +8,7 @@ entry (when, gap, how many tokens) per distinct previous time: as many entries a
 more where preemptions or prefill-only iterations left some sequences out, and the exact multiset of
 gaps. `percentile` reads a weighted sample exactly as numpy's (linear) percentile reads the expanded one.
 
-Folding costs a few percent of a simulated run (bench/results/capacity.md), so the serving loop does it
+Folding costs a few percent of a simulated run, so the serving loop does it
 only when asked (`Serving(..., token_gaps=True)`): for benchmark.json and for an SLO on ITL.
 """
 from __future__ import annotations
