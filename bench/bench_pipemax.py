@@ -1,4 +1,4 @@
-"""PipeMax vs plain pipeline parallelism (issue 8): simulated offline throughput on the 8-GPU PCIe server,
+"""PipeMax vs plain pipeline parallelism: simulated offline throughput on the 8-GPU PCIe server,
 and where PipeMax's gain comes from and where it ends (link bandwidth, CPU memory, micro-batches, batch cap,
 the model's KV size). Prints the markdown tables of bench/RESULTS.md.
 

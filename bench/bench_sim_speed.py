@@ -1,6 +1,6 @@
 """Speed of the whole `pie-sim run` process (start-up, loading, simulating, writing outputs) on the whole
 Azure conversation trace with pie on GH200 / OPT-13B: requests per wall second, SimPy events per second,
-peak memory. Target (issue 4): at least 6,000 requests/s on this kind of machine.
+peak memory. Target: at least 6,000 requests/s on this kind of machine.
 
     python3 bench/bench_sim_speed.py [--policy pie] [--trace azure-conv]
 """
