@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from itertools import accumulate
-from multiprocessing.reduction import ForkingPickler  # with torch's reductions: tensors shared, not copied
 from pathlib import Path
 
 import torch
@@ -178,12 +177,10 @@ class _Job:
     progress: bool
 
 
-def _rank_main(rank: int, jobs, folder: str, parent: int) -> None:
+def _rank_main(rank: int, job: _Job, folder: str, parent: int) -> None:
     """One rank, from joining the group to leaving it. On an error the rank exits without leaving it (a
-    peer that is gone could hold the teardown up); spawn ends the others. It dies with `parent`, which
-    hands it the job through `jobs`."""
+    peer that is gone could hold the teardown up); spawn ends the others. It dies with `parent`."""
     die_with_parent(parent)
-    job: _Job = pickle.loads(jobs.get())
     torch.set_num_threads(job.threads)
     cuda = job.device_type == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -223,17 +220,8 @@ def serve(model: Transformer, policy: Policy, prompts: list[Prompt], stages: int
     check_fits(policy, prompts)
     job = _Job(model, policy, prompts, stages, device_type, threads or default_threads(stages), progress)
     with tempfile.TemporaryDirectory(prefix="pie-pipeline-") as folder:
-        # The job goes through a queue, not the start-up arguments: the parent writes those to each rank
-        # (blocking until the rank, importing torch, has read them all), and a parent interrupted while it
-        # writes leaves a rank that prints a traceback; the queue's thread writes while this one waits.
-        jobs = mp.get_context("spawn").Queue()
-        jobs.cancel_join_thread()  # at exit, do not wait to hand the job to ranks that are gone
         try:
-            ranks = mp.spawn(_rank_main, args=(jobs, folder, os.getpid()), nprocs=stages, join=False)
-            for _ in range(stages):  # pickled here, not by the queue's thread: one still in torch at exit aborts
-                jobs.put(ForkingPickler.dumps(job))
-            while not ranks.join():
-                pass
+            mp.spawn(_rank_main, args=(job, folder, os.getpid()), nprocs=stages, join=True)
         except BaseException:  # Ctrl-C, SIGTERM, a rank's error: no rank outlives the run
             kill_children()
             raise
