@@ -177,10 +177,15 @@ class _Job:
     progress: bool
 
 
-def _rank_main(rank: int, job: _Job, folder: str, parent: int) -> None:
+JOB_FILE = "job.pt"
+
+
+def _rank_main(rank: int, folder: str, parent: int) -> None:
     """One rank, from joining the group to leaving it. On an error the rank exits without leaving it (a
-    peer that is gone could hold the teardown up); spawn ends the others. It dies with `parent`."""
+    peer that is gone could hold the teardown up); spawn ends the others. It dies with `parent`, and reads
+    its job from `folder` (memory-mapped: the ranks share the weights' pages)."""
     die_with_parent(parent)
+    job: _Job = torch.load(Path(folder) / JOB_FILE, mmap=True, weights_only=False)
     torch.set_num_threads(job.threads)
     cuda = job.device_type == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -220,8 +225,12 @@ def serve(model: Transformer, policy: Policy, prompts: list[Prompt], stages: int
     check_fits(policy, prompts)
     job = _Job(model, policy, prompts, stages, device_type, threads or default_threads(stages), progress)
     with tempfile.TemporaryDirectory(prefix="pie-pipeline-") as folder:
+        # The job goes through a file, not spawn's start-up arguments: the parent writes those down a pipe
+        # to each rank, blocking until the rank (importing torch) has read them, and a parent interrupted
+        # while it writes leaves a rank printing a traceback; a folder's name is written at once.
+        torch.save(job, Path(folder) / JOB_FILE)
         try:
-            mp.spawn(_rank_main, args=(job, folder, os.getpid()), nprocs=stages, join=True)
+            mp.spawn(_rank_main, args=(folder, os.getpid()), nprocs=stages, join=True)
         except BaseException:  # Ctrl-C, SIGTERM, a rank's error: no rank outlives the run
             kill_children()
             raise

@@ -75,6 +75,7 @@ CASES = {
     "static, most KV on CPU": lambda s: Policy("static", config(s, 12, 40), cpu_share=0.75),
     "pie, preempting with CPU": lambda s: pie(s, config(s, 14, 14)),
     "pie, chunked prefill, CPU": lambda s: pie(s, config(s, 14, 14, chunked_prefill=True)),
+    "pie-fixed, half the KV on CPU": lambda s: Policy("pie-fixed", config(s, 14, 20), cpu_share=0.5),
     "prompt-offload, prompts on CPU": lambda s: Policy("prompt-offload", config(s, 14, 20)),
 }
 

@@ -32,7 +32,7 @@ from pie_exec.engine import Executor
 from pie_exec.model import Transformer
 from pie_policy import Copy, EngineConfig, Plan, SeqWork
 from pie_policy.blocks import CPU, GPU, BlockRef
-from pie_policy.layerswap import FifoLayerSwap
+from pie_policy.layerswap import FifoLayerSwap, SwapSteps
 from pie_policy.plan import D2H, H2D, LAYER_KV
 from pie_sim.timeline import Timeline
 
@@ -164,8 +164,9 @@ class Bench:
         tokens = [[0]] * self.batch.batch
         out = Measured([], [], [])
         for i in range(iterations + 1):
-            prologue, layers, staging = swapper.plan(seqs, range(len(seqs))) if swapper else ((), (), ())
-            plan = Plan(next(self.iteration), seqs, self.shape, prologue, layers, staging)
+            swap = swapper.plan_seqs(seqs) if swapper else None  # every sequence decodes: each writes its tail
+            plan = (Plan(next(self.iteration), seqs, self.shape, swap.prologue_copies(), SwapSteps(swap),
+                         swap.staging_slots()) if swap else Plan(next(self.iteration), seqs, self.shape))
             background = [c for d in config.background
                           for c in self._background_copies(d, math.ceil(COVER * plain_s / self.copy_s[d]))]
             self.background._issue(background)
