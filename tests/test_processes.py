@@ -97,7 +97,8 @@ def test_a_sweeps_workers_die_with_it(tmp_path, how):
 
 @pytest.mark.slow
 def test_the_painter_dies_with_a_killed_run(tmp_path):
-    process = start(["pie_sim", "run", "--num-requests", "5000", "--out", str(tmp_path / "out")])
+    # --layer-events: one SimPy event per layer, so the run outlasts the signal however fast the machine
+    process = start(["pie_sim", "run", "--num-requests", "5000", "--layer-events", "--out", str(tmp_path / "out")])
     kill_and_check(process, signal.SIGKILL, 1, 10)
     assert not (tmp_path / "out").exists()
 
@@ -112,7 +113,8 @@ def test_pipeline_stages_die_with_a_terminated_run(tmp_path):
 
 
 def test_ctrl_c_of_a_run_is_one_line(tmp_path):
-    process = start(["pie_sim", "run", "--num-requests", "5000", "--out", str(tmp_path / "out")])
+    # --layer-events: one SimPy event per layer, so the run outlasts the signal however fast the machine
+    process = start(["pie_sim", "run", "--num-requests", "5000", "--layer-events", "--out", str(tmp_path / "out")])
     assert wait_for(lambda: len(children(process.pid)) >= 1, 120)  # the painter: the run has started
     process.send_signal(signal.SIGINT)
     process.wait(timeout=60)
