@@ -42,10 +42,19 @@ def wait_for(condition, seconds: float) -> bool:
     return condition()
 
 
+def _as_from_a_shell() -> None:
+    """The child's signals as a shell leaves them (default handlers, none blocked), whatever the test
+    process's threads left behind: inherited through exec, a blocked SIGINT would swallow the Ctrl-C."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start(code_or_argv, **kwargs) -> subprocess.Popen:
     argv = [sys.executable, "-c", textwrap.dedent(code_or_argv)] if isinstance(code_or_argv, str) else \
         [sys.executable, "-m", *code_or_argv]
-    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_shell, **kwargs)
 
 
 def kill_and_check(process: subprocess.Popen, how: signal.Signals, want: int, seconds: float) -> set[int]:
@@ -107,6 +116,10 @@ def test_the_painter_dies_with_a_killed_run(tmp_path):
 def test_pipeline_stages_die_with_a_terminated_run(tmp_path):
     process = start(["pie_exec", "run", "--pipeline-stages", "2", "--num-requests", "200", "--rate", "inf",
                      "--threads", "1", "--out", str(tmp_path / "out")])
+    # a stage killed before it has read what spawn sends it prints multiprocessing's own traceback, before
+    # any of Pie's code runs: the run is terminated once its stages are up
+    assert wait_for(lambda: len(children(process.pid)) >= 2, 120)
+    time.sleep(5)
     kill_and_check(process, signal.SIGTERM, 2, 10)
     assert process.returncode == 143 and not (tmp_path / "out").exists()
     assert "Traceback" not in process.stderr.read()
