@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
     policy = engine_policy(args.policy, CostModel(load_hardware(hw), spec), gpu_pool_bytes(spec, args),
                            context=mean_context(prompts), cpu_mem_bytes=int(args.cpu_kv_gb * GiB), share=args.share,
                            **engine_settings(args))
-    check_memory([weights, *pool_needs(policy.config, policy.staging_slots, device.type)], device)
+    check_memory([weights, *pool_needs(policy, device.type)], device)
     with output_folder(args.out, EXEC_FILES, args.force, last=EXEC_FILES[-1]) as out:
         if args.model_path:
             model, _, _ = load_hf_folder(Path(args.model_path), dtype=dtype, device=build_on)

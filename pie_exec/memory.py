@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from hwmodels import GiB, ModelSpec
-from pie_policy import EngineConfig
+from pie_policy import Policy
 
 from .run import InputError
 
@@ -68,10 +68,10 @@ def weights_need(spec: ModelSpec, dtype_name: str, option: str, device: str) -> 
                 spec.weight_bytes, device)
 
 
-def pool_needs(config: EngineConfig, staging_slots: int, device: str) -> list[Need]:
-    """A policy's GPU pool with its staging slots (on `device`) and its CPU pool (on the host)."""
-    block_layer = config.block_bytes_layer
-    gpu = (config.num_layers * config.num_gpu_blocks + staging_slots * config.num_cpu_blocks) * block_layer
+def pool_needs(policy: Policy, device: str) -> list[Need]:
+    """`policy`'s GPU pool with its staging slots (on `device`) and its CPU pool (on the host)."""
+    config, block_layer = policy.config, policy.config.block_bytes_layer
+    gpu = (config.num_layers * config.num_gpu_blocks + policy.staging_slots * config.num_cpu_blocks) * block_layer
     return [Need("the GPU KV pool", "lower --gpu-kv-gb", gpu, device),
             Need("the CPU KV pool", "lower --cpu-kv-gb", config.num_layers * config.num_cpu_blocks * block_layer,
                  "cpu")]

@@ -25,16 +25,21 @@ def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     return device, DTYPES[args.dtype or ("float32" if device.type == "cpu" else "float16")]
 
 
+def _at_dtype(spec: ModelSpec, dtype: torch.dtype) -> ModelSpec:
+    return dataclasses.replace(spec, dtype_bytes=torch.finfo(dtype).bits // 8)
+
+
 def catalog_spec(name: str, dtype: torch.dtype) -> ModelSpec:
     """A model named as pie-sim names one (catalog name, TOML, config.json, model folder) at `dtype`, read
     without building it."""
-    return dataclasses.replace(model_shape(name)[0], dtype_bytes=torch.finfo(dtype).bits // 8)
+    return _at_dtype(model_shape(name)[0], dtype)
 
 
 def catalog_model(name: str, seed: int, dtype: torch.dtype, device: torch.device):
     """A model named as pie-sim names one at `dtype`, randomly initialised: (model, spec)."""
-    spec = catalog_spec(name, dtype)
-    return random_transformer(spec, seed, details=model_shape(name)[1], dtype=dtype, device=device), spec
+    spec, details = model_shape(name)
+    spec = _at_dtype(spec, dtype)
+    return random_transformer(spec, seed, details=details, dtype=dtype, device=device), spec
 
 
 def device_hardware(device: torch.device) -> str | None:
@@ -52,7 +57,6 @@ def gpu_pool_bytes(spec: ModelSpec, args: argparse.Namespace) -> int:
         raise InputError(f"--gpu-kv-gb {args.gpu_kv_gb:g} holds no KV block ({block:,} bytes: {args.block_size} "
                          f"tokens of {spec.name}'s {spec.num_layers} layers); raise --gpu-kv-gb")
     return pool
-
 
 
 def set_threads(threads: int | None) -> None:

@@ -110,6 +110,12 @@ class Evidence:
         return (wy / wx, wphi / w) if wx > 0 else None
 
 
+def _j(a: float, phi: float, share: float) -> float:
+    """J at `share` for the measured economics (a, φ): (1 + x·φ) / (1 + a·x), x = share / (1 - share)."""
+    x = share / (1 - share)
+    return (1 + x * phi) / (1 + a * x)
+
+
 @dataclass
 class ExpansionController:
     share: float = 0.0
@@ -163,9 +169,7 @@ class ExpansionController:
         economics = self.evidence.economics
         if economics is None:
             return None
-        a, phi = economics
-        x = share / (1 - share)
-        return (1 + x * phi) / (1 + a * x)
+        return _j(*economics, share)
 
     def largest_acceptable(self) -> float | None:
         """The largest share up to `max_share` and a step past the largest measured whose J is within
@@ -175,8 +179,7 @@ class ExpansionController:
             return None
         a, phi = economics
         top = min(self.max_share, self.evidence.top + self.step)
-        x_top = top / (1 - top)
-        at_top = (1 + x_top * phi) / (1 + a * x_top)  # predicted(top)
+        at_top = _j(a, phi, top)
         floor = max(1.0, at_top) - self.tolerance - self.evidence.pi
         if at_top >= floor:
             return top

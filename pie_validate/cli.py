@@ -56,7 +56,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> None:
     for name in args.policies:  # one policy's pools at a time, each beside the weights
         policy = policy_maker(name, cost_model, prompts, kv_pool_bytes, cpu_mem_bytes, args.share,
                               engine_settings(args))()
-        check_memory([weights, *pool_needs(policy.config, policy.staging_slots, device.type)], device)
+        check_memory([weights, *pool_needs(policy, device.type)], device)
     model, _ = catalog_model(args.model, args.seed, dtype, device)
     with output_folder(args.out, OUTPUTS, args.force, last=OUTPUTS[-1]) as out:
         comparisons = validate(args.policies, model.eval(), spec, device, hw, prompts, kv_pool_bytes, cpu_mem_bytes,
