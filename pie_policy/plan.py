@@ -101,6 +101,15 @@ class Batch(Sequence):
         return tuple, (self.made(),)
 
 
+def sampling_ids(seqs: Sequence[SeqWork]) -> list[int]:
+    """The request ids of the sequences that emit a token (`SeqWork.samples`), in order; from a `Batch`'s
+    parts without making its `SeqWork`s (the serving loop asks every iteration)."""
+    if isinstance(seqs, Batch):
+        return [rid for rid, new, cached, context in zip(seqs.ids, seqs.new, seqs.cached, seqs.context)
+                if cached + new == context]
+    return [s.request_id for s in seqs if s.samples]
+
+
 @dataclass(frozen=True)
 class Plan:
     """One iteration of one engine: which sequences compute how many tokens (`seqs`, summed up in

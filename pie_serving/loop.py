@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Generator, Sequence, cast
 
 from pie_policy.interfaces import DecodeRunPolicy, ServingPolicy
-from pie_policy.plan import DecodeRun, IterationStats, Plan
+from pie_policy.plan import DecodeRun, IterationStats, Plan, sampling_ids
 from pie_policy.request import Request, State
 
 from .records import RunRecorder
@@ -80,7 +80,7 @@ class Serving:
         self.recorder.iteration(plan, stats, self.policy)
         gaps = self.recorder.gaps
         if gaps is not None:
-            gaps.sampled([self._by_id[s.request_id] for s in plan.seqs if s.samples], stats.end_s)
+            gaps.sampled(sampling_ids(plan.seqs), stats.end_s, self._by_id)
             gaps.finished(finished)
         self._finished(finished)
         return finished

@@ -16,7 +16,7 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from operator import attrgetter, sub
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -34,18 +34,20 @@ class TokenGaps:
         self._last: list[float] = []        # when each one's last token came
         self._at, self._gap, self._count = array("d"), array("d"), array("q")
 
-    def sampled(self, requests: Iterable[Request], at: float) -> None:
-        """Each of `requests` emitted one token at `at` (an executed plan's sampling sequences)."""
+    def sampled(self, ids: Iterable[int], at: float, requests: Mapping[int, Request]) -> None:
+        """The requests of `ids` (looked up in `requests` at their first token) each emitted one token at
+        `at` (an executed plan's sampling sequences)."""
         groups: dict[float, int] = {}
-        last = self._last
-        for request in requests:
-            i = self._index.get(request.request_id)
+        last, index = self._last, self._index
+        for rid in ids:
+            i = index.get(rid)
             if i is None:  # its first token: TTFT, no gap
-                self._index[request.request_id] = len(self._requests)
-                self._requests.append(request)
+                index[rid] = len(self._requests)
+                self._requests.append(requests[rid])
                 last.append(at)
             else:
-                groups[last[i]] = groups.get(last[i], 0) + 1
+                before = last[i]
+                groups[before] = groups.get(before, 0) + 1
                 last[i] = at
         for before, count in groups.items():
             self._add(at, at - before, count)

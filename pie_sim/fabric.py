@@ -192,7 +192,18 @@ class Fabric:
         binds = self.host_demand > self.capacity[HOST]
         if binds != self._host_binds:  # host memory starts or stops counting: every rate may change
             changed, self._host_binds = self.flows, binds
-        linked, seen, frontier, users = {}, set(), [], self.users
+        users = self.users
+        if len(changed) == 1 and changed is not self.flows:  # most changes touch no other flow: no search
+            flow = changed[0]
+            alone = [len(users[resource]) for resource in flow.path.resources(binds)]
+            if not any(alone):  # it ended and left its resources empty
+                self._arm()
+                return
+            if alone.count(1) == len(alone) and flow in users[flow.path.route[0][0]]:  # it started, by itself
+                flow.rate = flow.path.alone
+                self._arm()
+                return
+        linked, seen, frontier = {}, set(), []
         for flow in changed:
             frontier.extend(flow.path.resources(binds))
         while frontier:  # a stack: a resource already seen is skipped as it comes off

@@ -157,12 +157,13 @@ def price_fixed(links: FixedRateLinks, cost_model, plan: Plan, swap: LayerSwap, 
     fetched = [0.0] * L
     evicted_end = 0.0
     computes, stalls = [], []
+    shared = h_stream == d_stream  # one stream for both directions: a fetch waits on the last write-back
+    free_d = free_h if shared else free.get(d_stream, 0.0)
+    busy_h, busy_d = busy[H2D], busy[D2H]  # the dicts' sums, carried in locals and stored after the loop
     for layer in range(L):
         # the prefetch issued as the layer is reached, after the last write-back out of its staging slot
         issuing += f_issue
         t += f_issue
-        if h_stream == d_stream:
-            free_h = free.get(h_stream, 0.0)
         begin = t if t >= free_h else free_h
         if write is not None and layer:
             if evicted_end > begin:
@@ -173,8 +174,9 @@ def price_fixed(links: FixedRateLinks, cost_model, plan: Plan, swap: LayerSwap, 
                 begin = done[after]
         moving = begin + f_setup
         free_h = end = moving + f_dur
-        free[h_stream] = end
-        busy[H2D] += end - begin
+        if shared:
+            free_d = end
+        busy_h += end - begin
         h_window.append((moving, end, bw_h))
         fetched[layer] = end
         # the layer starts once the prefetches of its blocks are complete
@@ -215,16 +217,18 @@ def price_fixed(links: FixedRateLinks, cost_model, plan: Plan, swap: LayerSwap, 
         if write is not None:  # the write-back issued once the layer has computed
             issuing += w_issue
             t += w_issue
-            free_d = free.get(d_stream, 0.0)
             begin = t if t >= free_d else free_d
             moving = begin + w_setup
-            evicted_end = moving + w_dur
-            free[d_stream] = evicted_end
-            busy[D2H] += evicted_end - begin
+            free_d = evicted_end = moving + w_dur
+            busy_d += evicted_end - begin
             d_window.append((moving, evicted_end, bw_d))
             fetched.append(evicted_end)  # the write-back of this layer: position L + layer
-            if h_stream == d_stream:
+            if shared:
                 free_h = evicted_end
+    free[h_stream] = free_h
+    if write is not None:
+        free[d_stream] = free_d
+    busy[H2D], busy[D2H] = busy_h, busy_d
     if t + head > now:
         now = t + head
     for queue in queues:
