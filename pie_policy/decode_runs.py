@@ -90,7 +90,7 @@ def _steps(run: OpenRun, held: list[int], on_cpu: list[int], size: int, free: in
             cpu_freed += on_cpu[rank]
         if step in leaving and cached:
             longest = max(cached.values())
-        yield RunStep(sequences, attended, padded, used, during, cpu_freed=cpu_freed)
+        yield RunStep(sequences, attended, padded, used, during, cpu_freed)
         if cpu_freed or (until_first_finish and step in leaving):
             return
         step += 1

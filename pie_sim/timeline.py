@@ -85,17 +85,18 @@ class Timeline:
         if run.copies:
             return self._copying_run(run, start, before)
         seconds, ends, sequences, blocks = [], [], [], []
-        end, price = start, self.cost_model.decode_time
+        end, price, observe = start, self.cost_model.decode_time, run.observe
         for step in run.steps:
             if ends and end >= before:
                 break
-            took = price(step.sequences, step.attended, step.padded)
+            batch, attended, padded, held = step[:4]  # RunStep's first fields (indexing is the fast read)
+            took = price(batch, attended, padded)
             began, end = end, end + took
             seconds.append(took)
             ends.append(end)
-            sequences.append(step.sequences)
-            blocks.append(step.gpu_blocks)
-            if run.observe is not None and not run.observe(
+            sequences.append(batch)
+            blocks.append(held)
+            if observe is not None and not observe(
                     IterationStats(run.first_iteration + len(ends) - 1, began, end, took, 0.0, 0, 0, 0.0, 0.0), step):
                 break
         self.links.advance(end)
