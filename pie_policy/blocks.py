@@ -277,9 +277,11 @@ class BlockTables:
             self.tables.setdefault(seq, [])
             return
         table = self.tables.setdefault(seq, [])
-        self._untail(table)
+        if table and table[-1].tier == CPU:  # `_untail` and `_tail`, written out: this runs for every new block
+            self.cpu_tails.remove(table[-1].slot)
         table.extend(blocks)
-        self._tail(table)
+        if blocks[-1].tier == CPU:
+            self.cpu_tails.add(blocks[-1].slot)
         if tier == CPU:
             self._on_cpu[seq] = self._on_cpu.get(seq, 0) + len(blocks)
 

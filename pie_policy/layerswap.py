@@ -228,7 +228,7 @@ class FifoLayerSwap:
         return self._carried is not None and self._staged_live and not live.changed
 
     def skip(self, iterations: int) -> None:
-        """Move the slot rotation on over iterations that hold no CPU block (a decode run), as `plan`
+        """Move the slot rotation on over iterations that hold no CPU block (a decode run, a plan), as `plan`
         would over as many plans with nothing to copy."""
         self._first_layer += iterations * self.num_layers
         self._carried = self._staged = None

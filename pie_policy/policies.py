@@ -148,6 +148,9 @@ class Policy:
         tables' runs, kept as blocks come and go. Any other batch's are gathered from its blocks."""
         assert self.swapper is not None  # asked only of a policy that swaps layers
         if len(schedule.work) != len(self.scheduler.running):
+            if not self.tables.pools[CPU].num_used:  # no CPU block to gather: what `plan` does with none
+                self.swapper.skip(1)
+                return None
             return self.swapper.plan_seqs(seqs)
         written = self.tables.cpu_tails if shape.tokens == len(seqs) else SlotRuns.of(self.swapper.written(seqs))
         in_use = self.tables.pools[CPU].in_use
