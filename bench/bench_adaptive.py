@@ -17,7 +17,7 @@ held: what the controller itself could have found). All runs go through one pool
                                     [--only HW/MODEL/LOAD/UTIL,...] [--out out/bench_adaptive]
 
 Writes runs.csv (every run's summary) and panels.csv (the table) under --out; prints the table as
-Markdown. About 14 minutes on the 2-core CPU VM with 2 workers. `--only` runs the panels it names (LOAD
+Markdown. About 4 minutes on the 2-core CPU VM with 2 workers. `--only` runs the panels it names (LOAD
 offline or knee, any field `*`), e.g. `--only gh200-96g/opt-13b/offline/0.5,h100-sxm-pcie5/*/knee/0.9`; a
 knee panel without its offline panel still runs the offline vLLM run that sets its rate.
 """
