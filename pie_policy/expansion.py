@@ -41,7 +41,7 @@ costs more than the larger batch saves). **The control law:**
                  bytes); raised a step after `relax_iterations` calm iterations. (A step below the share in
                  use, as it was, is 0 where the link's bound is a step (0.02 on a PCIe H100 with 0.9 of
                  HBM: pie became vLLM until the ceiling relaxed), and, lowered again while the lagging
-                 average stayed above the tolerance, it chased the draining CPU KV down 2-4 steps below
+                 average stayed above the tolerance, it chased the draining CPU KV down 2-3 steps below
                  the link's limit after every burst of waits)
     link       = the share at which the link would be busy (1 - margin) of compute, from its load per unit
                  x averaged over LINK_MEMORY iterations (each direction against compute, and a staging
