@@ -14,10 +14,12 @@ throughput beats vLLM's, within 0.5% of vLLM); beside them, pie against the best
 held: what the controller itself could have found). All runs go through one pool of processes.
 
     python3 -m bench.bench_adaptive [--num-requests 600] [--knee 1.0] [--step 0.025] [--workers N]
-                                    [--out out/bench_adaptive]
+                                    [--only HW/MODEL/LOAD/UTIL,...] [--out out/bench_adaptive]
 
 Writes runs.csv (every run's summary) and panels.csv (the table) under --out; prints the table as
-Markdown. About 40 minutes on the 2-core CPU VM.
+Markdown. About 4 minutes on the 2-core CPU VM with 2 workers. `--only` runs the panels it names (LOAD
+offline or knee, any field `*`), e.g. `--only gh200-96g/opt-13b/offline/0.5,h100-sxm-pcie5/*/knee/0.9`; a
+knee panel without its offline panel still runs the offline vLLM run that sets its rate.
 """
 from __future__ import annotations
 
@@ -46,6 +48,25 @@ def panels(num_requests: int) -> list[Scenario]:
                      gpu_mem_util=util) for hw, model, util in product(HW, MODELS, UTILS)]
 
 
+def selected(base: Scenario, load: str, only: list[tuple[str, ...]]) -> bool:
+    """Whether `--only`'s selectors (hw, model, load, util; `*` any) name the panel (all do when none)."""
+    fields = (base.hw, base.model, load, f"{base.gpu_mem_util:g}")
+    return not only or any(all(want in ("*", got) for want, got in zip(selector, fields)) for selector in only)
+
+
+def selectors(text: str) -> list[tuple[str, ...]]:
+    """`--only`'s comma-separated HW/MODEL/LOAD/UTIL selectors, each field checked against the grid."""
+    grid = (HW, MODELS, ("offline", "knee"), tuple(f"{u:g}" for u in UTILS))
+    out: list[tuple[str, ...]] = []
+    for item in filter(None, text.split(",")):
+        selector = tuple(item.strip().split("/"))
+        if len(selector) != 4 or any(f not in ("*",) + choices for f, choices in zip(selector, grid)):
+            raise ValueError(f"--only: '{item}' is not HW/MODEL/LOAD/UTIL with HW in {', '.join(HW)}, MODEL in "
+                             f"{', '.join(MODELS)}, LOAD offline or knee, UTIL in {', '.join(grid[3])} (or *)")
+        out.append(selector)
+    return out
+
+
 def fits(base: Scenario) -> str:
     """"" when the model leaves a KV pool on the panel, else why not."""
     try:
@@ -67,13 +88,21 @@ def judge(base: Scenario, shares: list[float], summaries: list[dict]) -> dict:
     n = len(shares)
     tail = summaries[2 * n:]
     static, pinned = verdict(shares, summaries[:n] + tail), verdict(shares, summaries[n:2 * n] + tail)
-    load = "offline" if base.rate == math.inf else f"{base.rate:.2f}/s"
-    return dict(hw=base.hw, model=base.model, load=load, gpu_mem_util=base.gpu_mem_util,
+    return dict(hw=base.hw, model=base.model, load=load_of(base), gpu_mem_util=base.gpu_mem_util,
                 link_bound=shares[-1], best_static=static.best_share, pie_tok_s=static.pie["throughput_tok_s"],
                 vs_best_static=static.throughput_vs_best, vs_vllm=static.throughput_vs_vllm,
                 latency_vs_best_static=static.latency_vs_best, passed=not static.failures,
                 misses="; ".join(static.failures), best_pie_fixed=pinned.best_share,
                 vs_best_pie_fixed=pinned.throughput_vs_best, latency_vs_best_pie_fixed=pinned.latency_vs_best)
+
+
+def load_of(base: Scenario) -> str:
+    return "offline" if base.rate == math.inf else f"{base.rate:.2f}/s"
+
+
+def panel_name(base: Scenario) -> str:
+    """HW/MODEL/LOAD/UTIL, the load offline or the serving rate: runs.csv's panel column."""
+    return f"{base.hw}/{base.model}/{load_of(base)}/{base.gpu_mem_util:g}"
 
 
 def run_stage(bases: list[Scenario], step: float, console: Console, workers: int | None, label: str):
@@ -85,7 +114,7 @@ def run_stage(bases: list[Scenario], step: float, console: Console, workers: int
     for base, (shares, panel) in zip(bases, plans):
         got = [next(summaries) for _ in panel]
         rows.append(judge(base, shares, got))
-        runs += [dict(panel=f"{base.hw}/{base.model}/{rows[-1]['load']}/{base.gpu_mem_util:g}",
+        runs += [dict(panel=panel_name(base),
                       run=run_label(s.policy, s.share), **summary) for s, summary in zip(panel, got)]
     return rows, runs
 
@@ -114,25 +143,38 @@ def main() -> None:
                         help="the serving load, x vLLM's offline req/s on the panel (default 1.0)")
     parser.add_argument("--step", type=float, default=0.025, help="share step of the sweep (default 0.025)")
     parser.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
+    parser.add_argument("--only", default="", help="comma-separated HW/MODEL/LOAD/UTIL panels to run (LOAD "
+                        "offline or knee; any field *) (default: every panel)")
     parser.add_argument("--out", default="out/bench_adaptive", help="folder for runs.csv and panels.csv")
     args = parser.parse_args()
+    try:
+        only = selectors(args.only)
+    except ValueError as e:
+        parser.error(str(e))
     console, started = Console(), time.perf_counter()
     feasible, skipped = [], []
     for base in panels(args.num_requests):
-        why = fits(base)
-        (skipped.append((base, why)) if why else feasible.append(base))
-    offline, runs = run_stage(feasible, args.step, console, args.workers, "offline panels")
-    serving = [base.replace(rate=args.knee * next(r for r in runs if r["panel"].startswith(
-        f"{base.hw}/{base.model}/offline/{base.gpu_mem_util:g}") and r["run"] == "vllm")["throughput_req_s"])
-        for base in feasible]
+        if selected(base, "offline", only) or selected(base, "knee", only):
+            why = fits(base)
+            (skipped.append((base, why)) if why else feasible.append(base))
+    offline, runs = run_stage([b for b in feasible if selected(b, "offline", only)], args.step, console,
+                              args.workers, "offline panels")
+    knee = [b for b in feasible if selected(b, "knee", only)]
+    vllm = {(r["panel"], r["run"]): r for r in runs}
+    alone = [b.replace(policy="vllm") for b in knee if (panel_name(b), "vllm") not in vllm]
+    vllm |= {(panel_name(b), "vllm"): summary for b, summary in zip(
+        alone, run_parallel(summarize, alone, console, "knee rates", args.workers))}
+    serving = [b.replace(rate=args.knee * vllm[panel_name(b), "vllm"]["throughput_req_s"]) for b in knee]
     loaded, more = run_stage(serving, args.step, console, args.workers, "serving panels")
-    rows = [row for pair in zip(offline, loaded) for row in pair]
+    order = {(b.hw, b.model, b.gpu_mem_util): i for i, b in enumerate(feasible)}
+    rows = sorted(offline + loaded, key=lambda r: (order[r["hw"], r["model"], r["gpu_mem_util"]], r["load"] != "offline"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(out / "runs.csv", runs + more)
     write_rows(out / "panels.csv", rows)
     print(markdown(rows, skipped))
-    print(f"\n{sum(r['passed'] for r in rows)} of {len(rows)} panels meet the targets; {len(skipped) * 2} not run; "
+    unfit = sum(selected(base, load, only) for base, _ in skipped for load in ("offline", "knee"))
+    print(f"\n{sum(r['passed'] for r in rows)} of {len(rows)} panels meet the targets; {unfit} not run; "
           f"{(time.perf_counter() - started) / 60:.0f} min; wrote {out}/runs.csv and {out}/panels.csv")
 
 

@@ -10,9 +10,14 @@ share buys against what it costs:
   flight) has a part F that no batch changes (weights read once per layer, per-layer overheads): the
   same tokens served by the GPU alone, in batches 1 + x times smaller, would take T0 + x·F;
 - **longer iterations.** Whatever makes the measured iteration T (end - start) longer than its copy-free
-  time is what the CPU share costs: the layers' HBM contention with the copies, waits on the link, issuing
-  copy calls: y = T / (ρ·T0) - 1, with ρ the measured / copy-free ratio of the full iterations without
-  copies (the cost model's error on this machine: 1 in the simulator, which prices with it);
+  time is what the CPU share costs: the layers' HBM contention with the copies, short waits on the link
+  (the first layers' prefetch), issuing copy calls: y = (T - W) / (ρ·T0) - 1, with ρ the measured /
+  copy-free ratio of the full iterations without copies (the cost model's error on this machine: 1 in the
+  simulator, which prices with it). W is the iteration's wait where it passes `stall_tolerance` of
+  compute, else 0: such a wait is the link saturating, which no share below the link's limit pays, so it
+  is the ceiling's to act on, not a cost per unit x for J to extrapolate to every share (counted in y, one
+  burst of it priced every share as a loss: the share fell to 0, and the small shares' evidence took
+  hundreds of iterations to outweigh it);
 - **fewer recomputed prefills.** A preemption the share caused (the running sequence's block would have
   fitted CPU memory, not the share) throws away its victim's KV, and a prefill recomputes it later; the
   policy prices that prefill on the cost model. π = those seconds per copy-free second of decode.
@@ -30,9 +35,14 @@ costs more than the larger batch saves). **The control law:**
                  J(s) ≥ max J - tolerance - π:
                  decode speed is given up for as much recomputation as the share is measured to cause
                  (and `tolerance` more: a larger share also shortens the queue, which J does not count)
-    ceiling    = a step below the share in use when the GPU waited more than `stall_tolerance` of
-                 compute (averaged over STALL_MEMORY iterations), lowered while it keeps waiting, raised a
-                 step after `relax_iterations` calm iterations
+    ceiling    = while the GPU waits more than `stall_tolerance` of compute (averaged over STALL_MEMORY
+                 iterations), the share at which the link of an iteration that waited that long would
+                 have kept up: in use · compute / (compute + wait) (its busy time scales with the CPU
+                 bytes); raised a step after `relax_iterations` calm iterations. (A step below the share in
+                 use, as it was, is 0 where the link's bound is a step (0.02 on a PCIe H100 with 0.9 of
+                 HBM: pie became vLLM until the ceiling relaxed), and, lowered again while the lagging
+                 average stayed above the tolerance, it chased the draining CPU KV down 2-3 steps below
+                 the link's limit after every burst of waits)
     link       = the share at which the link would be busy (1 - margin) of compute, from its load per unit
                  x averaged over LINK_MEMORY iterations (each direction against compute, and a staging
                  slot's write-back plus the prefetch that reuses it against `prefetch_depth` layers)
@@ -48,7 +58,7 @@ costs more than the larger batch saves). **The control law:**
 
 An economic cut goes no more than a step below the share in use: further, it would preempt many running
 sequences whose next block the share refuses, whereas the CPU KV drains as sequences finish (the share
-follows it down a step at a time). Only waiting on the link cuts deeper.
+follows it down a step at a time). Only waiting on the link cuts deeper, to where the link keeps up.
 
 Deterministic and clock-free: the share is a function of the observations alone. An iteration with no CPU
 KV whose share refused nothing (a plain decode) only updates ρ; where its measured time is its copy-free
@@ -208,10 +218,11 @@ class ExpansionController:
         if in_use > 0:
             x, rho = in_use / (1 - in_use), self.evidence.rho
             wait = stats.stall_s / stats.compute_s if stats.compute_s > 0 else 0.0
-            self.evidence.measure(stats.iteration, x, seconds / (rho * copy_free_s) - 1, fixed_s / copy_free_s, wait,
-                                  self.link_load(stats), keep)
+            saturated = stats.stall_s if wait > self.stall_tolerance else 0.0  # the ceiling's, not a's
+            self.evidence.measure(stats.iteration, x, (seconds - saturated) / (rho * copy_free_s) - 1,
+                                  fixed_s / copy_free_s, wait, self.link_load(stats), keep)
         self.evidence.press(refused_s / copy_free_s, keep)
-        self._learn_ceiling(in_use)
+        self._learn_ceiling(in_use, stats)
         largest = self.largest_acceptable()
         if largest is None:
             if limited:
@@ -224,13 +235,16 @@ class ExpansionController:
             self.share = up if link is None else max(self.share, min(up, link))
         return self.share
 
-    def _learn_ceiling(self, in_use: float) -> None:
-        """While the GPU waits, the ceiling is a step below what is in use, and the share no higher; after
-        `relax_iterations` calm iterations with CPU KV it rises a step."""
+    def _learn_ceiling(self, in_use: float, stats: IterationStats) -> None:
+        """While the GPU waits, an iteration that waited more than `stall_tolerance` of compute sets the
+        ceiling to the share at which its link would have kept up (busy time scales with the CPU bytes:
+        in use x compute / (compute + stall)), and the share no higher; after `relax_iterations` calm
+        iterations with CPU KV it rises a step."""
         if in_use <= 0:
             return
         if self.evidence.waited > self.stall_tolerance:
-            self.ceiling = min(self.ceiling, max(0.0, in_use - self.step))
+            if stats.stall_s > self.stall_tolerance * stats.compute_s:
+                self.ceiling = min(self.ceiling, in_use * stats.compute_s / (stats.compute_s + stats.stall_s))
             self.share, self.calm = min(self.share, self.ceiling), 0
         else:
             self.calm += 1

@@ -147,6 +147,54 @@ def test_recomputation_its_share_causes_buys_decode_speed_up_to_its_measured_cos
     assert calm[-1][1] < pressed[-1][1] / 3
 
 
+# The PCIe H100 with 0.9 of its HBM: pie's largest share (the link's bound) is 0.02, one step; on this plant
+# the link keeps up to 0.015, and at 0.02 the GPU waits 28% of compute.
+NARROW_LINK = replace(WEIGHTS_HEAVY, bandwidth=11e9)
+
+
+def test_a_wait_caps_the_share_where_the_link_would_have_kept_up_not_a_step_below():
+    """One iteration waiting 28% of compute at 0.02 says the link would have kept up at 0.02 / 1.28: that is
+    the ceiling. A step below what is in use would be 0 here (the old ceiling: pie became vLLM until it
+    relaxed), and a step is too coarse wherever the link's bound is a few steps."""
+    stats, copy_free, fixed = NARROW_LINK.stats(0, 0.02)
+    wait = stats.stall_s / stats.compute_s
+    assert wait > 0.25
+    controller = ExpansionController(share=0.02, max_share=0.02)
+    for i in range(3):  # the wait averaged over STALL_MEMORY iterations passes the tolerance on the second
+        controller.observe(stats._replace(iteration=i), limited=False, in_use=0.02, copy_free_s=copy_free, fixed_s=fixed)
+    assert controller.ceiling == pytest.approx(0.02 / (1 + wait))
+    assert controller.share == pytest.approx(0.02 / (1 + wait))
+
+
+def test_a_wait_on_the_saturated_link_is_not_taken_for_a_cost_of_every_share():
+    """A wait longer than the tolerance is the link saturating: there is none below the link's limit, so it
+    is the ceiling's to act on, not a cost per unit x that J would extrapolate to every share (a burst of
+    it made the share unacceptable down to 0, and the evidence at small shares took hundreds of iterations
+    to outweigh it)."""
+    controller = ExpansionController()
+    in_use = drive(controller, WEIGHTS_HEAVY, 1000)[-1][1]
+    a, phi = controller.evidence.economics
+    slow = replace(WEIGHTS_HEAVY, bandwidth=WEIGHTS_HEAVY.bandwidth / 2)  # the same bytes: the same contention
+    stats, copy_free, fixed = slow.stats(1000, in_use)
+    assert stats.stall_s > 0.5 * stats.compute_s
+    for i in range(1000, 1010):
+        controller.observe(stats._replace(iteration=i), limited=False, in_use=in_use, copy_free_s=copy_free,
+                           fixed_s=fixed)
+    assert controller.evidence.economics[0] == pytest.approx(a, rel=0.01)
+    assert controller.ceiling == pytest.approx(in_use * stats.compute_s / (stats.compute_s + stats.stall_s))
+
+
+def test_where_the_links_bound_is_one_step_it_holds_the_share_the_link_keeps_up_with():
+    """From 0 the first step reaches 0.02, past where the link keeps up (0.015): the GPU waits, and the
+    controller settles within a step's tenth of 0.015 (the old one fell to 0, below vLLM's rate here)."""
+    best_share, best_rate = NARROW_LINK.best(0.02)
+    assert abs(best_share - link_share(NARROW_LINK, 1.0)) < 0.001 and NARROW_LINK.rate(0.0) < 0.992 * best_rate
+    trace = drive(ExpansionController(max_share=0.02), NARROW_LINK, 1500)
+    in_use = [u for _, u in trace[100:]]
+    assert all(abs(u - best_share) < 0.002 for u in in_use), [round(u, 4) for u in in_use[::100]]
+    assert sum(NARROW_LINK.rate(u) for u in in_use) / len(in_use) >= 0.998 * best_rate
+
+
 def test_plain_decodes_priced_exactly_leave_the_shares_as_they_are():
     """A plain decode (no CPU KV, nothing refused) only calibrates the cost model (ρ); where it takes its
     copy-free price, as every iteration without copies does in the simulator, the shares that follow are
