@@ -38,11 +38,9 @@ costs more than the larger batch saves). **The control law:**
     ceiling    = while the GPU waits more than `stall_tolerance` of compute (averaged over STALL_MEMORY
                  iterations), the share at which the link of an iteration that waited that long would
                  have kept up: in use · compute / (compute + wait) (its busy time scales with the CPU
-                 bytes); raised a step after `relax_iterations` calm iterations. (A step below the share in
-                 use, as it was, is 0 where the link's bound is a step (0.02 on a PCIe H100 with 0.9 of
-                 HBM: pie became vLLM until the ceiling relaxed), and, lowered again while the lagging
-                 average stayed above the tolerance, it chased the draining CPU KV down 2-3 steps below
-                 the link's limit after every burst of waits)
+                 bytes); raised a step after `relax_iterations` calm iterations. (Not "a step below the
+                 share in use": where the link's bound is a step, that is 0, and lowered again while the
+                 lagging average stays high, it chases the draining CPU KV below the link's limit)
     link       = the share at which the link would be busy (1 - margin) of compute, from its load per unit
                  x averaged over LINK_MEMORY iterations (each direction against compute, and a staging
                  slot's write-back plus the prefetch that reuses it against `prefetch_depth` layers)
