@@ -23,10 +23,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pie_serving.slo import parse_slos
 from pie_sim.capacity import judge_scenario
 from pie_sim.capacity_report import write_rows
-from pie_sim.cli import DEFAULT_SLOS, build_parser
+from pie_sim.cli import build_parser, capacity_options, scenario_of
 from pie_sim.cli import main as pie_sim
 from pie_sim.parallel import run_parallel
 from pie_sim.scenario import Scenario
@@ -60,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     searched = time.perf_counter() - started
     with open(out / "capacity.csv") as f:
         rows = list(csv.DictReader(f))
-    slos = parse_slos(capacity.slo if capacity.slo is not None else DEFAULT_SLOS)
-    base = Scenario(model=capacity.model, trace=capacity.trace, num_requests=capacity.num_requests, cv=capacity.cv,
-                    gpu_mem_util=capacity.gpu_mem_util, seed=capacity.seed)
+    slos = capacity_options(capacity)
+    base = scenario_of(capacity, capacity.policy[0])  # each re-run takes its row's system and policy
     jobs = checks(rows, base, args.more, (args.below, args.above))
     started = time.perf_counter()
     judged = run_parallel(partial(judge_scenario, slos=slos), [s for _, _, s in jobs], console, "re-runs",

@@ -274,8 +274,9 @@ def cmd_oracle(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {out}/oracle.csv and {out}/warmup.png")
 
 
-def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
-    """The capacity question for every system x policy, searched in parallel; capacity.csv and probes.csv."""
+def capacity_options(args: argparse.Namespace) -> list:
+    """Check `capacity`'s options and fill in what they leave to defaults; returns its SLOs. The command and
+    its check (bench/bench_capacity.py) read the same scenarios from them (`scenario_of`)."""
     if args.min_hbm != (args.rate is not None):
         raise ConfigError("--min-hbm needs --rate (the req/s the least HBM must sustain); without --min-hbm "
                           "the rate is what capacity searches")
@@ -284,7 +285,14 @@ def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
     if args.min_hbm and not args.rate < math.inf:
         raise ConfigError(f"--rate {args.rate:g}: the least HBM is searched for a finite positive rate")
     args.layer_events, args.trace_iterations = False, 0
-    check_policies(args, args.policy)
+    check_policy_options(args.policy, args.micro_batches, args.share)
+    args.cv = 1.0 if args.cv is None else args.cv  # every probe re-times the arrivals: --cv shapes them all
+    return slos
+
+
+def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
+    """The capacity question for every system x policy, searched in parallel; capacity.csv and probes.csv."""
+    slos = capacity_options(args)
     for hw in args.hw:
         load_hardware(hw)
     jobs = [Job(scenario_of(args, policy).replace(hw=hw), slos, args.tolerance, args.min_hbm, confirm=args.confirm)

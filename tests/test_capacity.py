@@ -16,7 +16,7 @@ from pie_sim.capacity import (
     offline_bound,
     search,
 )
-from pie_sim.cli import main
+from pie_sim.cli import build_parser, capacity_options, main, scenario_of
 from pie_sim.scenario import Scenario, summarize
 from pie_sim.steady_state import GROWTH_TOLERANCE, SERVED_TOLERANCE, Judgement
 
@@ -181,7 +181,7 @@ def test_search_job_runs_either_question(fixed):
 def test_capacity_command_writes_its_tables(fixed, tmp_path, capsys):
     assert main(["capacity", "--hw", fixed.hw, "--model", fixed.model, "--trace", fixed.trace, "--num-requests",
                  "300", "--max-num-seqs", "1", "--policy", "vllm", "--slo", "ttft_p99=0.2", "--slo", "itl_p50=1",
-                 "--tolerance", "0.05", "--workers", "1", "--out", str(tmp_path)]) == 0
+                 "--tolerance", "0.05", "--cv", "0.5", "--workers", "1", "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "capacity.csv").read_text().splitlines()
     assert rows[0].startswith("hw,policy,max_rate_req_s,offline_req_s") and len(rows) == 2
     assert "ttft_p99_s" in rows[0] and "itl_p50_s" in rows[0] and "binding" in rows[0]
@@ -189,6 +189,15 @@ def test_capacity_command_writes_its_tables(fixed, tmp_path, capsys):
     assert len(probes) > 4 and "served" in probes[0] and "ttft_growth_s_per_s" in probes[0]
     printed = capsys.readouterr().out
     assert "What binds:" in printed and "at the next probe up: " in printed
+
+
+def test_capacity_shapes_every_probe_s_arrivals_with_cv():
+    """Every probe re-times the arrivals, so --cv needs no --rate here (1, Poisson, when not given); the
+    answers' check (bench/bench_capacity.py) reads the same scenarios."""
+    for given, cv in (([], 1.0), (["--cv", "2"], 2.0)):
+        args = build_parser().parse_args(["capacity", *given, "--out", "unused"])
+        capacity_options(args)
+        assert scenario_of(args, "pie").cv == cv
 
 
 @pytest.mark.parametrize("args, message", [
