@@ -97,6 +97,7 @@ def judge(base: Scenario, shares: list[float], summaries: list[dict]) -> dict:
 
 
 def load_of(base: Scenario) -> str:
+    """The panel's load as the table shows it: offline, or the serving rate."""
     return "offline" if base.rate == math.inf else f"{base.rate:.2f}/s"
 
 
@@ -160,11 +161,11 @@ def main() -> None:
     offline, runs = run_stage([b for b in feasible if selected(b, "offline", only)], args.step, console,
                               args.workers, "offline panels")
     knee = [b for b in feasible if selected(b, "knee", only)]
-    vllm = {(r["panel"], r["run"]): r for r in runs}
-    alone = [b.replace(policy="vllm") for b in knee if (panel_name(b), "vllm") not in vllm]
-    vllm |= {(panel_name(b), "vllm"): summary for b, summary in zip(
+    vllm_offline = {r["panel"]: r for r in runs if r["run"] == "vllm"}  # each knee's rate is x its offline vLLM's
+    alone = [b.replace(policy="vllm") for b in knee if panel_name(b) not in vllm_offline]
+    vllm_offline |= {panel_name(b): summary for b, summary in zip(
         alone, run_parallel(summarize, alone, console, "knee rates", args.workers))}
-    serving = [b.replace(rate=args.knee * vllm[panel_name(b), "vllm"]["throughput_req_s"]) for b in knee]
+    serving = [b.replace(rate=args.knee * vllm_offline[panel_name(b)]["throughput_req_s"]) for b in knee]
     loaded, more = run_stage(serving, args.step, console, args.workers, "serving panels")
     order = {(b.hw, b.model, b.gpu_mem_util): i for i, b in enumerate(feasible)}
     rows = sorted(offline + loaded, key=lambda r: (order[r["hw"], r["model"], r["gpu_mem_util"]], r["load"] != "offline"))

@@ -71,7 +71,7 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
                                                              f"{DEFAULT_REQUESTS})")
     p.add_argument("--rate", type=rate, help="re-time the trace's arrivals as Poisson at this rate (req/s; inf: "
                                              "all at once; default: the trace's own times)")
-    p.add_argument("--cv", type=positive_float, help=CV_HELP + " (default 1)")
+    p.add_argument("--cv", type=positive_float, help=CV_HELP + "; needs --rate (default 1)")
     p.add_argument("--gpu-kv-gb", type=positive_float, default=0.25,
                    help="GPU KV pool (with the staging area), GiB")
     p.add_argument("--cpu-kv-gb", type=non_negative_float, default=1.0, help="CPU KV pool, GiB")

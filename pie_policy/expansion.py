@@ -137,7 +137,7 @@ class ExpansionController:
     relax_iterations: int = 500
     stale_iterations: int = 2000
     evidence: Evidence = field(default_factory=Evidence)
-    ceiling: float = 1.0  # a step below the share in use where the GPU last waited on the link
+    ceiling: float = 1.0  # where the link of the last iteration that waited on it would have kept up
     calm: int = 0         # iterations with CPU KV since the GPU last waited (or the ceiling last rose)
 
     def __post_init__(self) -> None:

@@ -204,11 +204,12 @@ def metric_settings(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[
 
 
 CV_HELP = ("coefficient of variation of the re-timed gaps: Gamma-distributed, Poisson at 1 (vLLM's "
-           "benchmark_serving --burstiness B is cv = 1/sqrt(B)); needs --rate")
+           "benchmark_serving --burstiness B is cv = 1/sqrt(B))")
 
 
-def check_cv(args: argparse.Namespace) -> float:
-    """The gaps' cv (1 when not given); refused without --rate, which it would not change."""
-    if args.cv is not None and args.rate is None:
+def check_cv(args: argparse.Namespace, retimed: bool | None = None) -> float:
+    """The gaps' cv (1 when not given); refused where the arrivals keep their own times, which it would not
+    change. `retimed`: whether the command re-times them (default: whether --rate is given)."""
+    if args.cv is not None and not (args.rate is not None if retimed is None else retimed):
         raise ConfigError("--cv shapes the gaps of re-timed arrivals: it needs --rate")
     return 1.0 if args.cv is None else args.cv

@@ -36,7 +36,7 @@ from pie_serving.options import (
 from pie_serving.outputs import OutputError, check_folder, output_folder
 from pie_serving.processes import worker_pool
 from pie_serving.records import cpu_percent, request_table
-from pie_serving.slo import parse_slos
+from pie_serving.slo import Slo, parse_slos
 from traces import FORMATS, TraceError, load_trace
 
 from .capacity import CONFIRM, Job, search
@@ -274,7 +274,7 @@ def cmd_oracle(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {out}/oracle.csv and {out}/warmup.png")
 
 
-def capacity_options(args: argparse.Namespace) -> list:
+def capacity_options(args: argparse.Namespace) -> list[Slo]:
     """Check `capacity`'s options and fill in what they leave to defaults; returns its SLOs. The command and
     its check (bench/bench_capacity.py) read the same scenarios from them (`scenario_of`)."""
     if args.min_hbm != (args.rate is not None):
@@ -286,7 +286,7 @@ def capacity_options(args: argparse.Namespace) -> list:
         raise ConfigError(f"--rate {args.rate:g}: the least HBM is searched for a finite positive rate")
     args.layer_events, args.trace_iterations = False, 0
     check_policy_options(args.policy, args.micro_batches, args.share)
-    args.cv = 1.0 if args.cv is None else args.cv  # every probe re-times the arrivals: --cv shapes them all
+    args.cv = check_cv(args, retimed=True)  # every probe re-times the arrivals
     return slos
 
 
@@ -401,7 +401,8 @@ def _workload_options(p: argparse.ArgumentParser, policy_option, single_runs: bo
     p.add_argument("--num-requests", type=RULES["num_requests"], default=500, help="requests to take (0: the whole trace)")
     p.add_argument("--rate", type=RULES["rate"], help="re-time arrivals as Poisson at this rate (req/s; inf: all at 0; "
                                              "default: the trace's own timestamps)")
-    p.add_argument("--cv", type=RULES["cv"], help=CV_HELP + " (default 1)")
+    p.add_argument("--cv", type=RULES["cv"], help=CV_HELP + ("; shapes every probe's arrivals" if many else "; needs --rate")
+                   + " (default 1)")
     policy_option(p)
     p.add_argument("--cpu-mem-gb", type=RULES["cpu_mem_gb"], help="CPU memory for KV (flexgen: for all it "
                    "offloads), GiB (default: 240 or the host's memory)")
